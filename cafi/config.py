@@ -1,0 +1,293 @@
+"""The one config schema for a cafi job.
+
+Every key is documented once, in configs/default.yaml; this module holds the types, the
+defaults and the checks. Configs compose left to right (`--config a.yaml --config b.yaml`)
+and dotlist overrides (`models.dbcnn.batch_size=64`) come last.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cafi.errors import ConfigError
+
+
+
+@dataclass
+class WeightsConfig:
+    uri: str = MISSING
+    sha256: str = MISSING
+    # Set by `cafi weights synth`: scores made with these weights are marked synthetic.
+    synthetic: bool = False
+
+
+@dataclass
+class StageConfig:
+    """Where and how a model stage runs. Shared by the four model stages."""
+
+    batch_size: int = 8
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+    min_actors: int = 1
+    max_actors: int = 1
+    # Torch intra-op threads per actor; 0 = max(1, round(num_cpus)).
+    torch_threads: int = 0
+
+
+@dataclass
+class DetectorConfig(StageConfig):
+    arch: str = "retinaface_resnet50"
+    align: str = "retinaface"
+    conf_threshold: float = 0.8
+    weights: WeightsConfig | None = None
+
+
+@dataclass
+class ParserConfig(StageConfig):
+    arch: str = "bisenet"
+    input_size: int = 512
+    face_labels: list[str] = field(
+        default_factory=lambda: [
+            "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "nose", "mouth", "u_lip", "l_lip",
+        ]
+    )
+    fill: list[int] = field(default_factory=lambda: [0, 0, 0])
+    weights: WeightsConfig | None = None
+
+
+@dataclass
+class SerfiqConfig(StageConfig):
+    samples: int = 100
+    dropout: float = 0.5
+    alpha: float = 130.0
+    r: float = 0.88
+    seed: int = 0
+    weights: WeightsConfig | None = None
+
+
+@dataclass
+class DbcnnConfig(StageConfig):
+    weights: WeightsConfig | None = None
+
+
+@dataclass
+class ModelsConfig:
+    # auto: CUDA in actors that hold a GPU, CPU elsewhere.
+    device: str = "auto"
+    # fp32 | fp16 | bf16; autocast applies on CUDA only.
+    precision: str = "fp32"
+    cache_dir: str = "~/.cache/cafi/weights"
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    parser: ParserConfig = field(default_factory=ParserConfig)
+    serfiq: SerfiqConfig = field(default_factory=SerfiqConfig)
+    dbcnn: DbcnnConfig = field(default_factory=DbcnnConfig)
+
+
+@dataclass
+class InputConfig:
+    uri: str | None = None
+    manifest: str | None = None
+    uri_column: str = "uri"
+    extensions: list[str] = field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"]
+    )
+    limit: int | None = None
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = None
+    region: str | None = None
+    anon: bool = False
+
+
+@dataclass
+class ImageConfig:
+    crop_size: int = 384
+    min_side: int = 32
+    max_pixels: int = 40_000_000
+    max_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass
+class DecisionConfig:
+    min_serfiq: float = 0.3
+    min_mask_fraction: float = 0.05
+    min_dbcnn: float | None = None
+
+
+@dataclass
+class OutputConfig:
+    uri: str = MISSING
+    partition_by: list[str] = field(default_factory=lambda: ["model_version", "decision"])
+
+
+@dataclass
+class ReadConfig:
+    batch_size: int = 16
+    num_cpus: float = 0.5
+
+
+@dataclass
+class RayConfig:
+    # None: join the cluster of a submitted Ray job (RAY_ADDRESS), else start a local Ray.
+    address: str | None = None
+    num_cpus: int | None = None
+    progress_bars: bool = True
+    # Fuse the four model stages into one actor (worth it where no device boundary is crossed).
+    fuse_models: bool = False
+
+
+@dataclass
+class SmokeConfig:
+    # Generate sample crops into input.uri and synthetic weights into weights_dir, then score them.
+    enabled: bool = False
+    samples: int = 24
+    weights_dir: str = "out/smoke/weights"
+
+
+@dataclass
+class JobConfig:
+    run_id: str | None = None
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    smoke: SmokeConfig = field(default_factory=SmokeConfig)
+
+
+DETECTOR_ARCHS = ("retinaface_resnet50", "retinaface_mobile0.25")
+ALIGN_MODES = ("retinaface", "none")
+PARSER_ARCHS = ("bisenet", "parsenet")
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+OUTPUT_COLUMNS_FOR_PARTITION = ("model_version", "decision", "status", "reject_reason", "run_id")
+
+
+def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> JobConfig:
+    """Merge the schema defaults, YAML files and dotlist overrides; validate; return a typed config."""
+    schema = OmegaConf.structured(JobConfig)
+    try:
+        merged = schema
+        for path in files:
+            if not os.path.exists(path):
+                raise ConfigError(f"config file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{missing[0]}: required but not set")
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe_omegaconf_error(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def _describe_omegaconf_error(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "not in struct" in str(exc) or "Key '" in first_line and "not" in first_line:
+        return f"{key}: unknown key ({first_line})"
+    return f"{key}: {first_line}" if key else first_line
+
+
+def _check(ok: bool, key: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Range and choice checks that types alone cannot express."""
+    _check(
+        (cfg.input.uri is None) != (cfg.input.manifest is None),
+        "input.uri / input.manifest", "exactly one of them set", (cfg.input.uri, cfg.input.manifest),
+    )
+    _check(bool(cfg.output.uri), "output.uri", "a directory or object-store prefix", cfg.output.uri)
+    _check(cfg.input.limit is None or cfg.input.limit > 0, "input.limit", "a positive integer or null",
+           cfg.input.limit)
+    for col in cfg.output.partition_by:
+        _check(col in OUTPUT_COLUMNS_FOR_PARTITION, "output.partition_by",
+               f"columns from {OUTPUT_COLUMNS_FOR_PARTITION}", col)
+    img = cfg.image
+    _check(32 <= img.crop_size <= 2048, "image.crop_size", "an integer in [32, 2048]", img.crop_size)
+    _check(img.min_side >= 1, "image.min_side", "an integer >= 1", img.min_side)
+    _check(img.max_pixels > img.min_side**2, "image.max_pixels", "an integer > min_side^2", img.max_pixels)
+    _check(img.max_bytes > 0, "image.max_bytes", "a positive integer", img.max_bytes)
+    _check(cfg.read.batch_size > 0, "read.batch_size", "a positive integer", cfg.read.batch_size)
+    _check(cfg.read.num_cpus > 0, "read.num_cpus", "a positive number", cfg.read.num_cpus)
+
+    m = cfg.models
+    _check(m.device in DEVICES, "models.device", f"one of {DEVICES}", m.device)
+    _check(m.precision in PRECISIONS, "models.precision", f"one of {PRECISIONS}", m.precision)
+    _check(m.detector.arch in DETECTOR_ARCHS, "models.detector.arch", f"one of {DETECTOR_ARCHS}",
+           m.detector.arch)
+    _check(m.detector.align in ALIGN_MODES, "models.detector.align", f"one of {ALIGN_MODES}", m.detector.align)
+    _check(0.0 < m.detector.conf_threshold < 1.0, "models.detector.conf_threshold", "a number in (0, 1)",
+           m.detector.conf_threshold)
+    _check(m.parser.arch in PARSER_ARCHS, "models.parser.arch", f"one of {PARSER_ARCHS}", m.parser.arch)
+    _check(64 <= m.parser.input_size <= 1024 and m.parser.input_size % 32 == 0, "models.parser.input_size",
+           "a multiple of 32 in [64, 1024]", m.parser.input_size)
+    from cafi.models.face_parsing import label_names  # local: keeps config import light
+
+    names = label_names(m.parser.arch)
+    for label in m.parser.face_labels:
+        _check(label in names, "models.parser.face_labels", f"labels of {m.parser.arch}: {names}", label)
+    _check(len(m.parser.face_labels) > 0, "models.parser.face_labels", "at least one label", m.parser.face_labels)
+    _check(len(m.parser.fill) == 3 and all(0 <= v <= 255 for v in m.parser.fill), "models.parser.fill",
+           "three integers in [0, 255] (RGB)", m.parser.fill)
+    s = m.serfiq
+    _check(s.samples >= 2, "models.serfiq.samples", "an integer >= 2", s.samples)
+    _check(0.0 < s.dropout < 1.0, "models.serfiq.dropout", "a number in (0, 1)", s.dropout)
+    _check(s.alpha > 0, "models.serfiq.alpha", "a positive number", s.alpha)
+    _check(0.0 <= s.r <= 1.0, "models.serfiq.r", "a number in [0, 1]", s.r)
+    for name in ("detector", "parser", "serfiq", "dbcnn"):
+        _validate_stage(f"models.{name}", getattr(m, name))
+
+    d = cfg.decision
+    _check(0.0 <= d.min_serfiq <= 1.0, "decision.min_serfiq", "a number in [0, 1]", d.min_serfiq)
+    _check(0.0 <= d.min_mask_fraction <= 1.0, "decision.min_mask_fraction", "a number in [0, 1]",
+           d.min_mask_fraction)
+
+
+def _validate_stage(prefix: str, st: StageConfig) -> None:
+    _check(st.batch_size > 0, f"{prefix}.batch_size", "a positive integer", st.batch_size)
+    _check(st.num_cpus >= 0, f"{prefix}.num_cpus", "a number >= 0", st.num_cpus)
+    _check(st.num_gpus >= 0, f"{prefix}.num_gpus", "a number >= 0", st.num_gpus)
+    _check(st.num_cpus > 0 or st.num_gpus > 0, f"{prefix}.num_cpus", "> 0 when num_gpus is 0", st.num_cpus)
+    _check(st.min_actors >= 1, f"{prefix}.min_actors", "an integer >= 1", st.min_actors)
+    _check(st.max_actors >= st.min_actors, f"{prefix}.max_actors", "an integer >= min_actors", st.max_actors)
+    _check(st.torch_threads >= 0, f"{prefix}.torch_threads", "an integer >= 0", st.torch_threads)
+    weights = st.weights  # type: ignore[attr-defined]
+    if weights is None:  # the published checkpoint of the arch
+        return
+    _check(bool(weights.uri), f"{prefix}.weights.uri", "a URI or path", weights.uri)
+    sha = weights.sha256.lower()
+    _check(len(sha) == 64 and all(c in "0123456789abcdef" for c in sha), f"{prefix}.weights.sha256",
+           "64 hex characters", weights.sha256)
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: JobConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict) -> JobConfig:
+    """Rebuild a config shipped to a Ray worker as a plain dict."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), DictConfig(data)))

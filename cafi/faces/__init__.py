@@ -1,0 +1,1 @@
+"""Face geometry and masks: alignment to the ArcFace template, parsing masks."""

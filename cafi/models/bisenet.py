@@ -1,0 +1,22 @@
+"""BiSeNet face parsing (facexlib `parsing_bisenet.pth`, from face-parsing.PyTorch).
+
+19 CelebAMask-HQ classes in face-parsing.PyTorch's order.
+"""
+
+from __future__ import annotations
+
+from facexlib.parsing.bisenet import BiSeNet
+
+LABELS = (
+    "background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
+    "nose", "mouth", "u_lip", "l_lip", "neck", "neck_l", "cloth", "hair", "hat",
+)
+
+
+def build() -> BiSeNet:
+    return BiSeNet(num_class=len(LABELS)).eval()
+
+
+def logits(net: BiSeNet, x):
+    """Per-pixel class logits (N, 19, H, W) at the input resolution."""
+    return net(x)[0]

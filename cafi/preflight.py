@@ -1,0 +1,42 @@
+"""Checks at start that fail the job before any work: weights reachable, output writable."""
+
+from __future__ import annotations
+
+from cafi import manifest
+from cafi.config import JobConfig
+from cafi.errors import StorageError, WeightsError
+from cafi.models.registry import checkpoint
+from cafi.storage import filesystem, join
+
+
+def checkpoints(cfg: JobConfig):
+    m = cfg.models
+    out = []
+    if m.detector.align != "none":
+        out.append(checkpoint("detector", m.detector.arch, m.detector.weights))
+    out += [
+        checkpoint("parser", m.parser.arch, m.parser.weights),
+        checkpoint("serfiq", "arcface_ir_se50", m.serfiq.weights),
+        checkpoint("dbcnn", "dbcnn", m.dbcnn.weights),
+    ]
+    return out
+
+
+def check(cfg: JobConfig, run_id: str) -> None:
+    for ckpt in checkpoints(cfg):
+        try:
+            fs, path = filesystem(ckpt.uri, cfg.storage)
+            found = fs.exists(path)
+        except Exception as exc:  # noqa: BLE001 - unreachable endpoint, bad scheme, auth
+            raise WeightsError(f"{ckpt.model}: cannot reach checkpoint {ckpt.uri}: {type(exc).__name__}: {exc}") \
+                from None
+        if not found:
+            raise WeightsError(f"{ckpt.model}: checkpoint not found: {ckpt.uri}")
+    probe = join(manifest.run_uri(cfg.output.uri, run_id), "_STARTED")
+    try:
+        fs, path = filesystem(probe, cfg.storage)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(path, "wb") as fh:
+            fh.write(b"")
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"output.uri: cannot write to {cfg.output.uri}: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,74 @@
+"""Filesystems for URIs (local, s3://, gs://, https://, anything fsspec opens).
+
+Credentials come only from the providers' standard chains (environment, shared config
+files, instance/pod identity); nothing here reads or writes a secret. An S3-compatible
+endpoint (MinIO, Ceph, moto) comes from `storage.endpoint_url` or the standard
+`AWS_ENDPOINT_URL` variable.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterator
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+from cafi.config import StorageConfig
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def storage_options(uri: str, cfg: StorageConfig | None) -> dict:
+    """fsspec options for a URI; only endpoint and region, never credentials."""
+    proto = protocol_of(uri)
+    opts: dict = {}
+    if proto in ("s3", "s3a") and cfg is not None:
+        endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        if cfg.region:
+            opts["client_kwargs"] = {"region_name": cfg.region}
+        if cfg.anon:
+            opts["anon"] = True
+    elif proto in ("gs", "gcs") and cfg is not None and cfg.anon:
+        opts["token"] = "anon"
+    return opts
+
+
+def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem for a URI and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri, cfg))
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI or local path."""
+    if "://" in uri:
+        proto, rest = uri.split("://", 1)
+        return f"{proto}://" + posixpath.join(rest, *parts)
+    return os.path.join(uri, *parts)
+
+
+def unstrip(fs: AbstractFileSystem, path: str, like_uri: str) -> str:
+    """Give a path returned by a filesystem listing the protocol of the URI it came from."""
+    proto = protocol_of(like_uri)
+    if proto == "file":
+        return path
+    return path if "://" in path else f"{proto}://{path}"
+
+
+def list_files(uri: str, extensions: list[str], cfg: StorageConfig | None) -> Iterator[str]:
+    """Every object under a prefix or directory whose name ends with one of the extensions."""
+    fs, root = filesystem(uri, cfg)
+    exts = tuple(e.lower() for e in extensions)
+    if not fs.exists(root):
+        from cafi.errors import StorageError
+
+        raise StorageError(f"input.uri: {uri} does not exist or cannot be listed")
+    for path in sorted(fs.find(root)):
+        if path.lower().endswith(exts):
+            yield unstrip(fs, path, uri)

@@ -1,0 +1,144 @@
+"""Checkpoints named by URI + sha256: fetched once per node into a cache, verified, loaded safely.
+
+Nothing here runs at import time. `torch.load` is always called with `weights_only=True`,
+so a checkpoint can hold tensors and plain containers but never code.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from cafi.config import StorageConfig
+from cafi.errors import WeightsError
+from cafi.storage import filesystem, protocol_of
+
+_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint as the job uses it."""
+
+    model: str  # the model it belongs to, for error messages
+    uri: str
+    sha256: str
+    state_key: str | None = None  # key of the state dict inside the file (pyiqa: "params")
+    synthetic: bool = False
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(ckpt: Checkpoint, cache_dir: str, storage: StorageConfig | None = None) -> str:
+    """A verified local copy of the checkpoint; downloads at most once per node.
+
+    Local files are verified in place. Remote files land in `cache_dir/<sha256>/<name>`;
+    concurrent callers on one node serialise on a lock file, so one downloads and the
+    others find the verified copy.
+    """
+    if protocol_of(ckpt.uri) == "file":
+        path = ckpt.uri[len("file://"):] if ckpt.uri.startswith("file://") else ckpt.uri
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path):
+            raise WeightsError(f"{ckpt.model}: checkpoint not found: {ckpt.uri}")
+        _verify(ckpt, path)
+        return path
+
+    target_dir = os.path.join(os.path.expanduser(cache_dir), ckpt.sha256.lower())
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, os.path.basename(ckpt.uri.split("?", 1)[0]) or "checkpoint.pth")
+    with open(os.path.join(target_dir, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(target):
+            _verify(ckpt, target)
+            return target
+        partial = f"{target}.partial.{os.getpid()}"
+        try:
+            fs, path = filesystem(ckpt.uri, storage)
+            digest = hashlib.sha256()
+            with fs.open(path, "rb") as src, open(partial, "wb") as dst:
+                for chunk in iter(lambda: src.read(_CHUNK), b""):
+                    digest.update(chunk)
+                    dst.write(chunk)
+        except Exception as exc:  # noqa: BLE001 - any transport error means the same to the user
+            _remove(partial)
+            raise WeightsError(
+                f"{ckpt.model}: cannot fetch checkpoint {ckpt.uri}: {type(exc).__name__}: {exc}"
+            ) from None
+        if digest.hexdigest() != ckpt.sha256.lower():
+            _remove(partial)
+            raise WeightsError(
+                f"{ckpt.model}: sha256 mismatch for {ckpt.uri}: expected {ckpt.sha256.lower()}, "
+                f"got {digest.hexdigest()}"
+            )
+        os.replace(partial, target)
+        return target
+
+
+def _verify(ckpt: Checkpoint, path: str) -> None:
+    actual = sha256_of(path)
+    if actual != ckpt.sha256.lower():
+        raise WeightsError(
+            f"{ckpt.model}: sha256 mismatch for {ckpt.uri}: expected {ckpt.sha256.lower()}, got {actual}"
+        )
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def read_state_dict(ckpt: Checkpoint, path: str) -> dict[str, torch.Tensor]:
+    """Unpickle with weights_only, unwrap the state key, strip DataParallel's `module.` prefix."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"{ckpt.model}: {ckpt.uri} holds more than tensors and was refused by "
+            f"torch.load(weights_only=True): {str(exc).splitlines()[0]}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise WeightsError(f"{ckpt.model}: {ckpt.uri} is not a readable checkpoint: {exc}") from None
+    if ckpt.state_key is not None:
+        if not isinstance(obj, Mapping) or ckpt.state_key not in obj:
+            raise WeightsError(f"{ckpt.model}: {ckpt.uri} has no '{ckpt.state_key}' entry")
+        obj = obj[ckpt.state_key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{ckpt.model}: {ckpt.uri} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_into(module: torch.nn.Module, ckpt: Checkpoint, cache_dir: str,
+              storage: StorageConfig | None = None) -> torch.nn.Module:
+    """Fetch, verify and strictly load a checkpoint into `module`; errors name model and URI."""
+    state = read_state_dict(ckpt, fetch(ckpt, cache_dir, storage))
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise WeightsError(f"{ckpt.model}: {ckpt.uri} does not fit the architecture: {'; '.join(parts)}")
+    module.load_state_dict(state, strict=True)
+    return module

@@ -1,0 +1,97 @@
+"""Shared fixtures: synthetic checkpoints, a real local Ray, a real moto S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+# Credentials for the loopback S3 server only; set before any AWS client exists.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> str:
+    """Random checkpoints in the published formats (resnet50 detector, bisenet parser) + synthetic.yaml."""
+    from cafi.synth import synth, write_checkpoint
+
+    d = str(tmp_path_factory.mktemp("weights"))
+    synth(d)
+    for arch in ("retinaface_mobile0.25", "parsenet"):
+        write_checkpoint(arch, d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def synth_config(synth_dir) -> str:
+    return os.path.join(synth_dir, "synthetic.yaml")
+
+
+@pytest.fixture(scope="session")
+def fast_config(tmp_path_factory, synth_dir) -> str:
+    """Synthetic weights plus the small detector and few SER-FIQ samples: keeps CPU tests quick."""
+    from cafi.synth import synth
+
+    d = str(tmp_path_factory.mktemp("fast"))
+    path = synth(d, detector="retinaface_mobile0.25")
+    extra = os.path.join(d, "fast.yaml")
+    with open(extra, "w") as fh:
+        fh.write(
+            "models:\n  serfiq:\n    samples: 8\n    r: 0.54\n"
+            "  dbcnn:\n    batch_size: 4\n"
+            "ray:\n  progress_bars: false\n"
+            "decision:\n  min_serfiq: 0.5\n"
+        )
+    return [path, extra]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (as s3fs's own tests run it); exported as AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    old = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    if old is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = old
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    """A fresh s3fs filesystem against the loopback server."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem(endpoint_url=s3_endpoint, anon=False)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session: 2 CPUs, like this machine."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
+    yield ray
+    ray.shutdown()
