@@ -17,7 +17,6 @@ from omegaconf.errors import OmegaConfBaseException
 from cafi.errors import ConfigError
 
 
-
 @dataclass
 class WeightsConfig:
     uri: str = MISSING
@@ -129,7 +128,7 @@ class OutputConfig:
 
 @dataclass
 class ReadConfig:
-    batch_size: int = 16
+    batch_size: int = 8
     num_cpus: float = 0.5
 
 

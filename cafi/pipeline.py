@@ -16,13 +16,11 @@ import pyarrow as pa
 from cafi import manifest, preflight
 from cafi.config import JobConfig, to_dict
 from cafi.errors import CafiError, StorageError
-from cafi.stages import MODEL_STAGES, FusedModels, ReadDecode, decide
+from cafi.stages import MODEL_STAGES, FusedModels, decide, read_decode
 from cafi.storage import list_files
 from cafi.version import is_synthetic, model_version, stage_fingerprints
 
 log = logging.getLogger("cafi")
-
-ROWS_PER_INPUT_BLOCK = 64
 
 
 def make_run_id() -> str:
@@ -30,10 +28,14 @@ def make_run_id() -> str:
 
 
 def input_dataset(cfg: JobConfig):
-    """A dataset with one `uri` column, and the number of inputs."""
+    """A dataset with one `uri` column in small blocks, and the number of inputs.
+
+    Blocks of `read.batch_size` rows let every stage work on a different block at once
+    (streaming); one big block would run the stages one after another.
+    """
     import ray.data
 
-    inp = cfg.input
+    inp, rows_per_block = cfg.input, cfg.read.batch_size
     if inp.manifest:
         fs, path = manifest.arrow_filesystem(inp.manifest, cfg.storage)
         reader = ray.data.read_csv if path.lower().endswith(".csv") else ray.data.read_parquet
@@ -50,20 +52,20 @@ def input_dataset(cfg: JobConfig):
         if inp.limit:
             ds = ds.limit(inp.limit)
         n = ds.count()
-        return ds.repartition(target_num_rows_per_block=ROWS_PER_INPUT_BLOCK), n
+        return ds.repartition(target_num_rows_per_block=rows_per_block), n
     uris = list(list_files(inp.uri, inp.extensions, cfg.storage))
     if inp.limit:
         uris = uris[: inp.limit]
-    chunks = [pa.table({"uri": uris[i:i + ROWS_PER_INPUT_BLOCK]})
-              for i in range(0, len(uris), ROWS_PER_INPUT_BLOCK)] or [pa.table({"uri": pa.array([], pa.string())})]
+    chunks = [pa.table({"uri": pa.array(uris[i:i + rows_per_block], pa.string())})
+              for i in range(0, max(len(uris), 1), rows_per_block)]
     return ray.data.from_arrow(chunks), len(uris)
 
 
 def build(ds, cfg: JobConfig, version: str, run_id: str):
     """The scoring pipeline over a `uri` dataset (lazy; nothing runs until written)."""
     cfg_dict = to_dict(cfg)
-    ds = ds.map_batches(ReadDecode, fn_constructor_kwargs={"cfg": cfg_dict}, batch_size=cfg.read.batch_size,
-                        num_cpus=cfg.read.num_cpus, zero_copy_batch=False)
+    ds = ds.map_batches(read_decode, fn_kwargs={"cfg": cfg_dict}, batch_size=cfg.read.batch_size,
+                        num_cpus=cfg.read.num_cpus)
     stages = [FusedModels] if cfg.ray.fuse_models else list(MODEL_STAGES)
     for stage in stages:
         ds = ds.map_batches(stage, fn_constructor_kwargs={"cfg": cfg_dict}, zero_copy_batch=False,
@@ -90,9 +92,9 @@ def run(cfg: JobConfig) -> dict:
 
     scored = build(ds, cfg, version, run_id)
     fs, path = manifest.arrow_filesystem(manifest.manifest_uri(cfg.output.uri), cfg.storage)
+    files = FilenameProvider(dataset_uuid=run_id, file_format="parquet")  # every file name starts with the run id
     scored.write_parquet(path, filesystem=fs, partition_cols=list(cfg.output.partition_by),
-                         
-                         filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"), schema=manifest.SCHEMA)
+                         filename_provider=files, schema=manifest.SCHEMA)
     elapsed = time.time() - started
 
     counts = manifest.run_counts(cfg.output.uri, run_id, cfg.storage)
@@ -116,6 +118,12 @@ def run(cfg: JobConfig) -> dict:
         "config": to_dict(cfg),
     }
     manifest.commit(cfg.output.uri, run_id, summary, cfg.storage)
+    try:  # the report only views the committed run: its failure must never fail the run
+        from cafi import report
+
+        report.write_report(manifest.run_uri(cfg.output.uri, run_id), storage=cfg.storage)
+    except Exception as exc:  # noqa: BLE001 - logged, never raised
+        log.warning("cafi run %s is committed, but its report was not written: %s", run_id, exc)
     return summary
 
 
@@ -141,7 +149,7 @@ def parse_operator_stats(text: str) -> list[dict]:
                        "wall_seconds": float(head.group(4))}
             ops.append(current)
             continue
-        rows = re.match(r"^\* Output num rows per block: .*total: (\d+)", line.strip()) if current else None
+        rows = re.match(r"^\* Output num rows per block: .*?(\d+) total", line.strip()) if current else None
         if rows and current is not None:
             current["rows"] = int(rows.group(1))
             if current["wall_seconds"] > 0:

@@ -17,16 +17,15 @@ import datetime as _dt
 from collections import defaultdict
 
 import numpy as np
+import pyarrow as pa
 
 from cafi import imaging
-from cafi.config import JobConfig, StageConfig, from_dict
+from cafi.config import DecisionConfig, ImageConfig, JobConfig, StageConfig, StorageConfig, from_dict
+from cafi.manifest import SCHEMA
 from cafi.storage import filesystem, protocol_of
 
 OK, SCORED, NO_FACE, ERROR = "ok", "scored", "no_face", "error"
-OUTPUT_COLUMNS = (
-    "uri", "status", "error", "width", "height", "det_score", "mask_fraction", "serfiq", "serfiq_raw",
-    "dbcnn", "cafi", "accepted", "decision", "reject_reason", "model_version", "run_id", "scored_at",
-)
+OUTPUT_COLUMNS = tuple(SCHEMA.names)
 
 
 def _nan(n: int) -> np.ndarray:
@@ -61,32 +60,28 @@ def _read_error(exc: Exception) -> str:
     return f"cannot read object: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
 
 
-class ReadDecode:
+def read_decode(batch: dict, cfg: dict) -> dict:
     """uri -> image, width, height, status, error. CPU only; runs as plain Ray tasks."""
-
-    def __init__(self, cfg: dict):
-        self.cfg: JobConfig = from_dict(cfg)
-
-    def __call__(self, batch: dict) -> dict:
-        uris = [str(u) for u in batch["uri"]]
-        n, size = len(uris), self.cfg.image.crop_size
-        images = np.zeros((n, size, size, 3), dtype=np.uint8)
-        status = np.full(n, OK, dtype=object)
-        error = np.full(n, None, dtype=object)
-        width = np.zeros(n, dtype=np.int32)
-        height = np.zeros(n, dtype=np.int32)
-        for i, data in enumerate(read_bytes(uris, self.cfg.storage)):
-            if isinstance(data, Exception):
-                status[i], error[i] = ERROR, _read_error(data)
-                continue
-            dec = imaging.decode(data, self.cfg.image)
-            width[i], height[i] = dec.width, dec.height
-            if dec.error is not None:
-                status[i], error[i] = ERROR, dec.error
-            else:
-                images[i] = dec.image
-        return {"uri": np.asarray(uris, dtype=object), "status": status, "error": error,
-                "width": width, "height": height, "image": images}
+    image_cfg, storage = ImageConfig(**cfg["image"]), StorageConfig(**cfg["storage"])
+    uris = [str(u) for u in batch["uri"]]
+    n, size = len(uris), image_cfg.crop_size
+    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    status = np.full(n, OK, dtype=object)
+    error = np.full(n, "", dtype=object)  # "" in flight: an all-null column would lose its string type
+    width = np.zeros(n, dtype=np.int32)
+    height = np.zeros(n, dtype=np.int32)
+    for i, data in enumerate(read_bytes(uris, storage)):
+        if isinstance(data, Exception):
+            status[i], error[i] = ERROR, _read_error(data)
+            continue
+        dec = imaging.decode(data, image_cfg)
+        width[i], height[i] = dec.width, dec.height
+        if dec.error is not None:
+            status[i], error[i] = ERROR, dec.error
+        else:
+            images[i] = dec.image
+    return {"uri": np.asarray(uris, dtype=object), "status": status, "error": error,
+            "width": width, "height": height, "image": images}
 
 
 # ---------------------------------------------------------------- model stages (actors)
@@ -268,7 +263,7 @@ class FusedModels:
 
 def decide(batch: dict, cfg: dict, model_version: str, run_id: str) -> dict:
     """CAFI decision: keep or reject with a reason; drops the pixel columns."""
-    d = from_dict(cfg).decision
+    d = DecisionConfig(**cfg["decision"])
     n = len(batch["uri"])
     status = batch["status"].astype(object)
     reason = np.full(n, None, dtype=object)
@@ -286,12 +281,14 @@ def decide(batch: dict, cfg: dict, model_version: str, run_id: str) -> dict:
     accepted = ok & (reason == None)  # noqa: E711
     cafi = np.where(accepted, dbcnn, np.nan).astype(np.float32)
     now = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
-    out = {k: batch[k] for k in ("uri", "error", "width", "height", "det_score", "mask_fraction", "serfiq",
+    out = {k: batch[k] for k in ("uri", "width", "height", "det_score", "mask_fraction", "serfiq",
                                  "serfiq_raw", "dbcnn")}
     out.update(
+        error=np.array([e if e else None for e in batch["error"]], dtype=object),
         status=status, cafi=cafi, accepted=accepted.astype(bool), reject_reason=reason,
         decision=np.where(accepted, "accepted", "rejected").astype(object),
         model_version=np.full(n, model_version, dtype=object), run_id=np.full(n, run_id, dtype=object),
         scored_at=np.full(n, np.datetime64(now, "us")),
     )
-    return {k: out[k] for k in OUTPUT_COLUMNS}
+    # An explicit schema: a block whose rows are all null in a column keeps the column's type.
+    return pa.Table.from_pydict({k: out[k] for k in OUTPUT_COLUMNS}, schema=SCHEMA)

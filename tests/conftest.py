@@ -85,8 +85,9 @@ def s3(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray for the session: 2 CPUs, like this machine."""
+def ray_local(s3_endpoint):
+    """One real local Ray for the session: 2 CPUs, like this machine. Workers inherit the
+    loopback S3 endpoint from the environment, as a cluster's workers would."""
     import ray
 
     if ray.is_initialized():

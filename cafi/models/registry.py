@@ -95,8 +95,8 @@ def published(arch: str) -> Pretrained:
         raise KeyError(f"no published checkpoint for {arch!r}; known: {sorted(PUBLISHED)}") from None
 
 
-def checkpoint(model: str, arch: str, weights) -> "Checkpoint":
-    """The checkpoint a stage loads: the configured one, else the arch's published one."""
+def checkpoint(model: str, arch: str, weights):
+    """The checkpoint (cafi.weights.Checkpoint) a stage loads: the configured one, else the published one."""
     from cafi.weights import Checkpoint
 
     record = published(arch)

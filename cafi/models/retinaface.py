@@ -6,6 +6,7 @@ always survives NMS, so no NMS is needed and the whole batch decodes in tensor o
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,9 @@ ARCHS = {"retinaface_resnet50": "resnet50", "retinaface_mobile0.25": "mobile0.25
 
 def build(arch: str, device: torch.device | str = "cpu") -> RetinaFace:
     """The bare facexlib architecture, randomly initialised, in eval mode."""
-    net = RetinaFace(network_name=ARCHS[arch], half=False, phase="test", device=torch.device(device))
+    with warnings.catch_warnings():  # facexlib still passes torchvision's deprecated `pretrained=False`
+        warnings.simplefilter("ignore", UserWarning)
+        net = RetinaFace(network_name=ARCHS[arch], half=False, phase="test", device=torch.device(device))
     return net.eval()
 
 
