@@ -28,11 +28,24 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     summary = pipeline.run(cfg)
     counts = summary["counts"]
-    print(f"committed run {summary['run_id']} (model version {summary['model_version']}): "
-          f"{summary['inputs']} inputs, {counts['accepted']} accepted, status {json.dumps(counts['status'])}, "
-          f"reject reasons {json.dumps(counts['reject_reason'])}, {summary['images_per_second']} images/s")
+    if summary.get("noop"):
+        print(f"nothing to do: run {summary['run_id']} already committed all {summary['inputs']} inputs "
+              f"for model version {summary['model_version']}")
+    else:
+        print(f"committed run {summary['run_id']} (model version {summary['model_version']}): "
+              f"{summary['inputs']} inputs, {counts['accepted']} accepted, status {json.dumps(counts['status'])}, "
+              f"reject reasons {json.dumps(counts['reject_reason'])}, {summary['images_per_second']} images/s")
+        if summary.get("reuse"):
+            print(f"reused from {summary['reuse']['source_version']}: {', '.join(summary['reuse']['reused_stages'])}; "
+                  f"stages run: {', '.join(summary['stages_run']) or 'none'}")
     print(f"manifest: {summary['output']['manifest']}")
     print(f"summary:  {summary['output']['run']}/summary.json")
+    from cafi.storage import filesystem, join
+
+    report_uri = join(summary["output"]["run"], "report.html")
+    fs, path = filesystem(report_uri, cfg.storage)
+    if fs.exists(path):  # written at the end of every run, unless that failed (then a warning says why)
+        print(f"report:   {report_uri}")
     return 0
 
 
@@ -86,6 +99,80 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage(args: argparse.Namespace):
+    """Storage settings from --endpoint-url / --region / --anon; None when none is given."""
+    from cafi.config import StorageConfig
+
+    if args.endpoint_url is None and args.region is None and not args.anon:
+        return None
+    return StorageConfig(endpoint_url=args.endpoint_url, region=args.region, anon=args.anon)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cafi import report
+
+    dest = report.write_report(args.run, out=args.out, storage=_storage(args))
+    print(f"report: {dest}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cafi import evaluate
+
+    result = evaluate.evaluate(args.manifest, args.labels, storage=_storage(args), precision=args.precision,
+                               mos_column=args.mos_column, accept_column=args.accept_column)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+    else:
+        print(evaluate.format_result(result))
+    return 0
+
+
+def _ray_cause(exc: BaseException) -> BaseException | None:
+    """The CafiError behind an exception: itself, or the one inside an error Ray raised for a task,
+    an actor or a Ray Data operator. None when there is none."""
+    import re
+
+    def is_ray(e: BaseException) -> bool:
+        return any(c.__module__.startswith("ray.") for c in type(e).__mro__)
+
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:  # structured causes first: RayTaskError.cause, __cause__, __context__
+        e = todo.pop(0)
+        if e is None or any(e is x for x in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, CafiError) and not is_ray(e):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    # An actor that died in __init__, or a failed Ray Data UDF, keeps the cause only as the text of
+    # the worker's traceback, whose last line names it: "cafi.errors.XError: message".
+    from cafi import errors
+
+    for e in seen:
+        if not is_ray(e):
+            continue
+        found = re.findall(r"cafi\.errors\.(\w+): (.+)", f"{getattr(e, 'error_msg', '') or ''}\n{e}")
+        if found:
+            name, msg = found[-1]
+            cls = getattr(errors, name, None)
+            if isinstance(cls, type) and issubclass(cls, CafiError):
+                return cls(msg.strip())
+    return None
+
+
+def _flat(exc: BaseException) -> str:
+    """A message on one line: its lines joined."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cafi", description="Score face crops: SER-FIQ + masked-face DBCNN (CAFI).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -121,6 +208,38 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--count", type=int, default=24)
     sm.add_argument("--seed", type=int, default=0)
     sm.set_defaults(func=cmd_samples)
+
+    def add_storage(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+        sp.add_argument("--region", default=None, help="object-store region")
+        sp.add_argument("--anon", action="store_true", help="anonymous access to a public bucket")
+
+    rp = sub.add_parser("report", help="write the HTML report of a committed run",
+                        description="Write one self-contained HTML report (counts, score histograms, the "
+                                    "SER-FIQ/DBCNN decision space, thumbnails, stage throughput) of a run.")
+    rp.add_argument("run", metavar="RUN_URI",
+                    help="<output>/runs/<run_id>, or an output root for its latest committed run")
+    rp.add_argument("--out", metavar="FILE", default=None,
+                    help="where to write the HTML (default: RUN_URI/report.html)")
+    add_storage(rp)
+    rp.set_defaults(func=cmd_report)
+
+    ev = sub.add_parser("eval", help="compare scores and decisions with human labels",
+                        description="SRCC/PLCC of serfiq, dbcnn and cafi against a MOS, precision/recall/F1 of "
+                                    "the CAFI decision against a human accept/reject, and suggested SER-FIQ and "
+                                    "DBCNN thresholds.")
+    ev.add_argument("manifest", metavar="MANIFEST",
+                    help="an output root (latest committed model version) or a run URI <output>/runs/<run_id>")
+    ev.add_argument("labels", metavar="LABELS.csv",
+                    help="CSV with a uri column and a MOS column and/or an accept column (1/0, true/false, ...)")
+    ev.add_argument("--precision", type=float, default=None, metavar="P",
+                    help="suggest the thresholds with the best recall among those reaching precision P "
+                         "(default: the thresholds that maximise F1)")
+    ev.add_argument("--mos-column", default="mos", help="name of the MOS column (default: mos)")
+    ev.add_argument("--accept-column", default="accept", help="name of the accept column (default: accept)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_storage(ev)
+    ev.set_defaults(func=cmd_eval)
     return p
 
 
@@ -129,12 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        return _fail(f"config: {exc}", EXIT_USAGE)
-    except CafiError as exc:
-        return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback (CAFI_DEBUG=1 shows it)
+        if os.environ.get("CAFI_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        cause = _ray_cause(exc)  # the exception itself when it is a plain CafiError
+        if isinstance(cause, ConfigError):
+            return _fail(f"config: {_flat(cause)}", EXIT_USAGE)
+        if cause is not None:
+            return _fail(_flat(cause) or type(cause).__name__)
+        return _fail(_one_line(exc))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ and dotlist overrides (`models.dbcnn.batch_size=64`) come last.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -124,6 +125,7 @@ class DecisionConfig:
 class OutputConfig:
     uri: str = MISSING
     partition_by: list[str] = field(default_factory=lambda: ["model_version", "decision"])
+    min_rows_per_file: int = 2000
 
 
 @dataclass
@@ -140,6 +142,9 @@ class RayConfig:
     progress_bars: bool = True
     # Fuse the four model stages into one actor (worth it where no device boundary is crossed).
     fuse_models: bool = False
+    # GPU actor pools start at max_actors so an autoscaling cluster adds GPU workers for them
+    # (cafi/autoscale.py): auto = when the job joined an existing Ray cluster; always; never.
+    scale_gpu_pools: str = "auto"
 
 
 @dataclass
@@ -153,6 +158,7 @@ class SmokeConfig:
 @dataclass
 class JobConfig:
     run_id: str | None = None
+    incremental: bool = True
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -169,6 +175,7 @@ ALIGN_MODES = ("retinaface", "none")
 PARSER_ARCHS = ("bisenet", "parsenet")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+SCALE_GPU_POOLS = ("auto", "always", "never")
 OUTPUT_COLUMNS_FOR_PARTITION = ("model_version", "decision", "status", "reject_reason", "run_id")
 
 
@@ -216,6 +223,10 @@ def validate(cfg: JobConfig) -> None:
         "input.uri / input.manifest", "exactly one of them set", (cfg.input.uri, cfg.input.manifest),
     )
     _check(bool(cfg.output.uri), "output.uri", "a directory or object-store prefix", cfg.output.uri)
+    _check(cfg.run_id is None or re.fullmatch(r"[A-Za-z0-9.-]{1,64}", cfg.run_id) is not None, "run_id",
+           "letters, digits, '.' and '-' (it prefixes data file names), at most 64", cfg.run_id)
+    _check(cfg.output.min_rows_per_file >= 1, "output.min_rows_per_file", "an integer >= 1",
+           cfg.output.min_rows_per_file)
     _check(cfg.input.limit is None or cfg.input.limit > 0, "input.limit", "a positive integer or null",
            cfg.input.limit)
     for col in cfg.output.partition_by:
@@ -256,6 +267,8 @@ def validate(cfg: JobConfig) -> None:
     for name in ("detector", "parser", "serfiq", "dbcnn"):
         _validate_stage(f"models.{name}", getattr(m, name))
 
+    _check(cfg.ray.scale_gpu_pools in SCALE_GPU_POOLS, "ray.scale_gpu_pools", f"one of {SCALE_GPU_POOLS}",
+           cfg.ray.scale_gpu_pools)
     d = cfg.decision
     _check(0.0 <= d.min_serfiq <= 1.0, "decision.min_serfiq", "a number in [0, 1]", d.min_serfiq)
     _check(0.0 <= d.min_mask_fraction <= 1.0, "decision.min_mask_fraction", "a number in [0, 1]",

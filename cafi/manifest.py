@@ -10,16 +10,23 @@ A run without `_SUCCESS` is not committed, and readers here skip its rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import posixpath
+from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from cafi.config import StorageConfig
 from cafi.storage import filesystem, join
+
+log = logging.getLogger("cafi")
 
 MANIFEST_DIR = "manifest"
 RUNS_DIR = "runs"
@@ -33,6 +40,7 @@ SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("det_score", pa.float32()),
+    ("landmarks", pa.list_(pa.float32(), 10)),  # eyes, nose, mouth corners (x, y) in crop pixels
     ("mask_fraction", pa.float32()),
     ("serfiq", pa.float32()),
     ("serfiq_raw", pa.float32()),
@@ -116,13 +124,15 @@ def read(output: str, version: str | None = "latest", storage: StorageConfig | N
             if not runs:
                 return SCHEMA.empty_table()
             version = runs[-1]["model_version"]
-        run_ids = [r["run_id"] for r in runs if version is None or r["model_version"] == version]
+        run_ids = _committed_ids(runs, version)
     if not run_ids:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
     flt = pc.field("run_id").isin(run_ids)
     if version is not None:
         flt = flt & (pc.field("model_version") == version)
-    table = dataset(output, storage).to_table(filter=flt)
+    # Read only what is asked for, plus what de-duplication needs.
+    needed = None if columns is None else list(dict.fromkeys([*columns, "uri", "scored_at"]))
+    table = dataset(output, storage).to_table(filter=flt, columns=needed)
     table = _latest_per_uri(table)
     return table.select(columns) if columns else table
 
@@ -137,17 +147,92 @@ def _latest_per_uri(table: pa.Table) -> pa.Table:
     return table.take(pa.array(keep))
 
 
-def run_counts(output: str, run_id: str, storage: StorageConfig | None = None) -> dict:
-    """Counts of one run's rows per status and per reject reason, read back from storage."""
-    table = dataset(output, storage).to_table(columns=["status", "reject_reason", "uri"],
-                                              filter=pc.field("run_id") == run_id)
-    by_status = {r["values"]: r["counts"] for r in pc.value_counts(table["status"]).to_pylist()}
-    by_reason = {str(r["values"]): r["counts"] for r in pc.value_counts(table["reject_reason"]).to_pylist()
-                 if r["values"] is not None}
+def _committed_ids(runs: list[dict], version: str | None) -> list[str]:
+    ids: list[str] = []
+    for r in runs:
+        if version is None or r["model_version"] == version:
+            ids += [r["run_id"], *r.get("includes_runs", [])]
+    return sorted(set(ids))
+
+
+def committed_run_ids(output: str, version: str, storage: StorageConfig | None = None) -> list[str]:
+    """Run ids whose rows make up the committed result of a version: committed runs and the
+    crashed attempts a committed resume took over."""
+    return _committed_ids(committed_runs(output, storage), version)
+
+
+def uri_keys(uris: list[str]) -> np.ndarray:
+    """16-byte BLAKE2b keys of URIs: what resume and reuse hold per row instead of the URI string."""
+    return np.array([hashlib.blake2b(u.encode(), digest_size=16).digest() for u in uris], dtype="S16")
+
+
+def version_files(output: str, version: str, storage: StorageConfig | None = None) -> list[tuple[str, str]]:
+    """(path, run_id) of every data file of a version, committed or not."""
+    fs, root = filesystem(join(manifest_uri(output), f"model_version={version}"), storage)
+    if not fs.exists(root):
+        return []
+    return [(p, posixpath.basename(p).split("_", 1)[0]) for p in sorted(fs.find(root)) if p.endswith(".parquet")]
+
+
+def scan_version(output: str, version: str, storage: StorageConfig | None = None) -> tuple[np.ndarray, list[str]]:
+    """Keys of every URI already written for a version (sorted, unique) and the runs that wrote them.
+
+    A data file that cannot be read is the torn write of a crashed run: it is removed, so its
+    rows are scored again instead of being lost or read half.
+    """
+    fs, _ = filesystem(output, storage)
+    keys, runs = [], set()
+    for path, run_id in version_files(output, version, storage):
+        try:
+            with fs.open(path, "rb") as fh:
+                uris = pq.read_table(fh, columns=["uri"])["uri"].to_pylist()
+        except Exception as exc:  # noqa: BLE001 - truncated footer, zero bytes, ...
+            log.warning("removing unreadable data file of an uncommitted run: %s (%s)", path, exc)
+            fs.rm(path)
+            continue
+        keys.append(uri_keys(uris))
+        runs.add(run_id)
+    merged = np.unique(np.concatenate(keys)) if keys else np.array([], dtype="S16")
+    return merged, sorted(runs)
+
+
+def run_counts(output: str, run_ids: list[str], version: str, storage: StorageConfig | None = None,
+               only: np.ndarray | None = None) -> dict:
+    """Counts per status and reject reason over the rows of the given runs of a version.
+
+    Streamed from storage; with `only` (sorted input keys), counts each of those inputs once and
+    ignores other rows. Memory: 16 bytes per row beyond the keys.
+    """
+    flt = pc.field("run_id").isin(run_ids) & (pc.field("model_version") == version)
+    status: Counter = Counter()
+    reasons: Counter = Counter()
+    seen = np.zeros(len(only), dtype=bool) if only is not None else None
+    rows, keys = 0, []
+    for batch in dataset(output, storage).to_batches(columns=["uri", "status", "reject_reason"], filter=flt):
+        k = uri_keys(batch.column("uri").to_pylist())
+        if seen is not None:
+            pos = np.searchsorted(only, k)
+            take = np.zeros(len(k), dtype=bool)
+            for i, p in enumerate(pos):  # a URI written twice (concurrent runs of a version) counts once
+                if p < len(only) and only[p] == k[i] and not seen[p]:
+                    seen[p] = take[i] = True
+            batch, k = batch.filter(pa.array(take)), k[take]
+        rows += batch.num_rows
+        status.update(batch.column("status").to_pylist())
+        reasons.update(r for r in batch.column("reject_reason").to_pylist() if r is not None)
+        keys.append(k)
+    distinct = int(seen.sum()) if seen is not None else len(np.unique(np.concatenate(keys))) if keys else 0
     return {
-        "rows": table.num_rows,
-        "distinct_uris": pc.count_distinct(table["uri"]).as_py() if table.num_rows else 0,
-        "status": by_status,
-        "reject_reason": by_reason,
-        "accepted": int(table.num_rows - sum(by_reason.values())),
+        "rows": rows,
+        "distinct_uris": distinct,
+        "status": dict(status),
+        "reject_reason": dict(reasons),
+        "accepted": int(rows - sum(reasons.values())),
     }
+
+
+def abandon(output: str, run_id: str, storage: StorageConfig | None = None) -> None:
+    """Remove the start marker of a run that had nothing to do."""
+    fs, path = filesystem(run_uri(output, run_id), storage)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

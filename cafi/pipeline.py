@@ -11,12 +11,13 @@ import logging
 import secrets
 import time
 
+import numpy as np
 import pyarrow as pa
 
-from cafi import manifest, preflight
+from cafi import autoscale, manifest, preflight, reuse
 from cafi.config import JobConfig, to_dict
 from cafi.errors import CafiError, StorageError
-from cafi.stages import MODEL_STAGES, FusedModels, decide, read_decode
+from cafi.stages import MODEL_STAGES, FusedModels, decide, read_decode, take_over_only
 from cafi.storage import list_files
 from cafi.version import is_synthetic, model_version, stage_fingerprints
 
@@ -61,21 +62,76 @@ def input_dataset(cfg: JobConfig):
     return ray.data.from_arrow(chunks), len(uris)
 
 
-def build(ds, cfg: JobConfig, version: str, run_id: str):
-    """The scoring pipeline over a `uri` dataset (lazy; nothing runs until written)."""
+def build(ds, cfg: JobConfig, version: str, run_id: str, plan: reuse.ReusePlan | None = None,
+          omit: tuple[str, ...] = ()):
+    """The scoring pipeline over a `uri` dataset (lazy; nothing runs until written).
+
+    With a reuse plan, earlier results are attached first; stages named in `omit` (every row
+    reuses them) are replaced by a CPU task that copies the results over.
+    """
+    import ray
+
     cfg_dict = to_dict(cfg)
-    ds = ds.map_batches(read_decode, fn_kwargs={"cfg": cfg_dict}, batch_size=cfg.read.batch_size,
-                        num_cpus=cfg.read.num_cpus)
-    stages = [FusedModels] if cfg.ray.fuse_models else list(MODEL_STAGES)
-    for stage in stages:
-        ds = ds.map_batches(stage, fn_constructor_kwargs={"cfg": cfg_dict}, zero_copy_batch=False,
-                            **stage.resources(cfg))
+    small = {"batch_size": cfg.read.batch_size, "num_cpus": cfg.read.num_cpus}
+    if plan is not None:
+        ds = ds.map_batches(reuse.attach, fn_kwargs={"table_ref": [ray.put(plan.table)], "stages": plan.stages},
+                            **small)
+    ds = ds.map_batches(read_decode, fn_kwargs={"cfg": cfg_dict}, **small)
+    groups: list[tuple[str, list]] = []  # consecutive stages: ("run" | "take_over", classes)
+    for cls in MODEL_STAGES:
+        kind = "take_over" if cls.__name__ in omit else "run"
+        if groups and groups[-1][0] == kind:
+            groups[-1][1].append(cls)
+        else:
+            groups.append((kind, [cls]))
+    for kind, classes in groups:
+        names = [c.__name__ for c in classes]
+        if kind == "take_over":
+            ds = ds.map_batches(take_over_only, fn_kwargs={"stages": names}, **small)
+        elif cfg.ray.fuse_models:
+            ds = ds.map_batches(FusedModels, fn_constructor_kwargs={"cfg": cfg_dict, "stages": names},
+                                zero_copy_batch=False, **FusedModels.resources(cfg, classes))
+        else:
+            for cls in classes:
+                ds = ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg_dict}, zero_copy_batch=False,
+                                    **cls.resources(cfg))
+    # One block at a time (batch_size=None): rows reach storage as their block finishes, so a
+    # crash loses only what was in flight.
     return ds.map_batches(decide, fn_kwargs={"cfg": cfg_dict, "model_version": version, "run_id": run_id},
-                          batch_size=256, num_cpus=cfg.read.num_cpus)
+                          batch_size=None, num_cpus=cfg.read.num_cpus)
+
+
+def _keep_todo(batch: dict, todo: list) -> dict:
+    """Drop rows already written for this version (resume)."""
+    import ray
+
+    keys = manifest.uri_keys([str(u) for u in batch["uri"]])
+    keep = np.isin(keys, ray.get(todo[0]))
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _input_keys(ds) -> np.ndarray:
+    """Sorted unique 16-byte keys of all input URIs, streamed to the driver (16 bytes per input)."""
+    parts = [manifest.uri_keys([str(u) for u in b["uri"]])
+             for b in ds.iter_batches(batch_size=65536, batch_format="numpy")]
+    return np.unique(np.concatenate(parts)) if parts else np.array([], dtype="S16")
+
+
+def omitted_stages(plan: reuse.ReusePlan | None, todo: np.ndarray) -> tuple[str, ...]:
+    """Model stages no row needs: every row to score has earlier results they can take over."""
+    if plan is None or len(todo) == 0 or not np.isin(todo, plan.table["key"]).all():
+        return ()
+    full = dict(plan.stages)
+    full["parse"] = full["parse"] and full["dbcnn"]  # DBCNN needs the masked pixels
+    return tuple(cls.__name__ for cls in MODEL_STAGES if full[cls.reuse_stage])
 
 
 def run(cfg: JobConfig) -> dict:
-    """Score the input and commit the run; returns the run summary. Raises CafiError on systemic faults."""
+    """Score the input and commit the run; returns the run summary. Raises CafiError on systemic faults.
+
+    Resumes: URIs already written for this model version (by a committed run or a crashed
+    attempt) are not scored again; the committed result takes the attempt's rows over.
+    """
     import ray
     from ray.data.datasource import FilenameProvider
 
@@ -83,45 +139,71 @@ def run(cfg: JobConfig) -> dict:
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
 
+    out, storage = cfg.output.uri, cfg.storage
     run_id = cfg.run_id or make_run_id()
-    version = model_version(cfg)
+    version, fingerprints = model_version(cfg), stage_fingerprints(cfg)
     preflight.check(cfg, run_id)
     started = time.time()
-    ds, n_inputs = input_dataset(cfg)
-    log.info("cafi run %s: %d inputs, model version %s", run_id, n_inputs, version)
+    ds, n_listed = input_dataset(cfg)
+    input_keys = _input_keys(ds)
+    done, prior_runs = manifest.scan_version(out, version, storage)
+    todo = np.setdiff1d(input_keys, done, assume_unique=True)
+    committed = manifest.committed_run_ids(out, version, storage)
+    if len(todo) == 0 and committed and set(prior_runs) <= set(committed):
+        latest = [r for r in manifest.committed_runs(out, storage) if r["model_version"] == version][-1]
+        log.info("nothing to do: all %d inputs are committed for model version %s (run %s)",
+                 len(input_keys), version, latest["run_id"])
+        manifest.abandon(out, run_id, storage)
+        return {**latest, "noop": True}
+    log.info("cafi run %s: %d inputs (%d already written), model version %s", run_id, len(input_keys),
+             len(input_keys) - len(todo), version)
 
-    scored = build(ds, cfg, version, run_id)
-    fs, path = manifest.arrow_filesystem(manifest.manifest_uri(cfg.output.uri), cfg.storage)
-    files = FilenameProvider(dataset_uuid=run_id, file_format="parquet")  # every file name starts with the run id
-    scored.write_parquet(path, filesystem=fs, partition_cols=list(cfg.output.partition_by),
-                         filename_provider=files, schema=manifest.SCHEMA)
+    plan = reuse.plan(out, version, fingerprints, storage) if cfg.incremental and len(todo) else None
+    omit = omitted_stages(plan, todo)
+    stats: dict = {}
+    if len(todo):
+        todo_ds = ds.map_batches(_keep_todo, fn_kwargs={"todo": [ray.put(todo)]}, batch_size=cfg.read.batch_size,
+                                 num_cpus=cfg.read.num_cpus)
+        scored = build(todo_ds, autoscale.sized(cfg, rows=len(todo)), version, run_id, plan, omit)
+        fs, path = manifest.arrow_filesystem(manifest.manifest_uri(out), storage)
+        files = FilenameProvider(dataset_uuid=run_id, file_format="parquet")  # every file name starts with the run id
+        scored.write_parquet(path, filesystem=fs, partition_cols=list(cfg.output.partition_by),
+                             filename_provider=files, schema=manifest.SCHEMA,
+                             min_rows_per_file=cfg.output.min_rows_per_file)
+        stats = stage_stats(scored)
+    # else: a crashed attempt wrote every row but did not commit; this run commits its rows.
     elapsed = time.time() - started
 
-    counts = manifest.run_counts(cfg.output.uri, run_id, cfg.storage)
-    if counts["rows"] != n_inputs or counts["distinct_uris"] != n_inputs:
-        raise CafiError(f"run {run_id} wrote {counts['rows']} rows for {counts['distinct_uris']} URIs but had "
-                        f"{n_inputs} inputs; not committed")
+    includes = [r for r in prior_runs if r != run_id]
+    counts = manifest.run_counts(out, [run_id, *includes], version, storage, only=input_keys)
+    missing = len(input_keys) - counts["distinct_uris"]
+    if missing:
+        raise CafiError(f"run {run_id}: {missing} of {len(input_keys)} inputs have no row; not committed")
     summary = {
         "run_id": run_id,
         "model_version": version,
         "synthetic_weights": is_synthetic(cfg),
-        "stage_fingerprints": stage_fingerprints(cfg),
-        "inputs": n_inputs,
+        "stage_fingerprints": fingerprints,
+        "inputs": len(input_keys),
+        "duplicate_inputs": n_listed - len(input_keys),
+        "scored_now": int(len(todo)),
+        "includes_runs": includes,
+        "reuse": plan.describe() if plan else None,
+        "stages_run": [c.__name__ for c in MODEL_STAGES if c.__name__ not in omit] if len(todo) else [],
         "counts": counts,
         "started_at": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "wall_seconds": round(elapsed, 3),
-        "images_per_second": round(n_inputs / elapsed, 3) if elapsed > 0 else None,
-        "stages": stage_stats(scored),
-        "output": {"manifest": manifest.manifest_uri(cfg.output.uri),
-                   "run": manifest.run_uri(cfg.output.uri, run_id)},
+        "images_per_second": round(len(todo) / elapsed, 3) if elapsed > 0 else None,
+        "stages": stats,
+        "output": {"manifest": manifest.manifest_uri(out), "run": manifest.run_uri(out, run_id)},
         "config": to_dict(cfg),
     }
-    manifest.commit(cfg.output.uri, run_id, summary, cfg.storage)
+    manifest.commit(out, run_id, summary, storage)
     try:  # the report only views the committed run: its failure must never fail the run
         from cafi import report
 
-        report.write_report(manifest.run_uri(cfg.output.uri, run_id), storage=cfg.storage)
+        report.write_report(manifest.run_uri(out, run_id), storage=storage)
     except Exception as exc:  # noqa: BLE001 - logged, never raised
         log.warning("cafi run %s is committed, but its report was not written: %s", run_id, exc)
     return summary

@@ -5,15 +5,16 @@ actor pool); `resources()` says what each one asks Ray for. Every stage passes r
 cannot work on through untouched, so each input leaves exactly one row.
 
 Batch columns, in order of appearance:
-  uri, status ("ok" while in flight, then "scored" | "no_face" | "error"), error,
-  width, height, image (N,S,S,3 uint8) -> det_score, aligned (N,112,112,3) ->
-  mask_fraction (image becomes the masked face) -> serfiq_raw, serfiq -> dbcnn ->
-  accepted, decision, reject_reason, cafi, model_version, run_id, scored_at.
+  uri [+ prev_* reuse columns, see cafi/reuse.py], status ("ok" while in flight, then
+  "scored" | "no_face" | "error"), error, width, height, image (N,S,S,3 uint8)
+  -> det_score, landmarks (N,10) -> mask_fraction (image becomes the masked face)
+  -> serfiq_raw -> dbcnn -> decide: serfiq, cafi, accepted, decision, reject_reason, ...
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -21,36 +22,52 @@ import pyarrow as pa
 
 from cafi import imaging
 from cafi.config import DecisionConfig, ImageConfig, JobConfig, StageConfig, StorageConfig, from_dict
+from cafi.decision import ERROR, NO_FACE, OK, SCORED, reject_reasons, rescale_serfiq
 from cafi.manifest import SCHEMA
+from cafi.reuse import reused
 from cafi.storage import filesystem, protocol_of
 
-OK, SCORED, NO_FACE, ERROR = "ok", "scored", "no_face", "error"
 OUTPUT_COLUMNS = tuple(SCHEMA.names)
 
 
-def _nan(n: int) -> np.ndarray:
-    return np.full(n, np.nan, dtype=np.float32)
+def _nan(n: int, *shape: int) -> np.ndarray:
+    return np.full((n, *shape), np.nan, dtype=np.float32)
 
 
 # ---------------------------------------------------------------- read + decode (CPU tasks)
 
+READ_ATTEMPTS = 4
+
+
 def read_bytes(uris: list[str], storage) -> list[bytes | Exception]:
-    """Fetch objects concurrently per filesystem; a failure becomes that item's exception."""
+    """Fetch objects concurrently per filesystem; a failure becomes that item's exception.
+
+    Failures other than "not found" are retried with backoff on top of the client's own
+    retries: object stores throttle and drop connections under load.
+    """
     by_proto: dict[str, list[int]] = defaultdict(list)
     for i, uri in enumerate(uris):
         by_proto[protocol_of(uri)].append(i)
     out: list[bytes | Exception] = [b""] * len(uris)
     for _, idx in by_proto.items():
         fs, _ = filesystem(uris[idx[0]], storage)
-        paths = [filesystem(uris[i], storage)[1] for i in idx]
-        try:
-            got = fs.cat(paths, on_error="return")
-        except Exception as exc:  # noqa: BLE001 - the whole call failed: every item gets the reason
-            got = {p: exc for p in paths}
-        if not isinstance(got, dict):
-            got = {paths[0]: got}
-        for i, p in zip(idx, paths, strict=True):
-            out[i] = got.get(p, FileNotFoundError(p))
+        pending = {filesystem(uris[i], storage)[1]: i for i in idx}
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                got = fs.cat(list(pending), on_error="return")
+            except Exception as exc:  # noqa: BLE001 - the whole call failed: every item gets the reason
+                got = {p: exc for p in pending}
+            if not isinstance(got, dict):
+                got = {next(iter(pending)): got}
+            retry = {}
+            for p, i in pending.items():
+                out[i] = got.get(p, FileNotFoundError(p))
+                if isinstance(out[i], Exception) and not isinstance(out[i], FileNotFoundError):
+                    retry[p] = i
+            if not retry or attempt == READ_ATTEMPTS - 1:
+                break
+            pending = retry
+            time.sleep(0.2 * 2**attempt)
     return out
 
 
@@ -61,16 +78,26 @@ def _read_error(exc: Exception) -> str:
 
 
 def read_decode(batch: dict, cfg: dict) -> dict:
-    """uri -> image, width, height, status, error. CPU only; runs as plain Ray tasks."""
+    """uri -> image, width, height, status, error. CPU only; runs as plain Ray tasks.
+
+    Rows whose every score is reused from an earlier version are not read at all.
+    """
     image_cfg, storage = ImageConfig(**cfg["image"]), StorageConfig(**cfg["storage"])
     uris = [str(u) for u in batch["uri"]]
     n, size = len(uris), image_cfg.crop_size
-    images = np.zeros((n, size, size, 3), dtype=np.uint8)
-    status = np.full(n, OK, dtype=object)
-    error = np.full(n, "", dtype=object)  # "" in flight: an all-null column would lose its string type
-    width = np.zeros(n, dtype=np.int32)
-    height = np.zeros(n, dtype=np.int32)
-    for i, data in enumerate(read_bytes(uris, storage)):
+    batch["image"] = images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    batch["status"] = status = np.full(n, OK, dtype=object)
+    batch["error"] = error = np.full(n, "", dtype=object)  # "" in flight: an all-null column loses its type
+    batch["width"] = width = np.zeros(n, dtype=np.int32)
+    batch["height"] = height = np.zeros(n, dtype=np.int32)
+    need = np.ones(n, dtype=bool)
+    if "prev_needs_pixels" in batch:  # every score of these rows comes from an earlier version
+        need = batch["prev_needs_pixels"].astype(bool)
+        width[~need], height[~need] = batch["prev_width"][~need], batch["prev_height"][~need]
+        was_error = ~need & (batch["prev_status"] == ERROR)
+        status[was_error], error[was_error] = ERROR, batch["prev_error"][was_error]
+    todo = np.flatnonzero(need)
+    for i, data in zip(todo, read_bytes([uris[i] for i in todo], storage), strict=True):
         if isinstance(data, Exception):
             status[i], error[i] = ERROR, _read_error(data)
             continue
@@ -80,8 +107,8 @@ def read_decode(batch: dict, cfg: dict) -> dict:
             status[i], error[i] = ERROR, dec.error
         else:
             images[i] = dec.image
-    return {"uri": np.asarray(uris, dtype=object), "status": status, "error": error,
-            "width": width, "height": height, "image": images}
+    batch["uri"] = np.asarray(uris, dtype=object)
+    return batch
 
 
 # ---------------------------------------------------------------- model stages (actors)
@@ -90,6 +117,7 @@ class ModelStage:
     """Base: builds the device from config, runs `process` on the rows still in flight."""
 
     config_key = ""
+    reuse_stage = ""  # the version.py stage whose earlier results this stage can take over
 
     def __init__(self, cfg: dict):
         from cafi.models.runtime import configure_torch, pick_device
@@ -120,16 +148,26 @@ class ModelStage:
     def load(self) -> None:
         raise NotImplementedError
 
-    def process(self, batch: dict, rows: np.ndarray) -> None:
+    @classmethod
+    def init_columns(cls, batch: dict, n: int) -> None:
         raise NotImplementedError
 
-    def init_columns(self, batch: dict, n: int) -> None:
+    @classmethod
+    def take_over(cls, batch: dict, rows: np.ndarray) -> None:
+        """Copy this stage's results of an earlier version into `rows`."""
+        raise NotImplementedError
+
+    def process(self, batch: dict, rows: np.ndarray) -> None:
         raise NotImplementedError
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["uri"])
         self.init_columns(batch, n)
-        rows = np.flatnonzero(batch["status"] == OK)
+        live = batch["status"] == OK
+        taken = live & reused(batch, self.reuse_stage)
+        if taken.any():
+            self.take_over(batch, np.flatnonzero(taken))
+        rows = np.flatnonzero(live & ~taken & (batch["status"] == OK))
         if len(rows):
             self.process(batch, rows)
         return batch
@@ -141,9 +179,9 @@ class ModelStage:
 
 
 class Detect(ModelStage):
-    """RetinaFace: best face per crop; aligned 112x112 face for SER-FIQ. No face -> status no_face."""
+    """RetinaFace: best face per crop and its 5 landmarks. No face -> status no_face."""
 
-    config_key = "detector"
+    config_key, reuse_stage = "detector", "detect"
 
     def load(self) -> None:
         from cafi.models.registry import checkpoint
@@ -154,28 +192,32 @@ class Detect(ModelStage):
         if d.align != "none":
             self.detector = FaceDetector(d.arch, checkpoint("detector", d.arch, d.weights), **self._common())
 
-    def init_columns(self, batch: dict, n: int) -> None:
+    @classmethod
+    def init_columns(cls, batch: dict, n: int) -> None:
         batch["det_score"] = _nan(n)
-        batch["aligned"] = np.zeros((n, 112, 112, 3), dtype=np.uint8)
+        batch["landmarks"] = _nan(n, 10)
+
+    @classmethod
+    def take_over(cls, batch: dict, rows: np.ndarray) -> None:
+        batch["det_score"][rows] = batch["prev_det_score"][rows]
+        batch["landmarks"][rows] = batch["prev_landmarks"][rows]
+        gone = rows[batch["prev_status"][rows] == NO_FACE]
+        batch["status"][gone] = NO_FACE
 
     def process(self, batch: dict, rows: np.ndarray) -> None:
-        from cafi.faces.align import align_faces, resize_aligned
-
-        images = batch["image"][rows]
         if self.detector is None:  # align: none -- crops are already aligned faces
-            batch["aligned"][rows] = resize_aligned(images)
             return
-        det = self.detector(images)
+        det = self.detector(batch["image"][rows])
         found = det.score >= self.cfg.models.detector.conf_threshold
         batch["det_score"][rows] = det.score
-        batch["aligned"][rows] = align_faces(images, det.landmarks, found)
+        batch["landmarks"][rows] = det.landmarks.reshape(len(rows), 10)
         batch["status"][rows[~found]] = NO_FACE
 
 
 class Mask(ModelStage):
     """Face parsing: background replaced by the fill colour; face area fraction."""
 
-    config_key = "parser"
+    config_key, reuse_stage = "parser", "parse"
 
     def load(self) -> None:
         from cafi.models.face_parsing import FaceMasker
@@ -185,8 +227,13 @@ class Mask(ModelStage):
         self.masker = FaceMasker(p.arch, checkpoint("parser", p.arch, p.weights), face_labels=list(p.face_labels),
                                  fill=list(p.fill), input_size=p.input_size, **self._common())
 
-    def init_columns(self, batch: dict, n: int) -> None:
+    @classmethod
+    def init_columns(cls, batch: dict, n: int) -> None:
         batch["mask_fraction"] = _nan(n)
+
+    @classmethod
+    def take_over(cls, batch: dict, rows: np.ndarray) -> None:
+        batch["mask_fraction"][rows] = batch["prev_mask_fraction"][rows]
 
     def process(self, batch: dict, rows: np.ndarray) -> None:
         masked, fraction = self.masker(batch["image"][rows])
@@ -195,7 +242,9 @@ class Mask(ModelStage):
 
 
 class SerFiqStage(ModelStage):
-    config_key = "serfiq"
+    """SER-FIQ on the face aligned from the detector's landmarks (or the crop itself with align: none)."""
+
+    config_key, reuse_stage = "serfiq", "serfiq"
 
     def load(self) -> None:
         from cafi.models.registry import checkpoint
@@ -205,18 +254,28 @@ class SerFiqStage(ModelStage):
         self.model = SerFiq(checkpoint("serfiq", "arcface_ir_se50", s.weights), samples=s.samples,
                             dropout=s.dropout, alpha=s.alpha, r=s.r, seed=s.seed, **self._common())
 
-    def init_columns(self, batch: dict, n: int) -> None:
+    @classmethod
+    def init_columns(cls, batch: dict, n: int) -> None:
         batch["serfiq_raw"] = _nan(n)
-        batch["serfiq"] = _nan(n)
+
+    @classmethod
+    def take_over(cls, batch: dict, rows: np.ndarray) -> None:
+        batch["serfiq_raw"][rows] = batch["prev_serfiq_raw"][rows]
 
     def process(self, batch: dict, rows: np.ndarray) -> None:
-        raw, scaled = self.model(batch["aligned"][rows])
+        from cafi.faces.align import align_faces, resize_aligned
+
+        images = batch["image"][rows]
+        if self.cfg.models.detector.align == "none":
+            faces = resize_aligned(images)
+        else:
+            faces = align_faces(images, batch["landmarks"][rows].reshape(-1, 5, 2), np.ones(len(rows), bool))
+        raw, _ = self.model(faces)
         batch["serfiq_raw"][rows] = raw
-        batch["serfiq"][rows] = scaled
 
 
 class DbcnnStage(ModelStage):
-    config_key = "dbcnn"
+    config_key, reuse_stage = "dbcnn", "dbcnn"
 
     def load(self) -> None:
         from cafi.models.dbcnn import DbcnnScorer
@@ -224,8 +283,13 @@ class DbcnnStage(ModelStage):
 
         self.model = DbcnnScorer(checkpoint("dbcnn", "dbcnn", self.cfg.models.dbcnn.weights), **self._common())
 
-    def init_columns(self, batch: dict, n: int) -> None:
+    @classmethod
+    def init_columns(cls, batch: dict, n: int) -> None:
         batch["dbcnn"] = _nan(n)
+
+    @classmethod
+    def take_over(cls, batch: dict, rows: np.ndarray) -> None:
+        batch["dbcnn"][rows] = batch["prev_dbcnn"][rows]
 
     def process(self, batch: dict, rows: np.ndarray) -> None:
         batch["dbcnn"][rows] = self.model(batch["image"][rows])
@@ -235,16 +299,17 @@ MODEL_STAGES = (Detect, Mask, SerFiqStage, DbcnnStage)
 
 
 class FusedModels:
-    """All four model stages in one actor: no object-store hop between them."""
+    """The model stages in one actor: no object-store hop between them."""
 
-    def __init__(self, cfg: dict):
-        self.stages = [cls(cfg) for cls in MODEL_STAGES]
+    def __init__(self, cfg: dict, stages: list[str] | None = None):
+        names = stages or [cls.__name__ for cls in MODEL_STAGES]
+        self.stages = [cls(cfg) for cls in MODEL_STAGES if cls.__name__ in names]
 
     @staticmethod
-    def resources(cfg: JobConfig) -> dict:
+    def resources(cfg: JobConfig, stages=MODEL_STAGES) -> dict:
         from ray.data import ActorPoolStrategy
 
-        sts = [cls.stage_config(cfg) for cls in MODEL_STAGES]
+        sts = [cls.stage_config(cfg) for cls in stages]
         return {
             "batch_size": min(s.batch_size for s in sts),
             "num_cpus": max(s.num_cpus for s in sts),
@@ -259,36 +324,41 @@ class FusedModels:
         return batch
 
 
+def take_over_only(batch: dict, stages: list[str]) -> dict:
+    """Stages left out of the pipeline because every row reuses their results: copy the results
+    over without loading any model (a CPU task)."""
+    n = len(batch["uri"])
+    for cls in MODEL_STAGES:
+        if cls.__name__ in stages:
+            cls.init_columns(batch, n)
+            cls.take_over(batch, np.flatnonzero((batch["status"] == OK) & reused(batch, cls.reuse_stage)))
+    return batch
+
+
 # ---------------------------------------------------------------- decision (CPU, cheap)
 
-def decide(batch: dict, cfg: dict, model_version: str, run_id: str) -> dict:
-    """CAFI decision: keep or reject with a reason; drops the pixel columns."""
+def decide(batch: dict, cfg: dict, model_version: str, run_id: str) -> pa.Table:
+    """CAFI decision: keep or reject with a reason. Returns the manifest rows (no pixels)."""
     d = DecisionConfig(**cfg["decision"])
     n = len(batch["uri"])
     status = batch["status"].astype(object)
-    reason = np.full(n, None, dtype=object)
-    ok = status == OK
-    reason[status == ERROR] = "error"
-    reason[status == NO_FACE] = "no_face"
-    serfiq, frac, dbcnn = batch["serfiq"], batch["mask_fraction"], batch["dbcnn"]
-    with np.errstate(invalid="ignore"):
-        checks = [(serfiq < d.min_serfiq, "unrecognisable"), (frac < d.min_mask_fraction, "face_too_small")]
-        if d.min_dbcnn is not None:
-            checks.append((dbcnn < d.min_dbcnn, "low_quality"))
-    for failed, why in checks:
-        reason[ok & failed & (reason == None)] = why  # noqa: E711 - elementwise on object array
-    status[ok] = SCORED
-    accepted = ok & (reason == None)  # noqa: E711
-    cafi = np.where(accepted, dbcnn, np.nan).astype(np.float32)
-    now = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
-    out = {k: batch[k] for k in ("uri", "width", "height", "det_score", "mask_fraction", "serfiq",
-                                 "serfiq_raw", "dbcnn")}
-    out.update(
-        error=np.array([e if e else None for e in batch["error"]], dtype=object),
-        status=status, cafi=cafi, accepted=accepted.astype(bool), reject_reason=reason,
-        decision=np.where(accepted, "accepted", "rejected").astype(object),
-        model_version=np.full(n, model_version, dtype=object), run_id=np.full(n, run_id, dtype=object),
-        scored_at=np.full(n, np.datetime64(now, "us")),
-    )
+    serfiq = rescale_serfiq(batch["serfiq_raw"], cfg["models"]["serfiq"]["alpha"], cfg["models"]["serfiq"]["r"])
+    frac, dbcnn = batch["mask_fraction"], batch["dbcnn"]
+    reason = reject_reasons(status, serfiq, frac, dbcnn, d)
+    accepted = (status == OK) & (reason == None)  # noqa: E711
+    status[status == OK] = SCORED
+    now = np.datetime64(_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None), "us")
+    landmarks = np.asarray(batch["landmarks"], dtype=np.float32).reshape(n, 10)
+    cols = {
+        "uri": batch["uri"], "status": status,
+        "error": np.array([e if e else None for e in batch["error"]], dtype=object),
+        "width": batch["width"], "height": batch["height"], "det_score": batch["det_score"],
+        "landmarks": pa.FixedSizeListArray.from_arrays(pa.array(landmarks.reshape(-1), pa.float32()), 10),
+        "mask_fraction": frac, "serfiq": serfiq, "serfiq_raw": batch["serfiq_raw"], "dbcnn": dbcnn,
+        "cafi": np.where(accepted, dbcnn, np.nan).astype(np.float32), "accepted": accepted.astype(bool),
+        "decision": np.where(accepted, "accepted", "rejected").astype(object), "reject_reason": reason,
+        "model_version": np.full(n, model_version, dtype=object), "run_id": np.full(n, run_id, dtype=object),
+        "scored_at": np.full(n, now),
+    }
     # An explicit schema: a block whose rows are all null in a column keeps the column's type.
-    return pa.Table.from_pydict({k: out[k] for k in OUTPUT_COLUMNS}, schema=SCHEMA)
+    return pa.Table.from_pydict({k: cols[k] for k in OUTPUT_COLUMNS}, schema=SCHEMA)

@@ -26,7 +26,8 @@ def storage_options(uri: str, cfg: StorageConfig | None) -> dict:
     """fsspec options for a URI; only endpoint and region, never credentials."""
     proto = protocol_of(uri)
     opts: dict = {}
-    if proto in ("s3", "s3a") and cfg is not None:
+    cfg = cfg if cfg is not None else StorageConfig()
+    if proto in ("s3", "s3a"):
         endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             opts["endpoint_url"] = endpoint
@@ -34,7 +35,7 @@ def storage_options(uri: str, cfg: StorageConfig | None) -> dict:
             opts["client_kwargs"] = {"region_name": cfg.region}
         if cfg.anon:
             opts["anon"] = True
-    elif proto in ("gs", "gcs") and cfg is not None and cfg.anon:
+    elif proto in ("gs", "gcs") and cfg.anon:
         opts["token"] = "anon"
     return opts
 

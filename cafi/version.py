@@ -21,7 +21,9 @@ def stage_settings(cfg: JobConfig) -> dict[str, dict]:
     par = checkpoint("parser", m.parser.arch, m.parser.weights)
     rec = checkpoint("serfiq", "arcface_ir_se50", m.serfiq.weights)
     iqa = checkpoint("dbcnn", "dbcnn", m.dbcnn.weights)
-    common = {"crop_size": cfg.image.crop_size, "precision": m.precision}
+    # Image limits decide which inputs are error rows; crop size and precision change every score.
+    common = {"crop_size": cfg.image.crop_size, "precision": m.precision, "min_side": cfg.image.min_side,
+              "max_pixels": cfg.image.max_pixels, "max_bytes": cfg.image.max_bytes}
     detect = {**common, "align": m.detector.align}
     if m.detector.align != "none":
         detect.update(arch=m.detector.arch, sha256=det.sha256, conf_threshold=m.detector.conf_threshold)
@@ -30,10 +32,11 @@ def stage_settings(cfg: JobConfig) -> dict[str, dict]:
         "parse": {**common, "arch": m.parser.arch, "sha256": par.sha256, "labels": list(m.parser.face_labels),
                   "fill": list(m.parser.fill), "input_size": m.parser.input_size},
         "serfiq": {"sha256": rec.sha256, "samples": m.serfiq.samples, "dropout": m.serfiq.dropout,
-                   "seed": m.serfiq.seed, "alpha": m.serfiq.alpha, "r": m.serfiq.r},
+                   "seed": m.serfiq.seed},
         "dbcnn": {"sha256": iqa.sha256},
+        # The SER-FIQ rescaling is applied at decision time: changing alpha or r runs no model.
         "decide": {"min_serfiq": cfg.decision.min_serfiq, "min_mask_fraction": cfg.decision.min_mask_fraction,
-                   "min_dbcnn": cfg.decision.min_dbcnn},
+                   "min_dbcnn": cfg.decision.min_dbcnn, "alpha": m.serfiq.alpha, "r": m.serfiq.r},
     }
 
 

@@ -34,7 +34,8 @@ def synth_config(synth_dir) -> str:
 
 @pytest.fixture(scope="session")
 def fast_config(tmp_path_factory, synth_dir) -> str:
-    """Synthetic weights plus the small detector and few SER-FIQ samples: keeps CPU tests quick."""
+    """Synthetic weights, the small detector, 128-pixel crops and few SER-FIQ samples: the real
+    architectures and code paths at a size that keeps CPU tests quick."""
     from cafi.synth import synth
 
     d = str(tmp_path_factory.mktemp("fast"))
@@ -42,7 +43,9 @@ def fast_config(tmp_path_factory, synth_dir) -> str:
     extra = os.path.join(d, "fast.yaml")
     with open(extra, "w") as fh:
         fh.write(
+            "image:\n  crop_size: 128\n"
             "models:\n  serfiq:\n    samples: 8\n    r: 0.54\n"
+            "  parser:\n    input_size: 128\n"
             "  dbcnn:\n    batch_size: 4\n"
             "ray:\n  progress_bars: false\n"
             "decision:\n  min_serfiq: 0.5\n"

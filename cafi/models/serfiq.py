@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cafi.decision import rescale_serfiq
 from cafi.models import arcface
 from cafi.models.registry import published
 from cafi.models.runtime import autocast, to_input
@@ -39,7 +40,7 @@ def rescale(q: torch.Tensor | np.ndarray, alpha: float, r: float):
     """The reference implementation's spread of the raw score: 1/(1+exp(-alpha*(q-r)))."""
     if isinstance(q, torch.Tensor):
         return torch.sigmoid(alpha * (q - r))
-    return 1.0 / (1.0 + np.exp(-alpha * (np.asarray(q, dtype=np.float64) - r)))
+    return rescale_serfiq(q, alpha, r)
 
 
 class SerFiq:

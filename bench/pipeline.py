@@ -1,0 +1,298 @@
+"""End to end: the cafi Ray Data job against the per-image notebook loop, on the same crops and weights.
+
+Measured in one run, on N sample crops and the same synthetic weights (published formats):
+  loop      the original team's notebook: for each file, one image at a time -- read, decode,
+            detect (batch of 1), align, SER-FIQ as T full forward passes of IR-SE50 with the
+            dropout masks (the reference method), parse + mask, DBCNN; torch on all threads.
+            Models are loaded and warmed up before the clock starts.
+  stages    each cafi stage alone on the same N crops at its configured batch size, all threads
+            (bench/stages.py); their sum is the pipeline's compute, for the overhead ratio.
+  cafi      `cafi.pipeline.run` on an embedded local Ray, once per configuration (--configs);
+            end-to-end wall time of run(): listing, actor start-up and model loading, scoring,
+            Parquet write, counts, commit.
+
+    python bench/pipeline.py [--n 16] [--loop-n 4] [--configs default,local,fused-t2,...]
+                             [--detector retinaface_resnet50] [--parser bisenet] [key=value ...]
+
+The loop's cost per image does not depend on N (nothing is amortised), so it runs on the first
+--loop-n crops only (0 = all N) and the speedup is a ratio of seconds per image. CPU seconds
+(user+system of the driver and every Ray process it started) are printed beside wall seconds:
+they are far less sensitive to other load on the machine. The last line reads
+`pipeline speedup vs per-image loop: <ratio>x` for the first configuration in --configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import stages as bench  # noqa: E402  (bench/stages.py: shared helpers)
+import torch  # noqa: E402
+
+from cafi.config import load_config  # noqa: E402
+
+MODELS = ("detector", "parser", "serfiq", "dbcnn")
+
+
+def _all(key: str, value) -> list[str]:
+    return [f"models.{m}.{key}={value}" for m in MODELS]
+
+
+# name -> (extra config files, overrides, what it is)
+PRESETS: dict[str, tuple[list[str], list[str], str]] = {
+    "default": ([], [], "library defaults: 4 actor pools, num_cpus 0.25, 1 torch thread each"),
+    "local": (["configs/local.yaml"], [], "configs/local.yaml: fused, num_cpus 1, 1 torch thread"),
+    "fused-t2": ([], ["ray.fuse_models=true", *_all("num_cpus", 1), *_all("torch_threads", 2)],
+                 "fused, 1 actor, num_cpus 1, 2 torch threads"),
+    "fused-2x1": ([], ["ray.fuse_models=true", *_all("num_cpus", 0.75), *_all("min_actors", 2),
+                       *_all("max_actors", 2), *_all("torch_threads", 1)],
+                  "fused, 2 actors, num_cpus 0.75, 1 torch thread each"),
+    "pools-t2": ([], _all("torch_threads", 2), "4 actor pools, num_cpus 0.25, 2 torch threads each"),
+    "pools-c0.5": ([], _all("num_cpus", 0.5), "4 actor pools, num_cpus 0.5, 1 torch thread each"),
+}
+DEFAULT_CONFIGS = "default,local,fused-t2,fused-2x1,pools-t2"
+
+
+# ---------------------------------------------------------------- (a) the per-image loop
+
+class Replay(torch.nn.Module):
+    """nn.Dropout with given keep masks (one per batch row): replays cafi's masks through full passes."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p, self.keep = p, None
+
+    def forward(self, v):
+        return v * self.keep / (1 - self.p)
+
+
+class NotebookLoop:
+    """The per-image reference: models loaded once, then one image at a time through everything."""
+
+    def __init__(self, cfg, reference: str):
+        from cafi.models.dbcnn import DbcnnScorer
+        from cafi.models.face_parsing import FaceMasker
+        from cafi.models.registry import checkpoint, published
+        from cafi.models.retinaface import FaceDetector
+        from cafi.models.serfiq import SerFiq
+
+        m, cpu = cfg.models, torch.device("cpu")
+        self.cfg, self.reference, self.record = cfg, reference, published("arcface_ir_se50")
+        self.detector = FaceDetector(m.detector.arch, checkpoint("detector", m.detector.arch, m.detector.weights),
+                                     m.cache_dir, cpu)
+        s = m.serfiq
+        serfiq = SerFiq(checkpoint("serfiq", "arcface_ir_se50", s.weights), m.cache_dir, cpu, samples=s.samples,
+                        dropout=s.dropout, alpha=s.alpha, r=s.r, seed=s.seed)
+        self.serfiq, self.net, self.masks = serfiq, serfiq.net, serfiq.masks  # the same net and masks as cafi
+        self.replay = Replay(s.dropout)
+        self.net.output_layer[1] = self.replay
+        p = m.parser
+        self.masker = FaceMasker(p.arch, checkpoint("parser", p.arch, p.weights), m.cache_dir, cpu,
+                                 face_labels=list(p.face_labels), fill=list(p.fill), input_size=p.input_size)
+        self.dbcnn = DbcnnScorer(checkpoint("dbcnn", "dbcnn", m.dbcnn.weights), m.cache_dir, cpu)
+
+    @torch.inference_mode()
+    def serfiq_full(self, face: np.ndarray) -> float:
+        """Raw SER-FIQ of one aligned face from T complete forward passes."""
+        from cafi.models.runtime import to_input
+        from cafi.models.serfiq import quality_from_embeddings
+
+        x = to_input(face[None], torch.device("cpu"), self.record).contiguous()
+        t = self.masks.shape[0]
+        if self.reference == "batched":  # the T passes as one batch of T copies
+            self.replay.keep = self.masks.view(t, 512, 7, 7)
+            emb = self.net(x.expand(t, -1, -1, -1).contiguous())
+        else:  # T passes one after another
+            embs = []
+            for i in range(t):
+                self.replay.keep = self.masks[i].view(1, 512, 7, 7)
+                embs.append(self.net(x))
+            emb = torch.cat(embs)
+        return float(quality_from_embeddings(emb[None])[0])
+
+    def score(self, path: str) -> dict:
+        from cafi import imaging
+        from cafi.faces.align import align_faces
+
+        with open(path, "rb") as fh:
+            data = fh.read()
+        dec = imaging.decode(data, self.cfg.image)
+        if dec.error:
+            return {"status": "error"}
+        img = dec.image[None].copy()
+        det = self.detector(img)
+        found = det.score >= self.cfg.models.detector.conf_threshold
+        if not found[0]:
+            return {"status": "no_face", "det_score": float(det.score[0])}
+        aligned = align_faces(img, det.landmarks, found)
+        raw = self.serfiq_full(aligned[0])
+        masked, fraction = self.masker(img)
+        return {"status": "scored", "det_score": float(det.score[0]), "serfiq_raw": raw,
+                "mask_fraction": float(fraction[0]), "dbcnn": float(self.dbcnn(masked)[0])}
+
+    def check(self, path: str) -> float:
+        """|T full passes - cafi's head-only| of raw SER-FIQ on one face: the two compute the same thing."""
+        from cafi import imaging
+        from cafi.faces.align import align_faces
+
+        with open(path, "rb") as fh:
+            img = imaging.decode(fh.read(), self.cfg.image).image[None].copy()
+        det = self.detector(img)
+        aligned = align_faces(img, det.landmarks, np.ones(1, bool))
+        return abs(self.serfiq_full(aligned[0]) - float(self.serfiq(aligned)[0][0]))
+
+    def run(self, paths: list[str]) -> tuple[float, float, dict]:
+        self.score(paths[0])  # warm-up, untimed: generous to the loop
+        out = {}
+        t, c = time.perf_counter(), time.process_time()
+        for path in paths:
+            out[path] = self.score(path)
+        return time.perf_counter() - t, time.process_time() - c, out
+
+
+# ---------------------------------------------------------------- (b) the cafi job
+
+def run_cafi(name: str, weights_cfg: str, paths: list[str], d: str, extra: list[str]) -> dict:
+    from cafi import pipeline
+
+    files, overrides, _ = PRESETS[name]
+    out = os.path.join(d, f"out-{name}")
+    cfg = load_config([weights_cfg, *[os.path.join(bench.ROOT, f) for f in files]],
+                      [f"input.uri={os.path.dirname(paths[0])}", f"output.uri={out}", *bench.base_overrides(d),
+                       *overrides, *extra])
+    with bench.ProcessTree() as tree:
+        t = time.perf_counter()
+        summary = pipeline.run(cfg)
+        wall = time.perf_counter() - t
+    return {"name": name, "wall": wall, "cpu": tree.self_cpu + tree.children_cpu(), "summary": summary,
+            "scores": read_scores(out)}
+
+
+def read_scores(out: str) -> dict:
+    import pyarrow.dataset as pds
+
+    table = pds.dataset(os.path.join(out, "manifest"), format="parquet", partitioning="hive").to_table(
+        columns=["uri", "status", "det_score", "serfiq_raw", "mask_fraction", "dbcnn"])
+    return {os.path.basename(row.pop("uri")): row for row in table.to_pylist()}
+
+
+def compare(loop: dict, cafi: dict) -> str:
+    diffs: dict[str, float] = {}
+    for path, ref in loop.items():
+        got = cafi.get(os.path.basename(path)) or {}
+        for key, value in ref.items():
+            if key != "status" and got.get(key) is not None:
+                diffs[key] = max(diffs.get(key, 0.0), abs(value - got[key]))
+    return ", ".join(f"{k} {v:.2g}" for k, v in diffs.items()) or "no common rows"
+
+
+def operator_table(summary: dict) -> str:
+    ops = (summary.get("stages") or {}).get("operators") or []
+    lines = [f"    {'operator':<58} {'wall s':>7} {'rows':>5} {'rows/s':>7}"]
+    for op in ops:
+        lines.append(f"    {op['operator'][:58]:<58} {op['wall_seconds']:>7.2f} {op.get('rows', 0):>5} "
+                     f"{op.get('rows_per_second', 0):>7.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16, help="crops scored by cafi and by each stage alone")
+    ap.add_argument("--loop-n", type=int, default=4, help="crops run through the per-image loop (0 = all N)")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {', '.join(PRESETS)}")
+    ap.add_argument("--detector", default="retinaface_resnet50")
+    ap.add_argument("--parser", default="bisenet")
+    ap.add_argument("--reference", choices=("batched", "sequential"), default="batched",
+                    help="SER-FIQ reference: the T full passes as one batch of T copies (faster on this CPU) "
+                         "or one pass after another")
+    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the embedded Ray")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the loop and the stages")
+    ap.add_argument("--skip-loop", action="store_true")
+    ap.add_argument("--stats", action="store_true", help="print Ray Data's full ds.stats() of each configuration")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for every configuration")
+    args = ap.parse_args()
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in PRESETS]
+    if unknown:
+        ap.error(f"unknown configurations {unknown}; known: {list(PRESETS)}")
+
+    import ray
+
+    torch.set_num_threads(args.threads)
+    print(bench.machine_line(args.threads), flush=True)
+    with tempfile.TemporaryDirectory(prefix="cafi-bench-") as d:
+        weights_cfg, paths = bench.setup(d, args.n, args.detector, args.parser)
+        cfg = load_config([weights_cfg], [f"input.uri={os.path.dirname(paths[0])}", f"output.uri={d}/out",
+                                          *bench.base_overrides(d), *args.overrides])
+        m = cfg.models
+        print(f"{args.n} crops (sizes 200-512, JPEG/PNG, degraded); crop {cfg.image.crop_size}; detector "
+              f"{m.detector.arch}, parser {m.parser.arch}@{m.parser.input_size}, SER-FIQ T={m.serfiq.samples}, "
+              f"DBCNN; synthetic weights; Ray num_cpus={args.cpus}", flush=True)
+
+        # (a) the per-image loop
+        loop_paths = paths[: args.loop_n or args.n]
+        loop = None
+        if not args.skip_loop:
+            nb = NotebookLoop(cfg, args.reference)
+            torch.set_num_threads(args.threads)
+            wall, cpu, scores = nb.run(loop_paths)
+            check = nb.check(loop_paths[0])
+            del nb
+            loop = {"wall": wall / len(loop_paths), "cpu": cpu / len(loop_paths), "scores": scores}
+            print(f"\n(a) per-image loop ({args.reference} SER-FIQ reference), {len(loop_paths)} crops: "
+                  f"{loop['wall']:.2f} s/img wall, {loop['cpu']:.2f} CPU-s/img\n"
+                  f"    reference check: |T full passes - head-only| of raw SER-FIQ = {check:.2g}", flush=True)
+
+        # standalone stages at their configured batch sizes
+        rows = bench.measure(cfg, paths, args.threads)
+        compute = bench.model_seconds(rows)
+        print(f"\nstages alone, {args.threads} torch threads, configured batch sizes:\n{bench.stage_table(rows)}\n"
+              f"  sum: {compute:.2f} s = {compute / args.n:.3f} s/img = {args.n / compute:.2f} img/s", flush=True)
+
+        # (b) the cafi job, per configuration
+        ray.init(num_cpus=args.cpus, log_to_driver=False)
+        logging.getLogger("ray").setLevel(logging.ERROR)  # Ray Data's progress and advice lines
+        results = []
+        for name in configs:
+            r = run_cafi(name, weights_cfg, paths, d, args.overrides)
+            results.append(r)
+            s = r["summary"]
+            print(f"\n(b) cafi [{name}] {PRESETS[name][2]}\n"
+                  f"    {r['wall']:.2f} s end to end ({s['wall_seconds']:.2f} s in the Ray Data job) = "
+                  f"{args.n / r['wall']:.2f} img/s; {r['cpu'] / args.n:.2f} CPU-s/img; "
+                  f"overhead vs stages alone {r['wall'] / compute:.2f}x", flush=True)
+            if loop:
+                print(f"    vs loop: {loop['wall'] / (r['wall'] / args.n):.1f}x wall, "
+                      f"{loop['cpu'] / (r['cpu'] / args.n):.1f}x CPU; max |diff| vs loop: "
+                      f"{compare(loop['scores'], r['scores'])}", flush=True)
+            print(operator_table(s), flush=True)
+            if args.stats:
+                print((s.get("stages") or {}).get("ray_data_stats", ""), flush=True)
+        ray.shutdown()
+
+    print("\nsummary (wall, end to end):")
+    print(f"  {'configuration':<12} {'s':>7} {'img/s':>7} {'CPU-s/img':>9} {'/stages':>8} {'vs loop':>8}")
+    for r in results:
+        vs = f"{loop['wall'] / (r['wall'] / args.n):>7.1f}x" if loop else f"{'-':>8}"
+        print(f"  {r['name']:<12} {r['wall']:>7.2f} {args.n / r['wall']:>7.2f} {r['cpu'] / args.n:>9.2f} "
+              f"{r['wall'] / compute:>7.2f}x {vs}")
+    best = min(results, key=lambda r: r["wall"])
+    print(f"fastest configuration: {best['name']} ({args.n / best['wall']:.2f} img/s)")
+    head = results[0]
+    print(f"pipeline overhead vs stages alone [{head['name']}]: {head['wall'] / compute:.2f}x (target <= 1.3x)")
+    if loop:
+        print(f"pipeline speedup vs per-image loop: {loop['wall'] / (head['wall'] / args.n):.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Per stage: images/s of each stage alone, at its configured batch size, in one process.
+
+Each stage is the class (or function) the Ray job runs, called directly on batches of the
+same crops: read+decode, Detect (RetinaFace + align), Mask (face parsing), SER-FIQ
+(head-only), DBCNN, decide. Synthetic weights; torch threads set per measurement (1 is what
+an actor gets from the default `num_cpus: 0.25`; the machine's CPU count is what a notebook
+uses).
+
+    python bench/stages.py [--n 16] [--threads 1,2] [--detector retinaface_resnet50]
+                           [--parser bisenet] [--config extra.yaml ...] [key=value ...]
+
+Also the helpers the other benchmarks share (machine line, synthetic setup, measure()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import torch  # noqa: E402
+
+from cafi.config import load_config, to_dict  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def machine_line(threads: int | None = None) -> str:
+    import ray
+
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"machine: {os.cpu_count()} CPUs ({cpu}), load avg {load}; python {platform.python_version()}, "
+            f"torch {torch.__version__} ({threads or torch.get_num_threads()} threads), ray {ray.__version__}")
+
+
+def setup(directory: str, n: int, detector: str, parser: str, crop_sizes: bool = True) -> tuple[str, list[str]]:
+    """Synthetic weights (+ config) and `n` sample crops as files; returns (weights config, paths)."""
+    from cafi.samples import good_crops
+    from cafi.synth import synth
+
+    cfg_path = synth(os.path.join(directory, "weights"), detector=detector, parser=parser)
+    in_dir = os.path.join(directory, "in")
+    os.makedirs(in_dir, exist_ok=True)
+    paths = []
+    for name, data in sorted(good_crops(n).items()):
+        path = os.path.join(in_dir, name)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        paths.append(path)
+    return cfg_path, paths
+
+
+def base_overrides(directory: str) -> list[str]:
+    return [f"models.cache_dir={os.path.join(directory, 'cache')}", "ray.progress_bars=false"]
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user+system CPU seconds) of a live process, from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK  # ppid, utime + stime
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM (peak RSS) in bytes, from /proc/<pid>/status."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, value = line.split(":", 1)
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class ProcessTree:
+    """Polls this process's descendants (an embedded local Ray: GCS, raylet, workers) in a thread.
+
+    Keeps per process the last CPU seconds seen and the peak RSS (VmHWM), so processes that
+    exit during the run (Ray tears its actors down at the end) still count. CPU of a process
+    that exits between two polls is short by at most one poll interval.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        import threading
+
+        self.interval = interval
+        self.root = os.getpid()
+        self.cpu: dict[int, float] = {}
+        self.cpu0: dict[int, float] = {}
+        self.hwm: dict[int, int] = {}
+        self.rss: dict[int, int] = {}
+        self.name: dict[int, str] = {}
+        self.total_rss_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._started = False
+
+    def descendants(self) -> dict[int, float]:
+        stats = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                st = _proc_stat(int(entry))
+                if st is not None:
+                    stats[int(entry)] = st
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        out, todo = {}, list(children.get(self.root, []))
+        while todo:
+            pid = todo.pop()
+            out[pid] = stats[pid][1]
+            todo.extend(children.get(pid, []))
+        return out
+
+    def poll(self) -> None:
+        total = 0
+        for pid, cpu in self.descendants().items():
+            if pid not in self.cpu0 and not self._started:
+                self.cpu0[pid] = cpu  # alive before the measurement: count only what follows
+            self.cpu[pid] = cpu
+            st = _proc_status(pid)
+            self.hwm[pid] = max(self.hwm.get(pid, 0), st.get("VmHWM", 0))
+            self.rss[pid] = max(self.rss.get(pid, 0), st.get("VmRSS", 0))
+            total += st.get("VmRSS", 0)
+            if not self.name.get(pid, "").startswith("ray::") or self.name[pid].startswith("ray::IDLE"):
+                self.name[pid] = _cmdline(pid) or self.name.get(pid, "")
+        self.total_rss_peak = max(self.total_rss_peak, total)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def __enter__(self):
+        self.poll()
+        self._started = True
+        self._self_cpu0 = time.process_time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        self.self_cpu = time.process_time() - self._self_cpu0
+
+    def children_cpu(self) -> float:
+        return sum(cpu - self.cpu0.get(pid, 0.0) for pid, cpu in self.cpu.items())
+
+    def workers(self) -> dict[int, str]:
+        """Ray worker processes (their command line reads `ray::...`)."""
+        return {pid: name for pid, name in self.name.items() if name.startswith("ray::")}
+
+
+def driver_peak_rss() -> int:
+    return _proc_status(os.getpid()).get("VmHWM", 0)
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _take(batch: dict, sl: slice) -> dict:
+    return {k: v[sl].copy() for k, v in batch.items()}
+
+
+def _concat(parts: list[dict]) -> dict:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def measure(cfg, paths: list[str], threads: int, repeats: int = 1) -> list[dict]:
+    """Time each stage alone over all `paths`, in batches of its configured batch size.
+
+    The input of each stage is the output of the stages before it (computed once, untimed);
+    every stage gets a fresh copy of its input batch, since stages write into their batch.
+    A warm-up call on the first batch precedes each timing. Returns one dict per stage:
+    stage, batch_size, images, seconds (best of `repeats`), images_per_second.
+    """
+    from cafi import stages
+    from cafi.version import model_version
+
+    cfg_dict = to_dict(cfg)
+    n = len(paths)
+    rows: list[dict] = []
+
+    def timed(name: str, batch_size: int, fn, batches: list) -> list:
+        torch.set_num_threads(threads)
+        fn(copy.deepcopy(batches[0]))  # warm-up
+        outs: list = []
+
+        def once():
+            outs.clear()
+            for b in batches:
+                outs.append(fn(copy.deepcopy(b)))
+
+        t = best_of(once, repeats)
+        rows.append({"stage": name, "batch_size": batch_size, "images": n, "seconds": t,
+                     "images_per_second": n / t if t > 0 else float("inf")})
+        return list(outs)
+
+    uri_batches = [{"uri": np.asarray(paths[s], dtype=object)} for s in _batches(n, cfg.read.batch_size)]
+    decoded = _concat(timed("read+decode", cfg.read.batch_size,
+                            lambda b: stages.read_decode(b, cfg_dict), uri_batches))
+    batch = decoded
+    for cls in stages.MODEL_STAGES:
+        st = cls.stage_config(cfg)
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        stage = cls(cfg_dict)  # loads the model once, as an actor does
+        load = time.perf_counter() - t0
+        parts = [_take(batch, s) for s in _batches(n, st.batch_size)]
+        batch = _concat(timed(cls.__name__, st.batch_size, stage, parts))
+        rows[-1]["load_seconds"] = load
+        del stage
+    version = model_version(cfg)
+    parts = [_take(batch, s) for s in _batches(n, 256)]
+    timed("decide", 256, lambda b: stages.decide(b, cfg_dict, version, "bench"), parts)
+    return rows
+
+
+def stage_table(rows: list[dict]) -> str:
+    lines = [f"  {'stage':<14} {'batch':>5} {'images':>6} {'seconds':>8} {'img/s':>8} {'ms/img':>8} {'load s':>7}"]
+    for r in rows:
+        load = f"{r['load_seconds']:>7.2f}" if "load_seconds" in r else f"{'-':>7}"
+        lines.append(f"  {r['stage']:<14} {r['batch_size']:>5} {r['images']:>6} {r['seconds']:>8.2f} "
+                     f"{r['images_per_second']:>8.2f} {1000 * r['seconds'] / r['images']:>8.1f} {load}")
+    return "\n".join(lines)
+
+
+def model_seconds(rows: list[dict]) -> float:
+    return sum(r["seconds"] for r in rows)
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16, help="crops per stage")
+    ap.add_argument("--threads", default=f"1,{os.cpu_count()}", help="torch thread counts to measure, comma-separated")
+    ap.add_argument("--detector", default="retinaface_resnet50")
+    ap.add_argument("--parser", default="bisenet")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--config", action="append", default=[], help="extra config files, after the synthetic one")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. models.dbcnn.batch_size=4)")
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",") if t]
+
+    print(machine_line(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="cafi-bench-") as d:
+        cfg_path, paths = setup(d, args.n, args.detector, args.parser)
+        cfg = load_config([cfg_path, *args.config],
+                          [f"input.uri={os.path.dirname(paths[0])}", f"output.uri={d}/out",
+                           *base_overrides(d), *args.overrides])
+        print(f"{args.n} crops; detector {cfg.models.detector.arch}, parser {cfg.models.parser.arch} "
+              f"@{cfg.models.parser.input_size}, crop {cfg.image.crop_size}, SER-FIQ T={cfg.models.serfiq.samples}",
+              flush=True)
+        results = {}
+        for t in threads:
+            rows = measure(cfg, paths, t, args.repeats)
+            results[t] = rows
+            print(f"\ntorch threads = {t}\n{stage_table(rows)}\n  sum of stages: {model_seconds(rows):.2f} s "
+                  f"= {args.n / model_seconds(rows):.2f} img/s", flush=True)
+        if len(threads) > 1:
+            lo, hi = min(threads), max(threads)
+            print(f"\nspeedup of {hi} threads over {lo} thread(s), per stage:")
+            for a, b in zip(results[lo], results[hi], strict=True):
+                print(f"  {a['stage']:<14} {a['seconds'] / b['seconds']:.2f}x")
+            print(f"stages total speedup {hi} vs {lo} threads: "
+                  f"{model_seconds(results[lo]) / model_seconds(results[hi]):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

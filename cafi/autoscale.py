@@ -1,0 +1,121 @@
+"""GPU actor pools that reach `max_actors` on a cluster whose GPU workers autoscale from zero.
+
+On such a cluster the GPU nodes do not exist until something asks for them, and Ray Data
+does not ask for enough:
+
+* Ray Data grows an actor pool only within the resources the cluster has *now*
+  (ray-project/ray#59144). With no GPU worker up, a GPU pool never grows past its minimum,
+  so the autoscaler never sees the demand that would add the workers.
+* An up-front `ray.autoscaler.sdk.request_resources(bundles=...)` does not survive either:
+  Ray Data's autoscaling coordinator owns that cluster-wide request and replaces it with its
+  own as soon as a dataset executes (with Ray 2.60 the request reads `[]` a moment later), and
+  registering with the coordinator instead would reserve the GPUs away from Ray Data's own
+  budget.
+
+What the cluster autoscaler always honours (KubeRay or the cluster launcher, v1 or v2) is
+actors waiting for resources. So on such a cluster cafi starts every GPU pool at its full
+size: `min_actors` is raised to `max_actors` (capped by the work there is, so a run of ten
+images does not order eight GPU nodes). All the pool's actors are requested when the run
+starts, the pending ones make the autoscaler add GPU workers, and Ray Data never shrinks a
+pool below its minimum, so its resource budget cannot hold them back. When the input is
+consumed Ray Data shuts the pools down; the GPU workers go idle and the autoscaler removes
+them after its idle timeout. Nothing stays requested after the run.
+
+Knob: `ray.scale_gpu_pools` (configs/default.yaml) -- `auto` does this only when the job
+joined an existing Ray cluster (a submitted job, `ray.address` set), never on the embedded
+local Ray a laptop run starts; `always`; `never`. cluster/README.md explains how to size
+`max_actors` against the GPU worker group.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+from cafi.config import JobConfig
+
+log = logging.getLogger("cafi")
+
+MODES = ("auto", "always", "never")
+MODEL_KEYS = ("detector", "parser", "serfiq", "dbcnn")
+
+
+@dataclass(frozen=True)
+class GpuPool:
+    """One actor pool that holds GPUs: what each actor asks for, and the pool bounds."""
+
+    name: str
+    num_cpus: float
+    num_gpus: float
+    min_actors: int
+    max_actors: int
+    keys: tuple[str, ...]  # the models.<key> stage configs the pool is built from
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        return {"CPU": self.num_cpus, "GPU": self.num_gpus}
+
+
+def gpu_pools(cfg: JobConfig) -> list[GpuPool]:
+    """The actor pools of this config that ask for GPUs, as `pipeline.build` creates them."""
+    m = cfg.models
+    stages = {key: getattr(m, key) for key in MODEL_KEYS}
+    if cfg.ray.fuse_models:  # one pool with the largest demand of the four (stages.FusedModels)
+        sts = list(stages.values())
+        gpus = max(s.num_gpus for s in sts)
+        if gpus <= 0:
+            return []
+        return [GpuPool("fused", max(s.num_cpus for s in sts), gpus, max(s.min_actors for s in sts),
+                        max(s.max_actors for s in sts), MODEL_KEYS)]
+    return [GpuPool(key, st.num_cpus, st.num_gpus, st.min_actors, st.max_actors, (key,))
+            for key, st in stages.items() if st.num_gpus > 0]
+
+
+def bundles_at_max(cfg: JobConfig) -> list[dict[str, float]]:
+    """One resource bundle per GPU actor with every GPU pool at `max_actors`."""
+    return [pool.bundle for pool in gpu_pools(cfg) for _ in range(pool.max_actors)]
+
+
+def joined_existing_cluster() -> bool:
+    """True when this driver connected to a running Ray cluster rather than starting its own."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    node = getattr(ray._private.worker.global_worker, "node", None)  # the driver's Ray node handle
+    return node is not None and not getattr(node, "head", False)
+
+
+def active(cfg: JobConfig) -> bool:
+    """Whether GPU pools start at full size for this run (see the module docstring)."""
+    mode = cfg.ray.scale_gpu_pools
+    if mode == "never" or not gpu_pools(cfg):
+        return False
+    return mode == "always" or joined_existing_cluster()
+
+
+def sized(cfg: JobConfig, rows: int | None = None) -> JobConfig:
+    """The config the pipeline builds its actor pools from.
+
+    When `active`, a copy in which every GPU pool starts at its full size: `min_actors` is
+    raised to `max_actors`, or to one actor per `batch_size` rows when `rows` (the number of
+    inputs to score) is smaller. Otherwise `cfg` itself.
+    """
+    if not active(cfg):
+        return cfg
+    out = copy.deepcopy(cfg)
+    described = []
+    for pool in gpu_pools(cfg):
+        for key in pool.keys:
+            st = getattr(out.models, key)
+            target = st.max_actors
+            if rows is not None:
+                target = min(target, max(1, math.ceil(rows / st.batch_size)))
+            st.min_actors = max(st.min_actors, target)
+        start = max(getattr(out.models, key).min_actors for key in pool.keys)
+        described.append(f"{pool.name} {start} x {pool.bundle}")
+    log.info("ray.scale_gpu_pools=%s: GPU actor pools start at full size so the cluster autoscaler adds GPU "
+             "workers for them: %s", cfg.ray.scale_gpu_pools, ", ".join(described))
+    return out

@@ -1,0 +1,156 @@
+"""Fault injection for the tests: a flaky HTTP proxy in front of the loopback S3 server, and
+process-tree kills. Loopback only; every loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+
+
+class FlakyProxy:
+    """Forwards S3 requests to `upstream`; every `every`-th matching request fails.
+
+    A failure is a 503 SlowDown answer or, alternately, a connection dropped without an
+    answer. `permanent=True` fails every matching request.
+    """
+
+    def __init__(self, upstream: str, every: int = 4, methods=("GET", "PUT", "POST", "HEAD"), path_contains="",
+                 permanent: bool = False, max_requests: int = 20000, lifetime_s: float = 900):
+        host, port = upstream.replace("http://", "").split(":")
+        self.upstream = (host, int(port))
+        assert host in ("127.0.0.1", "localhost")
+        self.every, self.methods, self.path_contains, self.permanent = every, methods, path_contains, permanent
+        self.max_requests, self.deadline = max_requests, time.time() + lifetime_s
+        self.count = self.failed = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return data
+                        data += self.rfile.read(size)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            def _handle(self):
+                body = self._body()
+                fault = proxy._fault(self.command, self.path)
+                if fault == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if fault == "503":
+                    msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _fault(self, method: str, path: str) -> str | None:
+        with self.lock:
+            self.count += 1
+            if self.count > self.max_requests or time.time() > self.deadline:
+                raise RuntimeError("flaky proxy: request budget or lifetime exhausted")
+            if method not in self.methods or self.path_contains not in path:
+                return None
+            if self.permanent or self.count % self.every == 0:
+                self.failed += 1
+                return "drop" if (self.failed % 2 == 0 and not self.permanent) else "503"
+            return None
+
+    def __enter__(self) -> FlakyProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in tree.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started: what a crashed machine looks like."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def pids_with_title(fragment: str) -> list[int]:
+    """Processes whose command line contains `fragment` (Ray names actor processes by class)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if fragment.encode() in fh.read():
+                        out.append(int(entry))
+            except OSError:
+                continue
+    return out

@@ -1,0 +1,151 @@
+"""Exactly-once manifests under faults: killed workers, a killed driver, a flaky object store,
+and two runs of one version at once. Each ends with 0 rows lost and 0 duplicated."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from cafi import manifest, pipeline
+from cafi.config import load_config
+from cafi.errors import CafiError
+from cafi.samples import write_samples
+
+from .faults import FlakyProxy, kill_tree, pids_with_title
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Blocks of 2 rows, each written as its own file: the run is observably mid-way for a while.
+SMALL_BLOCKS = ["read.batch_size=2", "output.min_rows_per_file=1"] + [
+    f"models.{m}.batch_size=2" for m in ("detector", "parser", "serfiq", "dbcnn")]
+
+
+def _exactly_once(out, expected_uris):
+    rows = manifest.read(str(out)).to_pylist()
+    uris = [r["uri"] for r in rows]
+    assert len(uris) == len(set(uris)), "a URI appears twice"
+    assert sorted(uris) == sorted(expected_uris), "a URI is missing"
+    return rows
+
+
+def _data_files(out):
+    return [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(out, "manifest")) for f in fs
+            if f.endswith(".parquet")]
+
+
+def test_a_killed_model_worker_is_replaced_and_the_run_completes(tmp_path, fast_config, ray_local):
+    paths = write_samples(str(tmp_path / "in"), count=6, seed=31, unusual=False, broken=False)
+    out = tmp_path / "out"
+    cfg = load_config(fast_config, [f"input.uri={tmp_path / 'in'}", f"output.uri={out}", *SMALL_BLOCKS])
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(pipeline.run(cfg)))
+    job.start()
+    killed = []
+    deadline = time.time() + 300
+    while job.is_alive() and not killed and time.time() < deadline:
+        if _data_files(out):  # the pipeline is mid-run: some blocks are done, others in flight
+            for pid in pids_with_title("MapBatches(DbcnnStage)"):
+                os.kill(pid, 9)
+                killed.append(pid)
+        time.sleep(0.2)
+    job.join(timeout=600)
+    assert killed, "the DBCNN worker was never seen mid-run"
+    assert result.get("counts", {}).get("rows") == len(paths)
+    _exactly_once(out, paths)
+
+
+def _job(config_files, overrides, cwd):
+    cmd = [sys.executable, os.path.join(ROOT, "jobs", "score.py")]
+    for f in config_files:
+        cmd += ["--config", f]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["CAFI_LOG_LEVEL"] = "WARNING"
+    return subprocess.Popen(cmd + list(overrides), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_killed_driver_is_resumed_by_the_next_run(tmp_path, fast_config, ray_local):
+    paths = write_samples(str(tmp_path / "in"), count=8, seed=41, unusual=False, broken=False)
+    out = tmp_path / "out"
+    args = [f"input.uri={tmp_path / 'in'}", f"output.uri={out}", "ray.num_cpus=2", "ray.progress_bars=false",
+            *SMALL_BLOCKS]
+    proc = _job(fast_config, args, tmp_path)
+    deadline = time.time() + 400
+    while proc.poll() is None and not _data_files(out) and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    kill_tree(proc.pid)  # SIGKILL the driver and every process it started
+    proc.wait(timeout=30)
+    crashed_runs = os.listdir(out / "runs")
+    assert len(crashed_runs) == 1 and not (out / "runs" / crashed_runs[0] / "_SUCCESS").exists()
+    assert manifest.read(str(out)).num_rows == 0  # nothing committed yet: readers see nothing
+
+    summary = pipeline.run(load_config(fast_config, args[:2]))
+    assert summary["includes_runs"] == crashed_runs
+    assert summary["scored_now"] < len(paths)  # what the crashed attempt wrote was not scored again
+    assert summary["counts"]["rows"] == len(paths)
+    rows = _exactly_once(out, paths)
+    assert {r["run_id"] for r in rows} <= {summary["run_id"], crashed_runs[0]}
+
+
+def test_a_flaky_object_store_is_retried_and_the_run_completes(s3, s3_endpoint, fast_config, ray_local, tmp_path):
+    s3.mkdir("flaky")
+    local = write_samples(str(tmp_path / "in"), count=3, seed=51, unusual=False, broken=True)
+    for p in local:
+        s3.put(p, "flaky/in/" + os.path.relpath(p, tmp_path / "in"))
+    uris = sorted("s3://" + k for k in s3.find("flaky/in"))
+    with FlakyProxy(s3_endpoint, every=4) as proxy:
+        cfg = load_config(fast_config, ["input.uri=s3://flaky/in/", "output.uri=s3://flaky/out",
+                                        f"storage.endpoint_url={proxy.url}", *SMALL_BLOCKS])
+        summary = pipeline.run(cfg)
+    assert proxy.failed >= 5, "the proxy injected too few faults to mean anything"
+    rows = _exactly_once("s3://flaky/out", uris)
+    assert summary["counts"]["status"].get("error", 0) == 6  # only the broken files; no read failure leaked
+    assert not [r for r in rows if r["error"] and "cannot read object" in r["error"]]
+
+
+def test_a_permanent_write_failure_fails_the_run_without_a_marker(s3, s3_endpoint, fast_config, ray_local,
+                                                                   tmp_path):
+    s3.mkdir("broken-out")
+    local = write_samples(str(tmp_path / "in"), count=1, seed=61, unusual=False, broken=False)
+    s3.put(local[0], "broken-out/in/a.jpg")
+    with FlakyProxy(s3_endpoint, methods=("PUT", "POST"), path_contains="/manifest/", permanent=True) as proxy:
+        cfg = load_config(fast_config, ["input.uri=s3://broken-out/in/", "output.uri=s3://broken-out/out",
+                                        f"storage.endpoint_url={proxy.url}"])
+        with pytest.raises(Exception) as err:  # noqa: B017 - Ray wraps the storage error
+            pipeline.run(cfg)
+    assert proxy.failed > 0
+    assert not isinstance(err.value, AssertionError)
+    assert not s3.glob("broken-out/out/runs/*/_SUCCESS")
+    assert manifest.read("s3://broken-out/out").num_rows == 0
+
+
+def test_two_runs_of_one_version_at_once_commit_the_same_result(tmp_path, fast_config):
+    paths = write_samples(str(tmp_path / "in"), count=2, seed=71, unusual=False, broken=True)
+    out = tmp_path / "out"
+    args = [f"input.uri={tmp_path / 'in'}", f"output.uri={out}", "ray.num_cpus=2", "ray.progress_bars=false"]
+    a, b = _job(fast_config, args, tmp_path), _job(fast_config, args, tmp_path)
+    outs = [p.communicate(timeout=900)[0] for p in (a, b)]
+    assert a.returncode == 0 and b.returncode == 0, outs
+    committed = manifest.committed_runs(str(out))
+    assert 1 <= len(committed) <= 2
+    for s in committed:
+        assert s["counts"]["rows"] == len(paths) and s["counts"]["distinct_uris"] == len(paths)
+    _exactly_once(out, paths)
+
+
+def test_counts_that_do_not_add_up_refuse_to_commit(tmp_path, fast_config, ray_local, monkeypatch):
+    write_samples(str(tmp_path / "in"), count=1, unusual=False, broken=True)
+    real = manifest.run_counts
+
+    def lossy(*args, **kwargs):
+        counts = real(*args, **kwargs)
+        counts["distinct_uris"] -= 1  # as if a row had been lost on the way
+        return counts
+
+    monkeypatch.setattr(manifest, "run_counts", lossy)
+    with pytest.raises(CafiError, match="have no row; not committed"):
+        pipeline.run(load_config(fast_config, [f"input.uri={tmp_path / 'in'}", f"output.uri={tmp_path / 'out'}"]))
+    assert manifest.committed_runs(str(tmp_path / "out")) == []

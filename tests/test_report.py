@@ -1,0 +1,522 @@
+"""The HTML run report: streaming aggregates, thumbnails of the shown rows only, a real browser."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from cafi import manifest, report
+from cafi.config import load_config, to_dict
+from cafi.errors import CafiError
+from cafi.samples import broken_inputs, degrade, draw_face, encode
+from cafi.stages import ERROR, NO_FACE, OK
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARTIFACTS = os.path.join(REPO, "test-artifacts")
+
+# ---------------------------------------------------------------- building committed runs without models
+
+
+def decision_cfg(**decision) -> dict:
+    over = ["input.uri=unused", "output.uri=unused"] + [f"decision.{k}={'null' if v is None else v}"
+                                                         for k, v in decision.items()]
+    return to_dict(load_config([], over))
+
+
+def scored_table(columns: dict, cfg: dict, run_id: str, version: str) -> pa.Table:
+    """Fabricated rows with the CAFI decision applied (the rule of `cafi.stages.decide`: error and no_face
+    by status, then unrecognisable, face_too_small, low_quality), as the manifest schema. Columns of the
+    schema not given here are null, so the helper keeps up with the schema."""
+    d = cfg["decision"]
+    n = len(columns["uri"])
+    status = np.asarray(columns.get("status", [OK] * n), dtype=object)
+    serfiq = np.asarray(columns["serfiq"], dtype=np.float32)
+    dbcnn = np.asarray(columns["dbcnn"], dtype=np.float32)
+    frac = np.asarray(columns.get("mask_fraction", [0.4] * n), dtype=np.float32)
+    reason = np.full(n, None, dtype=object)
+    reason[status == ERROR] = "error"
+    reason[status == NO_FACE] = "no_face"
+    with np.errstate(invalid="ignore"):
+        checks = [(serfiq < np.float32(d["min_serfiq"]), "unrecognisable"),
+                  (frac < np.float32(d["min_mask_fraction"]), "face_too_small")]
+        if d.get("min_dbcnn") is not None:
+            checks.append((dbcnn < np.float32(d["min_dbcnn"]), "low_quality"))
+    ok = status == OK
+    for failed, why in checks:
+        reason[ok & failed & np.equal(reason, None)] = why
+    status[ok] = "scored"
+    accepted = ok & np.equal(reason, None)
+    cols = {
+        "uri": list(columns["uri"]), "status": status.tolist(), "error": list(columns.get("error", [None] * n)),
+        "width": [384] * n, "height": [384] * n, "det_score": np.where(ok, 0.99, np.nan).astype(np.float32),
+        "mask_fraction": frac, "serfiq": serfiq, "serfiq_raw": serfiq, "dbcnn": dbcnn,
+        "cafi": np.where(accepted, dbcnn, np.nan).astype(np.float32), "accepted": accepted,
+        "decision": np.where(accepted, "accepted", "rejected").tolist(), "reject_reason": reason.tolist(),
+        "model_version": [version] * n, "run_id": [run_id] * n,
+        "scored_at": np.full(n, np.datetime64("2025-01-01T00:00:00", "us")),
+    }
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) if f.name in cols else pa.nulls(n, f.type)
+                     for f in manifest.SCHEMA})
+
+
+def write_run(output: str, table: pa.Table, run_id: str, cfg: dict, files: int = 1, summary: dict | None = None,
+              commit: bool = True) -> str:
+    """Write rows as Ray's partitioned writer lays them out, then commit the run. Returns the run URI."""
+    parts = ["model_version", "decision"]
+    keys = table.select(parts).to_pylist()
+    for key in {tuple(k.values()) for k in keys}:
+        mask = pc.and_(pc.equal(table["model_version"], key[0]), pc.equal(table["decision"], key[1]))
+        sub = table.filter(mask).drop_columns(parts)
+        d = os.path.join(manifest.manifest_uri(output), f"model_version={key[0]}", f"decision={key[1]}")
+        os.makedirs(d, exist_ok=True)
+        step = max(1, -(-sub.num_rows // files))
+        for i in range(0, sub.num_rows, step):
+            pq.write_table(sub.slice(i, step), os.path.join(d, f"{run_id}_{i // step:06d}_0.parquet"))
+    if commit:
+        reasons = Counter(r for r in table["reject_reason"].to_pylist() if r is not None)
+        counts = {"rows": table.num_rows, "distinct_uris": table.num_rows,
+                  "status": dict(Counter(table["status"].to_pylist())), "reject_reason": dict(reasons),
+                  "accepted": table.num_rows - sum(reasons.values())}
+        full = {
+            "run_id": run_id, "model_version": table["model_version"][0].as_py(), "synthetic_weights": True,
+            "inputs": table.num_rows, "counts": counts, "started_at": "2025-01-01T00:00:00+00:00",
+            "finished_at": f"2025-01-01T00:00:{int(time.time() * 1000) % 60:02d}+00:00",
+            "wall_seconds": 12.5, "images_per_second": round(table.num_rows / 12.5, 3),
+            "stages": {"operators": [
+                {"operator": "ReadDecode", "tasks": 2, "blocks": 2, "wall_seconds": 1.5, "rows": table.num_rows,
+                 "rows_per_second": round(table.num_rows / 1.5, 3)},
+                {"operator": "MapBatches(Detect)", "tasks": 2, "blocks": 2, "wall_seconds": 6.0,
+                 "rows": table.num_rows, "rows_per_second": round(table.num_rows / 6.0, 3)},
+                {"operator": "MapBatches(decide)", "tasks": 2, "blocks": 2, "wall_seconds": 0.2,
+                 "rows": table.num_rows, "rows_per_second": round(table.num_rows / 0.2, 3)},
+            ]},
+            "output": {"manifest": manifest.manifest_uri(output), "run": manifest.run_uri(output, run_id)},
+            "config": cfg,
+        }
+        full.update(summary or {})
+        manifest.commit(output, run_id, full, None)
+    return manifest.run_uri(output, run_id)
+
+
+def face_run(tmp_path, n: int = 40, seed: int = 0, run_id: str = "20250101T000000Z-aaaaaa", version: str = "v1",
+             **decision) -> tuple[str, str, pa.Table]:
+    """A committed run over real image files: scored, rejected for each reason, no_face and error rows."""
+    rng = np.random.default_rng(seed)
+    img_dir = tmp_path / "crops"
+    img_dir.mkdir(exist_ok=True)
+    kinds = ("clean", "blur", "downscale", "noise", "jpeg", "dark")
+    uris, status, error, serfiq, dbcnn, frac = [], [], [], [], [], []
+    broken = list(broken_inputs(seed).items())
+    for i in range(n):
+        if i % 10 == 9:  # an undecodable file: an error row, no preview possible
+            name, data = broken[i // 10 % len(broken)]
+            path = img_dir / f"err_{i:03d}_{name}"
+            path.write_bytes(data)
+            uris.append(str(path))
+            status.append(ERROR)
+            error.append(f"cannot decode image: {name}")
+            serfiq.append(np.nan)
+            dbcnn.append(np.nan)
+            frac.append(np.nan)
+            continue
+        kind = kinds[i % len(kinds)]
+        path = img_dir / f"face_{i:03d}_{kind}.jpg"
+        path.write_bytes(encode(degrade(draw_face(160, seed + i), kind, seed + i), "JPEG"))
+        uris.append(str(path))
+        error.append(None)
+        if i % 10 == 8:
+            status.append(NO_FACE)
+            serfiq.append(np.nan)
+            dbcnn.append(np.nan)
+            frac.append(np.nan)
+            continue
+        status.append(OK)
+        serfiq.append(0.2 if i % 10 == 5 else 0.8 if i % 10 == 6 else float(rng.uniform(0.05, 0.95)))
+        dbcnn.append(0.1 if i % 10 == 6 else float(rng.normal(0.5, 0.15)))
+        frac.append(0.01 if i % 10 == 7 else float(rng.uniform(0.15, 0.6)))
+    cfg = decision_cfg(**({"min_serfiq": 0.4, "min_dbcnn": 0.3} | decision))
+    table = scored_table({"uri": uris, "status": status, "error": error, "serfiq": serfiq, "dbcnn": dbcnn,
+                          "mask_fraction": frac}, cfg, run_id, version)
+    out = str(tmp_path / "out")
+    return out, write_run(out, table, run_id, cfg, files=2), table
+
+
+# ---------------------------------------------------------------- aggregates
+
+
+def test_aggregates_match_brute_force(tmp_path):
+    out, run, table = face_run(tmp_path, n=60)
+    ref = report.resolve_run(run)
+    agg = report.aggregate(ref, top_k=5, per_reason=3)
+    rows = table.to_pylist()
+    assert agg.rows == len(rows) == 60
+    assert dict(agg.decision) == {d: sum(r["decision"] == d for r in rows) for d in ("accepted", "rejected")}
+    reasons = {r["reject_reason"] for r in rows} - {None}
+    assert reasons == {"unrecognisable", "face_too_small", "low_quality", "no_face", "error"}
+    assert dict(agg.reason) == {k: sum(r["reject_reason"] == k for r in rows) for k in reasons}
+    assert dict(agg.status) == {k: sum(r["status"] == k for r in rows) for k in ("scored", "no_face", "error")}
+
+    # Histograms: each finite score lands in exactly one bin of its decision.
+    for col in ("serfiq", "dbcnn", "cafi", "mask_fraction"):
+        hist = agg.hists[col]
+        for dec in ("accepted", "rejected"):
+            vals = [r[col] for r in rows if r["decision"] == dec and r[col] is not None and np.isfinite(r[col])]
+            assert hist.counts[dec].sum() == len(vals), (col, dec)
+            assert np.array_equal(hist.counts[dec], np.histogram(vals, bins=hist.edges)[0])
+    assert agg.hists["serfiq"].threshold == 0.4
+    assert agg.hists["dbcnn"].threshold == 0.3
+    assert agg.hists["mask_fraction"].threshold == 0.05
+    assert agg.hists["serfiq"].edges[0] == 0.0 and agg.hists["serfiq"].edges[-1] == 1.0
+
+    accepted = sorted((r for r in rows if r["accepted"]), key=lambda r: (-r["cafi"], r["uri"]))
+    assert agg.best.column("uri").to_pylist() == [r["uri"] for r in accepted[:5]]
+    worst = sorted((r for r in rows if r["accepted"]), key=lambda r: (r["cafi"], r["uri"]))
+    assert agg.worst.column("uri").to_pylist() == [r["uri"] for r in worst[:5]]
+    for reason, sample in agg.samples.items():
+        assert sample.num_rows == min(3, agg.reason[reason])
+        assert set(sample.column("reject_reason").to_pylist()) == {reason}
+    assert list(agg.samples) == ["unrecognisable", "face_too_small", "low_quality", "no_face", "error"]
+    scored = [r for r in rows if r["status"] == "scored"]
+    assert agg.scored_points == agg.scatter.num_rows == len(scored)
+    assert sorted(agg.scatter.column("group").to_pylist()) == sorted(r["reject_reason"] or "accepted"
+                                                                     for r in scored)
+
+
+def test_uri_hash_is_stable_and_spread():
+    uris = [f"s3://bucket/crops/{i:07d}.jpg" for i in range(20000)] + ["", "a", "ü/ñ"]
+    arr = pa.array(uris)
+    h = report.uri_hash(arr)
+    assert len(set(h.tolist())) == len(uris)
+    # Same value whatever the batch boundaries, the array offset or the string type.
+    assert np.array_equal(np.concatenate([report.uri_hash(arr.slice(0, 777)), report.uri_hash(arr.slice(777))]), h)
+    assert np.array_equal(report.uri_hash(pa.chunked_array([arr.slice(0, 5), arr.slice(5)])), h)
+    assert np.array_equal(report.uri_hash(arr.cast(pa.large_string())), h)
+    assert report.uri_hash(pa.array(["a", None]))[1] == report.uri_hash(pa.array([""]))[0]
+    # The documented definition, computed the slow way.
+    m, inv = 1 << 64, pow(report._BASE, -1, 1 << 64)
+    for u in ("", "a", "ü/ñ", uris[12345], "s3://b/" * 40):
+        b = u.encode()
+        poly = sum(c * pow(inv, i, m) for i, c in enumerate(b)) % m
+        mixed = np.uint64(poly ^ (len(b) * 0xD6E8FEB86659FD93 % m))
+        assert report._mix(np.array([mixed], np.uint64))[0] == report.uri_hash(pa.array([u]))[0]
+    # Roughly uniform: the smallest 10% by hash is not the first 10% of the list.
+    low = np.argsort(h)[: len(h) // 10]
+    assert 0.3 < np.mean(low < len(h) // 2) < 0.7
+
+
+def test_resolve_run_and_root(tmp_path):
+    out, run, _ = face_run(tmp_path, n=10, run_id="20250101T000000Z-aaaaaa")
+    ref = report.resolve_run(run)
+    assert (ref.output, ref.run_id, ref.uri) == (out, "20250101T000000Z-aaaaaa", run)
+    assert report.resolve_run(run + "/").run_id == ref.run_id
+    # A later run: the output root resolves to it.
+    cfg = decision_cfg()
+    t2 = scored_table({"uri": ["x1", "x2"], "serfiq": [0.9, 0.1], "dbcnn": [0.5, 0.5]}, cfg,
+                      "20250102T000000Z-bbbbbb", "v2")
+    write_run(out, t2, "20250102T000000Z-bbbbbb", cfg, summary={"finished_at": "2025-01-02T00:00:00+00:00"})
+    assert report.resolve_run(out).run_id == "20250102T000000Z-bbbbbb"
+    # An uncommitted run is refused, with the reason.
+    t3 = scored_table({"uri": ["y"], "serfiq": [0.9], "dbcnn": [0.5]}, cfg, "20250103T000000Z-cccccc", "v2")
+    uncommitted = write_run(out, t3, "20250103T000000Z-cccccc", cfg, commit=False)
+    os.makedirs(uncommitted)
+    with pytest.raises(CafiError, match="not committed"):
+        report.resolve_run(uncommitted)
+    with pytest.raises(CafiError, match="does not exist"):
+        report.resolve_run(str(tmp_path / "nowhere"))
+    with pytest.raises(CafiError, match="neither a run"):
+        report.resolve_run(str(tmp_path / "crops"))
+    empty = tmp_path / "empty"
+    (empty / "runs").mkdir(parents=True)
+    with pytest.raises(CafiError, match="no committed run"):
+        report.resolve_run(str(empty))
+
+
+def test_report_only_counts_its_own_run(tmp_path):
+    out, run, table = face_run(tmp_path, n=20, run_id="20250101T000000Z-aaaaaa")
+    cfg = decision_cfg()
+    other = scored_table({"uri": [f"/other/{i}.jpg" for i in range(7)], "serfiq": [0.9] * 7, "dbcnn": [0.5] * 7},
+                         cfg, "20250102T000000Z-bbbbbb", "v1")
+    write_run(out, other, "20250102T000000Z-bbbbbb", cfg)
+    agg = report.aggregate(report.resolve_run(run))
+    assert agg.rows == 20
+    assert report.aggregate(report.resolve_run(manifest.run_uri(out, "20250102T000000Z-bbbbbb"))).rows == 7
+
+
+# ---------------------------------------------------------------- the page
+
+
+def test_report_is_self_contained_and_fetches_shown_rows_only(tmp_path, monkeypatch):
+    from cafi import stages
+
+    out, run, table = face_run(tmp_path, n=80)
+    fetched: list[str] = []
+    real = stages.read_bytes
+
+    def counting(uris, storage):
+        fetched.extend(uris)
+        return real(uris, storage)
+
+    monkeypatch.setattr(stages, "read_bytes", counting)
+    path = report.write_report(run)
+    assert path == os.path.join(run, "report.html")
+    page = open(path, encoding="utf-8").read()
+    ref = report.resolve_run(run)
+    agg = report.aggregate(ref)
+    shown = {u for t in (agg.best, agg.worst, *agg.samples.values()) for u in t.column("uri").to_pylist()}
+    assert set(fetched) == shown and len(fetched) == len(shown) < table.num_rows
+
+    # Nothing is loaded from elsewhere when the page is viewed.
+    for attr in re.findall(r'(?:src|href)="([^"]*)"', page):
+        assert attr.startswith("data:image/jpeg;base64,"), attr
+    assert "<link" not in page and "@import" not in page and "url(" not in page
+    # Charts, counts, model version, config and stage throughput are on the page.
+    for chart in ("hist-serfiq", "hist-dbcnn", "hist-cafi", "hist-mask_fraction", "scatter", "stages"):
+        assert f'data-chart="{chart}"' in page
+    assert "decision.min_serfiq = 0.4" in page and "min_dbcnn = 0.3" in page
+    assert "MapBatches(Detect)" in page and "images/s" in page
+    assert "&quot;min_serfiq&quot;: 0.4" in page  # the config block
+    assert ref.summary["model_version"] in page
+    for reason in agg.reason:
+        assert f"Rejected: {reason}" in page
+    # Every decodable shown crop is an inline thumbnail; the undecodable (error rows) get a placeholder.
+    figure_uris = [u for t in (agg.best, agg.worst, *agg.samples.values()) for u in t.column("uri").to_pylist()]
+    thumbs = report.thumbnails(figure_uris, None)
+    assert page.count('<figure class="thumb">') == len(figure_uris)
+    assert page.count('<img class="thumb"') == sum(isinstance(thumbs[u], str) for u in figure_uris)
+    assert page.count('class="noimg"') == sum(isinstance(thumbs[u], Exception) for u in figure_uris)
+    assert all(isinstance(thumbs[u], str) for u in figure_uris if "/face_" in u)
+    assert any(isinstance(thumbs[u], Exception) for u in figure_uris if "/err_" in u)
+    # Captions carry the scores and the URI.
+    best = agg.best.to_pylist()[0]
+    assert f"serfiq {best['serfiq']:.3f}" in page and best["uri"] in page
+
+
+def test_report_out_option_and_root(tmp_path):
+    out, run, _ = face_run(tmp_path, n=12)
+    dest = str(tmp_path / "elsewhere" / "r.html")
+    assert report.write_report(out, out=dest) == dest
+    assert "cafi run report: 20250101T000000Z-aaaaaa" in open(dest, encoding="utf-8").read()
+
+
+def test_report_of_run_without_scored_rows(tmp_path):
+    cfg = decision_cfg()
+    t = scored_table({"uri": ["/nope/a.jpg", "/nope/b.jpg"], "status": [ERROR, NO_FACE], "error": ["gone", None],
+                      "serfiq": [np.nan, np.nan], "dbcnn": [np.nan, np.nan]}, cfg, "20250101T000000Z-dddddd", "v1")
+    out = str(tmp_path / "out")
+    run = write_run(out, t, "20250101T000000Z-dddddd", cfg, summary={"stages": {}})
+    page = open(report.write_report(run), encoding="utf-8").read()
+    assert "no scored rows" in page and "no operator statistics" in page
+    assert page.count('class="noimg"') == 2
+
+
+def test_report_of_a_run_in_object_storage(tmp_path, s3):
+    """Manifest, summary and crops in S3 (a real S3 server on loopback); the report is written there too."""
+    s3.mkdir("cafi-bucket")
+    uris = []
+    for i in range(6):
+        key = f"cafi-bucket/crops/face_{i}.jpg"
+        s3.pipe(key, encode(draw_face(128, i), "JPEG"))
+        uris.append(f"s3://{key}")
+    cfg = decision_cfg(min_serfiq=0.5)
+    run_id = "20250101T000000Z-5a5a5a"
+    table = scored_table({"uri": uris, "serfiq": [0.9, 0.8, 0.7, 0.3, 0.2, 0.95], "dbcnn": [0.5] * 6}, cfg,
+                         run_id, "v1")
+    local = str(tmp_path / "local")
+    write_run(local, table, run_id, cfg)
+    s3.put(local + "/", "cafi-bucket/out", recursive=True)
+    run = f"s3://cafi-bucket/out/runs/{run_id}"
+    assert report.resolve_run("s3://cafi-bucket/out").run_id == run_id
+    dest = report.write_report(run)
+    assert dest == f"{run}/report.html"
+    page = s3.cat(dest[len("s3://"):]).decode("utf-8")
+    assert page.count('<img class="thumb"') == page.count('<figure class="thumb">') > 0
+    assert 'class="noimg"' not in page
+
+
+# ---------------------------------------------------------------- scale: streamed, never loaded whole
+
+SCALE_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, time
+    import pyarrow as pa
+    from cafi import report, stages
+    calls = []
+    real = stages.read_bytes
+    stages.read_bytes = lambda uris, storage: calls.append(list(uris)) or real(uris, storage)
+    pool = pa.default_memory_pool()
+    t0 = time.time()
+    ref, page = report.build(sys.argv[1])
+    print(json.dumps({"seconds": time.time() - t0, "arrow_peak": pool.max_memory(),
+                      "fetched": sum(len(c) for c in calls), "page_bytes": len(page),
+                      "figures": page.count('<figure class="thumb">'),
+                      "scatter_note": page.count("sample by URI hash")}))
+""")
+
+
+def big_run(output: str, rows: int, run_id: str = "20250101T000000Z-eeeeee") -> int:
+    """A committed run of `rows` synthetic rows (URIs of files that do not exist), written in chunks
+    with vectorised Arrow compute (the decision rule of `decide`, without its per-row Python).
+    Returns the bytes the run's rows would take as one in-memory table."""
+    rng = np.random.default_rng(1)
+    cfg = decision_cfg(min_serfiq=0.5, min_dbcnn=0.2)
+    chunk, nbytes = 250_000, 0
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        idx = pa.array(np.arange(start, start + n)).cast(pa.string())
+        serfiq = pa.array(rng.beta(5, 2, n).astype(np.float32))
+        dbcnn = pa.array(rng.normal(0.45, 0.2, n).astype(np.float32))
+        frac = pa.array(rng.uniform(0.0, 0.6, n).astype(np.float32))
+        no_face = pa.array(rng.random(n) < 0.03)
+        reason = pc.case_when(
+            pc.make_struct(no_face, pc.less(serfiq, 0.5), pc.less(frac, 0.05), pc.less(dbcnn, 0.2)),
+            "no_face", "unrecognisable", "face_too_small", "low_quality")
+        accepted = pc.is_null(reason)
+        nan = pa.array(np.full(n, np.nan, np.float32))
+        t = pa.table({
+            "uri": pc.binary_join_element_wise(f"{output}/no-such-crops/shard-0042/", idx, ".jpg", ""),
+            "status": pc.if_else(no_face, "no_face", "scored"), "error": pa.nulls(n, pa.string()),
+            "width": pa.array(np.full(n, 384, np.int32)), "height": pa.array(np.full(n, 384, np.int32)),
+            "det_score": pc.if_else(no_face, nan, pa.array(np.full(n, 0.99, np.float32))),
+            "mask_fraction": pc.if_else(no_face, nan, frac), "serfiq": pc.if_else(no_face, nan, serfiq),
+            "serfiq_raw": pc.if_else(no_face, nan, serfiq), "dbcnn": pc.if_else(no_face, nan, dbcnn),
+            "cafi": pc.if_else(accepted, dbcnn, nan), "accepted": accepted,
+            "decision": pc.if_else(accepted, "accepted", "rejected"), "reject_reason": reason,
+            "model_version": pa.array(["v1"] * n), "run_id": pa.array([run_id] * n),
+            "scored_at": pa.array(np.full(n, np.datetime64("2025-01-01T00:00:00", "us"))),
+        })
+        t = pa.table({f.name: t[f.name].cast(f.type) if f.name in t.column_names else pa.nulls(n, f.type)
+                      for f in manifest.SCHEMA})
+        nbytes += t.nbytes
+        for dec in ("accepted", "rejected"):
+            d = os.path.join(manifest.manifest_uri(output), "model_version=v1", f"decision={dec}")
+            os.makedirs(d, exist_ok=True)
+            sub = t.filter(pc.equal(t["decision"], dec)).drop_columns(["model_version", "decision"])
+            pq.write_table(sub, os.path.join(d, f"{run_id}_{start // chunk:06d}_0.parquet"), row_group_size=65536)
+    manifest.commit(output, run_id, {"run_id": run_id, "model_version": "v1", "inputs": rows, "config": cfg,
+                                     "finished_at": "2025-01-01T00:00:00+00:00"}, None)
+    return nbytes
+
+
+def test_million_row_run_is_streamed(tmp_path):
+    out = str(tmp_path / "big")
+    nbytes = big_run(out, 1_000_000)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", SCALE_SCRIPT, out], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\n1M-row report: {res}; the run as one table: {nbytes / 1e6:.0f} MB")
+    # Arrow's peak allocation is a few batches, a small fraction of the run as one table.
+    assert res["arrow_peak"] < nbytes / 3, (res, nbytes)
+    # Only the shown rows were fetched (their files do not exist: placeholders, no failure).
+    assert res["fetched"] == res["figures"] == 2 * report.TOP_K + 4 * report.PER_REASON
+    assert res["scatter_note"] >= 1
+    assert res["page_bytes"] < 1_000_000
+
+
+# ---------------------------------------------------------------- a real browser
+
+def chromium_binary() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _chromium(binary: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"chromium-profile-{len(list(tmp_path.iterdir()))}"
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason="no chromium binary on PATH (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    binary = chromium_binary()
+    out, run, _ = face_run(tmp_path, n=50)
+    path = report.write_report(run)
+    url = "file://" + os.path.abspath(path)
+    ref = report.resolve_run(run)
+    agg = report.aggregate(ref)
+    n_thumbs = open(path, encoding="utf-8").read().count('<img class="thumb"')
+    assert n_thumbs > 0
+
+    dom = _chromium(binary, tmp_path, "--virtual-time-budget=5000", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    body = re.search(r"<body([^>]*)>", html)
+    assert body, html[:2000]
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
+    assert attrs.get("data-report-ready") == "1", attrs
+    assert attrs["data-broken-images"] == "0", attrs
+    assert int(attrs["data-images-loaded"]) == int(attrs["data-images-total"]) == n_thumbs
+    assert int(attrs["data-charts"]) == 6
+    for chart in ("hist-serfiq", "hist-dbcnn", "hist-cafi", "hist-mask_fraction", "scatter", "stages"):
+        assert re.search(rf'<svg[^>]*data-chart="{chart}"', html), chart
+    # The bars and points were rendered into the DOM.
+    assert len(re.findall(r"<rect [^>]*fill=\"#2e9d5b\"", html)) > 3
+    assert 'class="dots"' in html
+    assert agg.best.column("uri")[0].as_py() in html
+
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    shot = os.path.join(ARTIFACTS, "report.png")
+    if os.path.exists(shot):
+        os.remove(shot)
+    proc = _chromium(binary, tmp_path, f"--screenshot={shot}", "--window-size=1400,4000", "--hide-scrollbars",
+                     "--virtual-time-budget=5000", url)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.path.getsize(shot) > 20_000
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.size == (1400, 4000)
+        # Not a blank page: the screenshot has real variety of colour.
+        small = np.asarray(im.convert("RGB").resize((140, 400)))
+        assert small.std() > 10
+    shutil.copy(path, os.path.join(ARTIFACTS, "report.html"))
+
+
+# ---------------------------------------------------------------- the real pipeline writes it
+
+def test_pipeline_run_writes_report(tmp_path, fast_config, ray_local, monkeypatch, caplog):
+    from cafi import pipeline
+    from cafi.samples import good_crops
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name, data in good_crops(4).items():
+        (inp / name).write_bytes(data)
+    cfg = load_config(fast_config, [f"input.uri={inp}", f"output.uri={tmp_path / 'out'}"])
+    real = report.write_report
+
+    def write_then_fail(*args, **kwargs):  # the report is written, then the hook's failure path is exercised
+        written.append(real(*args, **kwargs))
+        raise RuntimeError("report exploded")
+
+    written: list[str] = []
+    monkeypatch.setattr(report, "write_report", write_then_fail)
+    with caplog.at_level(logging.WARNING, logger="cafi"):
+        summary = pipeline.run(cfg)
+    run = manifest.run_uri(str(tmp_path / "out"), summary["run_id"])
+    assert manifest.is_committed(str(tmp_path / "out"), summary["run_id"])
+    assert written == [os.path.join(run, "report.html")]
+    assert "report exploded" in caplog.text
+    page = open(written[0], encoding="utf-8").read()
+    assert f"cafi run report: {summary['run_id']}" in page
+    assert glob.glob(os.path.join(run, "*")) and os.path.exists(os.path.join(run, "_SUCCESS"))
