@@ -8,6 +8,7 @@ uses).
 
     python bench/stages.py [--n 16] [--threads 1,2] [--detector retinaface_resnet50]
                            [--parser bisenet] [--config extra.yaml ...] [key=value ...]
+    python bench/stages.py --batch-sizes 1,2,4,8 [--threads 1,2] [--n 16]   # batch-size sweep
 
 Also the helpers the other benchmarks share (machine line, synthetic setup, measure()).
 """
@@ -114,9 +115,11 @@ class ProcessTree:
     that exits between two polls is short by at most one poll interval.
     """
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, keep_series: bool = False):
         import threading
 
+        self.keep_series = keep_series
+        self.series: dict[int, list[tuple[float, int]]] = {}  # pid -> (time, RSS) samples
         self.interval = interval
         self.root = os.getpid()
         self.cpu: dict[int, float] = {}
@@ -155,6 +158,8 @@ class ProcessTree:
             st = _proc_status(pid)
             self.hwm[pid] = max(self.hwm.get(pid, 0), st.get("VmHWM", 0))
             self.rss[pid] = max(self.rss.get(pid, 0), st.get("VmRSS", 0))
+            if self.keep_series:
+                self.series.setdefault(pid, []).append((time.monotonic(), st.get("VmRSS", 0)))
             total += st.get("VmRSS", 0)
             if not self.name.get(pid, "").startswith("ray::") or self.name[pid].startswith("ray::IDLE"):
                 self.name[pid] = _cmdline(pid) or self.name.get(pid, "")
@@ -235,8 +240,10 @@ def measure(cfg, paths: list[str], threads: int, repeats: int = 1) -> list[dict]
             for b in batches:
                 outs.append(fn(copy.deepcopy(b)))
 
+        c = time.process_time()
         t = best_of(once, repeats)
-        rows.append({"stage": name, "batch_size": batch_size, "images": n, "seconds": t,
+        cpu = (time.process_time() - c) / max(1, repeats)
+        rows.append({"stage": name, "batch_size": batch_size, "images": n, "seconds": t, "cpu_seconds": cpu,
                      "images_per_second": n / t if t > 0 else float("inf")})
         return list(outs)
 
@@ -261,19 +268,42 @@ def measure(cfg, paths: list[str], threads: int, repeats: int = 1) -> list[dict]
 
 
 def stage_table(rows: list[dict]) -> str:
-    lines = [f"  {'stage':<14} {'batch':>5} {'images':>6} {'seconds':>8} {'img/s':>8} {'ms/img':>8} {'load s':>7}"]
+    lines = [f"  {'stage':<14} {'batch':>5} {'images':>6} {'seconds':>8} {'img/s':>8} {'ms/img':>8} "
+             f"{'CPU-ms/img':>10} {'load s':>7}"]
     for r in rows:
         load = f"{r['load_seconds']:>7.2f}" if "load_seconds" in r else f"{'-':>7}"
         lines.append(f"  {r['stage']:<14} {r['batch_size']:>5} {r['images']:>6} {r['seconds']:>8.2f} "
-                     f"{r['images_per_second']:>8.2f} {1000 * r['seconds'] / r['images']:>8.1f} {load}")
+                     f"{r['images_per_second']:>8.2f} {1000 * r['seconds'] / r['images']:>8.1f} "
+                     f"{1000 * r['cpu_seconds'] / r['images']:>10.1f} {load}")
     return "\n".join(lines)
 
 
-def model_seconds(rows: list[dict]) -> float:
-    return sum(r["seconds"] for r in rows)
+def model_seconds(rows: list[dict], key: str = "seconds") -> float:
+    return sum(r[key] for r in rows)
 
 
 # ---------------------------------------------------------------- main
+
+def sweep(cfg_path: str, paths: list[str], d: str, args, threads: list[int]) -> None:
+    """ms per image of each model stage at each batch size (wall, and CPU in brackets)."""
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    for t in threads:
+        table: dict[str, dict[int, dict]] = {}
+        for b in sizes:
+            over = [f"models.{m}.batch_size={b}" for m in ("detector", "parser", "serfiq", "dbcnn")]
+            cfg = load_config([cfg_path, *args.config], [f"input.uri={os.path.dirname(paths[0])}",
+                                                         f"output.uri={d}/out", *base_overrides(d),
+                                                         *args.overrides, *over])
+            for r in measure(cfg, paths, t, args.repeats):
+                if r["stage"] not in ("read+decode", "decide"):
+                    table.setdefault(r["stage"], {})[b] = r
+        print(f"\ntorch threads = {t}: ms/img wall (CPU-ms/img) by batch size", flush=True)
+        print(f"  {'stage':<14}" + "".join(f"{'batch ' + str(b):>18}" for b in sizes))
+        for stage, by in table.items():
+            cells = "".join(f"{1000 * by[b]['seconds'] / by[b]['images']:>10.0f} "
+                            f"({1000 * by[b]['cpu_seconds'] / by[b]['images']:>5.0f})" for b in sizes)
+            print(f"  {stage:<14}{cells}", flush=True)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,6 +312,7 @@ def main() -> None:
     ap.add_argument("--detector", default="retinaface_resnet50")
     ap.add_argument("--parser", default="bisenet")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--batch-sizes", default="", help="instead: every model stage at each of these batch sizes")
     ap.add_argument("--config", action="append", default=[], help="extra config files, after the synthetic one")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. models.dbcnn.batch_size=4)")
     args = ap.parse_args()
@@ -296,6 +327,9 @@ def main() -> None:
         print(f"{args.n} crops; detector {cfg.models.detector.arch}, parser {cfg.models.parser.arch} "
               f"@{cfg.models.parser.input_size}, crop {cfg.image.crop_size}, SER-FIQ T={cfg.models.serfiq.samples}",
               flush=True)
+        if args.batch_sizes:
+            sweep(cfg_path, paths, d, args, threads)
+            return
         results = {}
         for t in threads:
             rows = measure(cfg, paths, t, args.repeats)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
+import os
 import secrets
 import time
 
@@ -28,15 +30,18 @@ def make_run_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def input_dataset(cfg: JobConfig):
-    """A dataset with one `uri` column in small blocks, and the number of inputs.
+def rows_per_block(n_inputs: int, batch_size: int) -> int:
+    """Rows per input block: at least 64 blocks so every stage can work on a different block at
+    once (streaming), at most 512 rows so a block's pixels stay small, and never fewer rows than
+    a read batch: a million inputs make ~2,000 blocks, not 125,000."""
+    return int(min(512, max(batch_size, math.ceil(n_inputs / 64))))
 
-    Blocks of `read.batch_size` rows let every stage work on a different block at once
-    (streaming); one big block would run the stages one after another.
-    """
+
+def input_dataset(cfg: JobConfig):
+    """A dataset with one `uri` column in small blocks, and the number of inputs."""
     import ray.data
 
-    inp, rows_per_block = cfg.input, cfg.read.batch_size
+    inp = cfg.input
     if inp.manifest:
         fs, path = manifest.arrow_filesystem(inp.manifest, cfg.storage)
         reader = ray.data.read_csv if path.lower().endswith(".csv") else ray.data.read_parquet
@@ -53,12 +58,12 @@ def input_dataset(cfg: JobConfig):
         if inp.limit:
             ds = ds.limit(inp.limit)
         n = ds.count()
-        return ds.repartition(target_num_rows_per_block=rows_per_block), n
+        return ds.repartition(target_num_rows_per_block=rows_per_block(n, cfg.read.batch_size)), n
     uris = list(list_files(inp.uri, inp.extensions, cfg.storage))
     if inp.limit:
         uris = uris[: inp.limit]
-    chunks = [pa.table({"uri": pa.array(uris[i:i + rows_per_block], pa.string())})
-              for i in range(0, max(len(uris), 1), rows_per_block)]
+    step = rows_per_block(len(uris), cfg.read.batch_size)
+    chunks = [pa.table({"uri": pa.array(uris[i:i + step], pa.string())}) for i in range(0, max(len(uris), 1), step)]
     return ray.data.from_arrow(chunks), len(uris)
 
 
@@ -136,7 +141,10 @@ def run(cfg: JobConfig) -> dict:
     from ray.data.datasource import FilenameProvider
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, log_to_driver=True)
+        # Inside `ray job submit` RAY_ADDRESS names the cluster; alone, start an embedded Ray
+        # ("local") rather than silently joining some cluster this machine happens to run.
+        address = cfg.ray.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+        ray.init(address=address, num_cpus=cfg.ray.num_cpus if address == "local" else None, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
 
     out, storage = cfg.output.uri, cfg.storage

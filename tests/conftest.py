@@ -8,8 +8,8 @@ import socket
 import pytest
 
 # Credentials for the loopback S3 server only; set before any AWS client exists.
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "cafi-test-key-id")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "cafi-test-secret-7f3a9c")  # tests check it never leaks
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,14 +104,30 @@ def _cluster_env(tmp: str) -> dict:
 
 
 def _run_scenario(name: str, args: dict, timeout: int) -> dict:
-    tmp = tempfile.mkdtemp(prefix="cafi-", dir="/tmp")  # short: Ray's socket paths live under it
+    """Run a scenario in its own interpreter and process group; whatever it leaves running is ended.
+
+    Its output goes to a file, not a pipe: Ray processes it starts inherit the descriptors, and a
+    pipe would stay open (and the test wait) for as long as any of them lives.
+    """
+    tmp = tempfile.mkdtemp(prefix="cafi-ray-", dir="/tmp")  # short: Ray's socket paths live under it
     os.makedirs(os.path.join(tmp, "ray"))  # RAY_TMPDIR/ray: where Ray keeps this cluster's address file
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), name, json.dumps({**args, "tmp": tmp})],
-                          env=_cluster_env(tmp), cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"scenario {name} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-8000:]}")
+    log_path = os.path.join(tmp, f"{name}.log")
+    with open(log_path, "w") as log:
+        argv = [sys.executable, os.path.abspath(__file__), name, json.dumps({**args, "tmp": tmp})]
+        proc = subprocess.Popen(argv, env=_cluster_env(tmp), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = f"killed after {timeout}s"
+        finally:
+            _stop(proc)
+    with open(log_path) as fh:
+        output = fh.read()
+    shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs; the failure message carries the output
+    lines = [ln for ln in output.splitlines() if ln.startswith(MARK)]
+    if code != 0 or not lines:
+        raise AssertionError(f"scenario {name} failed ({code}):\n{output[-12000:]}")
     return json.loads(lines[-1][len(MARK):])
 
 
@@ -253,7 +270,7 @@ def _scenario_autoscale(args: dict) -> None:
         yaml.safe_dump(_autoscaling_cluster_config(gcs), fh)
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
-    log = open(os.path.join(tmp, "ray-start.log"), "w")
+    log = open(os.path.join(tmp, "ray-start.log"), "w")  # closed when this interpreter exits
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={tmp}/ray",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,13 +87,13 @@ def test_ray_job_submit_scores_a_small_input_end_to_end(fast_config, tmp_path):
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     url = f"http://127.0.0.1:{dash}"
+    start_log_file = open(os.path.join(tmp, "ray-start.log"), "w")
     head = subprocess.Popen(
         [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", f"--port={gcs}",
          "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={tmp}/ray", "--disable-usage-stats"],
-        env=env, stdout=open(os.path.join(tmp, "ray-start.log"), "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        env=env, stdout=start_log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_dashboard(url, token, head, timeout=180)
         # Token authentication is on: without the token the job API answers 401.
@@ -103,7 +104,8 @@ def test_ray_job_submit_scores_a_small_input_end_to_end(fast_config, tmp_path):
         config_args = [arg for path in fast_config for arg in ("--config", path)]
         cmd = [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", url, "--working-dir", ".",
                "--submission-id", submission, "--", "python", "jobs/score.py", *config_args,
-               f"input.uri={inp}", f"output.uri={out}", "ray.progress_bars=false"]
+               f"input.uri={inp}", f"output.uri={out}", "ray.progress_bars=false",
+               "ray.fuse_models=true"]  # one model actor: the submission path is under test, not placement
         job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=480)
         logs = job.stdout[-6000:] + job.stderr[-4000:]
         assert job.returncode == 0, logs
@@ -126,4 +128,8 @@ def test_ray_job_submit_scores_a_small_input_end_to_end(fast_config, tmp_path):
         assert info["status"] == "SUCCEEDED" and "jobs/score.py" in info["entrypoint"]
     finally:
         _stop(head)
-    assert head.poll() is not None
+        start_log_file.close()
+        with open(os.path.join(tmp, "ray-start.log")) as fh:
+            start_log = fh.read()[-3000:]
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert head.poll() is not None, start_log

@@ -152,6 +152,13 @@ def test_s3_to_s3_with_a_csv_manifest_that_names_a_vanished_object(s3, fast_conf
     first = _by_name(rows)
     for name, row in first.items():
         assert rows2[name]["status"] == row["status"]
+    # credentials come from the environment chain and are never written anywhere
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    written = s3.find("crops/out1") + s3.find("crops/out2")
+    assert any(p.endswith("summary.json") for p in written) and any(p.endswith(".parquet") for p in written)
+    for path in written:
+        data = s3.cat_file(path)
+        assert secret not in data and os.environ["AWS_ACCESS_KEY_ID"].encode() not in data, path
 
 
 def test_systemic_faults_fail_the_run_without_a_marker(fast_config, ray_local, tmp_path):

@@ -53,6 +53,8 @@ class SerFiq:
         self.dropout, self.alpha, self.r = dropout, alpha, r
         self.net = load_into(arcface.build(dropout), ckpt, cache_dir, storage).to(device).eval()
         self.masks = dropout_masks(samples, dropout, seed, device)
+        # nn.Dropout's inverted scaling folded into the masks: one pass over the repeated features
+        self.scaled_masks = self.masks * (1.0 / (1.0 - dropout))
         self.chunk = chunk  # faces per head GEMM: bounds memory at chunk*samples*25088 floats
 
     @torch.inference_mode()
@@ -72,12 +74,8 @@ class SerFiq:
             feats = arcface.trunk(self.net, x)
             for start in range(0, len(feats), self.chunk):
                 f = feats[start:start + self.chunk]
-                rep = (f[:, None, :] * self.masks[None]).reshape(-1, FEATURES)
-                emb = self._head(rep)
+                rep = (f[:, None, :] * self.scaled_masks[None]).reshape(-1, FEATURES)
+                emb = arcface.head(self.net, rep, None, self.dropout)
                 out.append(quality_from_embeddings(emb.float().view(len(f), t, -1)))
         raw = torch.cat(out) if out else torch.zeros(0, device=self.device)
         return raw.cpu().numpy().astype(np.float32), rescale(raw, self.alpha, self.r).cpu().numpy().astype(np.float32)
-
-    def _head(self, masked_features: torch.Tensor) -> torch.Tensor:
-        scaled = masked_features * (1.0 / (1.0 - self.dropout))
-        return arcface.head(self.net, scaled, None, self.dropout)
