@@ -17,10 +17,10 @@ reduced, and why it does not change what is measured (growth with the number of 
     still travel through every stage and every actor (with their zero-filled pixel column) but
     skip the model calls. (A no_face split is not possible: with random weights the detector
     gives every crop the same score.) 1.0 runs every model on every input.
-Everything else is the library default (or the preset chosen with --fused).
+Everything else is the library default (the models fused in one actor), or four actor pools with --pools.
 
     python bench/memory.py [--counts 1000,10000] [--crop-size 64] [--scored-fraction 0.1]
-                           [--fused] [--input listing|manifest] [key=value ...]
+                           [--pools] [--input listing|manifest] [key=value ...]
 
 Prints per count: driver peak RSS (and its RSS after each phase of the run), the peak RSS of
 each model actor (and its RSS at 25/50/75/100 % of its life: plateau or growth), the largest
@@ -46,8 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stages as bench  # noqa: E402  (bench/stages.py: shared helpers)
 
 MIB = 2**20
-FUSED = ["ray.fuse_models=true", *[f"models.{m}.num_cpus=1" for m in ("detector", "parser", "serfiq", "dbcnn")],
-         *[f"models.{m}.torch_threads=2" for m in ("detector", "parser", "serfiq", "dbcnn")]]
+POOLS = ["ray.fuse_models=false", *[f"models.{m}.torch_threads=0" for m in ("detector", "parser", "serfiq", "dbcnn")]]
 
 
 def role(name: str) -> str:
@@ -95,16 +94,13 @@ def instrument(phases: list) -> None:
         wrap(manifest, name)
 
 
-def quartiles(samples: list[tuple[float, int]]) -> list[int]:
-    """RSS at 25/50/75/100 % of a process's observed lifetime (plateau or steady growth?)."""
+def quartiles(samples: list[tuple[float, int, int]], col: int) -> list[int]:
+    """Peak RSS (col 1) or RssAnon (col 2) up to 25/50/75/100 % of a process's observed life:
+    a plateau or steady growth?"""
     if not samples:
         return []
     t0, t1 = samples[0][0], samples[-1][0]
-    out = []
-    for q in (0.25, 0.5, 0.75, 1.0):
-        at = t0 + q * (t1 - t0)
-        out.append(max(rss for t, rss in samples if t <= at))
-    return out
+    return [max(s[col] for s in samples if s[0] <= t0 + q * (t1 - t0)) for q in (0.25, 0.5, 0.75, 1.0)]
 
 
 def child(args) -> None:
@@ -128,20 +124,25 @@ def child(args) -> None:
         t = time.perf_counter()
         summary = pipeline.run(cfg)
         wall = time.perf_counter() - t
-    groups: dict[str, list[int]] = {}
-    series: dict[str, list[int]] = {}
+    groups: dict[str, list[tuple[int, int, int]]] = {}
+    series: dict[str, list[list[int]]] = {}
     for pid, name in tree.name.items():
-        groups.setdefault(role(name), []).append(tree.hwm.get(pid, 0))
+        groups.setdefault(role(name), []).append((tree.hwm.get(pid, 0), tree.anon.get(pid, 0), tree.shmem.get(pid, 0)))
         if role(name).startswith("model actor"):
-            series[role(name)] = quartiles(tree.series.get(pid, []))
+            samples = tree.series.get(pid, [])
+            if role(name) not in series or len(samples) > series[role(name)][2]:
+                series[role(name)] = [quartiles(samples, 1), quartiles(samples, 2), len(samples)]
     ray.shutdown()
     out = {
         "count": args.child, "wall": wall, "rows": summary["counts"].get("distinct_uris"),
         "statuses": summary["counts"].get("status") or summary["counts"].get("by_status"),
         "driver_peak": bench.driver_peak_rss(),
-        "groups": {k: {"max": max(v), "sum": sum(v), "processes": len(v)} for k, v in groups.items()},
+        "groups": {k: {"max": max(p[0] for p in v), "sum": sum(p[0] for p in v), "processes": len(v),
+                       "anon": max(p[1] for p in v), "shmem": max(p[2] for p in v)} for k, v in groups.items()},
         "ray_sum_of_peaks": sum(tree.hwm.values()),
         "ray_total_rss_peak": tree.total_rss_peak,
+        "ray_total_anon_peak": tree.total_anon_peak,
+        "object_store_peak": tree.store_peak,
         "phases": phases, "actor_rss_quartiles": series,
     }
     print("RESULT " + json.dumps(out), flush=True)
@@ -191,7 +192,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10, help="SER-FIQ T")
     ap.add_argument("--distinct", type=int, default=16, help="distinct crops behind the inputs")
     ap.add_argument("--scored-fraction", type=float, default=0.1)
-    ap.add_argument("--fused", action="store_true", help="ray.fuse_models=true, num_cpus 1, 2 torch threads")
+    ap.add_argument("--pools", action="store_true", help="ray.fuse_models=false: one actor pool per model")
     ap.add_argument("--input", choices=("listing", "manifest"), default="listing")
     ap.add_argument("--cpus", type=int, default=os.cpu_count())
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
@@ -207,10 +208,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cafi-bench-mem-") as d:
         weights_cfg, crops = bench.setup(d, args.distinct, "retinaface_mobile0.25", "bisenet")
         common = [*bench.base_overrides(d), f"image.crop_size={args.crop_size}", "models.parser.input_size=64",
-                  f"models.serfiq.samples={args.samples}", *(FUSED if args.fused else []), *args.overrides]
+                  f"models.serfiq.samples={args.samples}", *(POOLS if args.pools else []), *args.overrides]
         print(f"reduced config: crop {args.crop_size}, retinaface_mobile0.25, bisenet@64, SER-FIQ T={args.samples}, "
               f"DBCNN@{args.crop_size}; {args.distinct} distinct crops, scored fraction {args.scored_fraction} "
-              f"(others: 16x16 PNGs -> error rows); {'fused' if args.fused else 'library default'} stages; "
+              f"(others: 16x16 PNGs -> error rows); "
+              f"{'4 actor pools' if args.pools else 'library default (fused)'} stages; "
               f"input by {args.input}; Ray num_cpus={args.cpus}", flush=True)
         results = []
         for count in counts:
@@ -228,13 +230,15 @@ def main() -> None:
             print(f"\n{count} inputs: {r['wall']:.1f} s ({count / r['wall']:.1f} img/s), {r['rows']} rows "
                   f"{r['statuses'] or ''}\n  driver peak RSS {fmt(r['driver_peak'])} MiB", flush=True)
             for name, g in sorted(r["groups"].items()):
-                print(f"  {name:<42} {g['processes']:>3} processes, largest peak {fmt(g['max'])} MiB, "
-                      f"sum of peaks {fmt(g['sum'])} MiB", flush=True)
+                print(f"  {name:<42} {g['processes']:>3} proc., peak RSS {fmt(g['max'])} MiB (private "
+                      f"{fmt(g['anon'])}, object store {fmt(g['shmem'])}); sum of peaks {fmt(g['sum'])} MiB",
+                      flush=True)
             print(f"  all Ray processes: sum of peaks {fmt(r['ray_sum_of_peaks'])} MiB, peak of summed RSS "
-                  f"{fmt(r['ray_total_rss_peak'])} MiB", flush=True)
-            quarters = sorted(r["actor_rss_quartiles"].items())
-            print("  model actors' RSS at 25/50/75/100 % of their life (MiB): " + "; ".join(
-                f"{k[12:]} " + "/".join(f"{v / MIB:.0f}" for v in q) for k, q in quarters))
+                  f"{fmt(r['ray_total_rss_peak'])} MiB, peak of summed private RSS {fmt(r['ray_total_anon_peak'])} "
+                  f"MiB; object store in use (peak) {fmt(r['object_store_peak'])} MiB", flush=True)
+            for k, (rss, anon, _) in sorted(r["actor_rss_quartiles"].items()):
+                print(f"  {k} over its life, peak RSS at 25/50/75/100 %: " + "/".join(f"{v / MIB:.0f}" for v in rss)
+                      + " MiB; private: " + "/".join(f"{v / MIB:.0f}" for v in anon) + " MiB")
             print("  driver RSS / peak RSS after each phase (MiB): " + "; ".join(
                 f"{name} {rss / MIB:.0f}/{hwm / MIB:.0f}" for name, rss, hwm in r["phases"]), flush=True)
 
@@ -242,16 +246,19 @@ def main() -> None:
         return
     lo, hi = results[0], results[-1]
     ratio = hi["count"] / lo["count"]
-    print(f"\n{'peak RSS (MiB)':<48} {lo['count']:>8} {hi['count']:>8} {'ratio':>7}")
+    print(f"\n{'peak RSS (MiB)':<52} {lo['count']:>8} {hi['count']:>8} {'ratio':>7}")
     rows = [("driver", lo["driver_peak"], hi["driver_peak"])]
     for name in sorted(lo["groups"]):
         if name.startswith(("model actor", "task workers")) and name in hi["groups"]:
-            rows.append((f"{name}: largest", lo["groups"][name]["max"], hi["groups"][name]["max"]))
+            rows.append((f"{name}: peak RSS", lo["groups"][name]["max"], hi["groups"][name]["max"]))
+            rows.append((f"{name}: private", lo["groups"][name]["anon"], hi["groups"][name]["anon"]))
     rows += [("all Ray processes: sum of peaks", lo["ray_sum_of_peaks"], hi["ray_sum_of_peaks"]),
-             ("all Ray processes: peak of summed RSS", lo["ray_total_rss_peak"], hi["ray_total_rss_peak"])]
+             ("all Ray processes: peak of summed RSS", lo["ray_total_rss_peak"], hi["ray_total_rss_peak"]),
+             ("all Ray processes: peak of summed private", lo["ray_total_anon_peak"], hi["ray_total_anon_peak"]),
+             ("object store in use (peak)", lo["object_store_peak"], hi["object_store_peak"])]
     worst = 0.0
     for name, a, b in rows:
-        print(f"{name[:48]:<48} {fmt(a)} {fmt(b)} {b / a:>6.2f}x")
+        print(f"{name[:52]:<52} {fmt(a)} {fmt(b)} {b / a:>6.2f}x")
         if "sum of peaks" not in name:  # a sum over processes that did not all live at once
             worst = max(worst, b / a)
     per_input = (hi["driver_peak"] - lo["driver_peak"]) / (hi["count"] - lo["count"])

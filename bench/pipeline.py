@@ -24,6 +24,7 @@ they are far less sensitive to other load on the machine. The last line reads
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -48,17 +49,16 @@ def _all(key: str, value) -> list[str]:
 
 # name -> (extra config files, overrides, what it is)
 PRESETS: dict[str, tuple[list[str], list[str], str]] = {
-    "default": ([], [], "library defaults: 4 actor pools, num_cpus 0.25, 1 torch thread each"),
-    "local": (["configs/local.yaml"], [], "configs/local.yaml: fused, num_cpus 1, 1 torch thread"),
-    "fused-t2": ([], ["ray.fuse_models=true", *_all("num_cpus", 1), *_all("torch_threads", 2)],
-                 "fused, 1 actor, num_cpus 1, 2 torch threads"),
-    "fused-2x1": ([], ["ray.fuse_models=true", *_all("num_cpus", 0.75), *_all("min_actors", 2),
-                       *_all("max_actors", 2), *_all("torch_threads", 1)],
-                  "fused, 2 actors, num_cpus 0.75, 1 torch thread each"),
-    "pools-t2": ([], _all("torch_threads", 2), "4 actor pools, num_cpus 0.25, 2 torch threads each"),
-    "pools-c0.5": ([], _all("num_cpus", 0.5), "4 actor pools, num_cpus 0.5, 1 torch thread each"),
+    "default": ([], [], "library defaults: the four models fused in one actor, torch on every CPU"),
+    "fused-t1": ([], _all("torch_threads", 1), "fused, 1 torch thread"),
+    "pools": ([], ["ray.fuse_models=false", *_all("torch_threads", 0)],
+              "4 actor pools, num_cpus 0.25, 1 torch thread each"),
+    "pools-t2": ([], ["ray.fuse_models=false", *_all("torch_threads", 2)],
+                 "4 actor pools, num_cpus 0.25, 2 torch threads each"),
+    "fused-2x1": ([], [*_all("num_cpus", 0.75), *_all("min_actors", 2), *_all("max_actors", 2),
+                       *_all("torch_threads", 1)], "fused, 2 actors, num_cpus 0.75, 1 torch thread each"),
 }
-DEFAULT_CONFIGS = "default,local,fused-t2,fused-2x1,pools-t2"
+DEFAULT_CONFIGS = "default,pools"
 
 
 # ---------------------------------------------------------------- (a) the per-image loop
@@ -77,21 +77,24 @@ class Replay(torch.nn.Module):
 class NotebookLoop:
     """The per-image reference: models loaded once, then one image at a time through everything."""
 
-    def __init__(self, cfg, reference: str):
+    def __init__(self, cfg, reference: str, device: torch.device | None = None):
         from cafi.models.dbcnn import DbcnnScorer
         from cafi.models.face_parsing import FaceMasker
         from cafi.models.registry import checkpoint, published
         from cafi.models.retinaface import FaceDetector
         from cafi.models.serfiq import SerFiq
 
-        m, cpu = cfg.models, torch.device("cpu")
+        m, cpu = cfg.models, device or torch.device("cpu")
+        self.device = cpu
         self.cfg, self.reference, self.record = cfg, reference, published("arcface_ir_se50")
         self.detector = FaceDetector(m.detector.arch, checkpoint("detector", m.detector.arch, m.detector.weights),
                                      m.cache_dir, cpu)
         s = m.serfiq
         serfiq = SerFiq(checkpoint("serfiq", "arcface_ir_se50", s.weights), m.cache_dir, cpu, samples=s.samples,
                         dropout=s.dropout, alpha=s.alpha, r=s.r, seed=s.seed)
-        self.serfiq, self.net, self.masks = serfiq, serfiq.net, serfiq.masks  # the same net and masks as cafi
+        # the same weights and masks as cafi; facexlib's Flatten needs the default memory format
+        self.serfiq, self.masks = serfiq, serfiq.masks
+        self.net = copy.deepcopy(serfiq.net).to(memory_format=torch.contiguous_format)
         self.replay = Replay(s.dropout)
         self.net.output_layer[1] = self.replay
         p = m.parser
@@ -105,7 +108,7 @@ class NotebookLoop:
         from cafi.models.runtime import to_input
         from cafi.models.serfiq import quality_from_embeddings
 
-        x = to_input(face[None], torch.device("cpu"), self.record).contiguous()
+        x = to_input(face[None], self.device, self.record).contiguous()
         t = self.masks.shape[0]
         if self.reference == "batched":  # the T passes as one batch of T copies
             self.replay.keep = self.masks.view(t, 512, 7, 7)

@@ -86,12 +86,13 @@ def _proc_stat(pid: int) -> tuple[int, float] | None:
 
 
 def _proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM (peak RSS) in bytes, from /proc/<pid>/status."""
+    """VmRSS, VmHWM (peak RSS), RssAnon (private), RssShmem (shared memory: Ray's object store
+    pages this process has touched) in bytes, from /proc/<pid>/status."""
     out = {}
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith(("VmRSS:", "VmHWM:")):
+                if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssShmem:")):
                     key, value = line.split(":", 1)
                     out[key] = int(value.split()[0]) * 1024
     except OSError:
@@ -107,6 +108,22 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _object_store_bytes(raylet: int) -> int:
+    """Allocated bytes of the raylet's plasma file in /dev/shm (tmpfs pages ever written and not freed)."""
+    total = 0
+    try:
+        fds = os.listdir(f"/proc/{raylet}/fd")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            if "/dev/shm/plasma" in os.readlink(f"/proc/{raylet}/fd/{fd}"):
+                total = max(total, os.stat(f"/proc/{raylet}/fd/{fd}").st_blocks * 512)
+        except OSError:
+            continue
+    return total
+
+
 class ProcessTree:
     """Polls this process's descendants (an embedded local Ray: GCS, raylet, workers) in a thread.
 
@@ -119,13 +136,17 @@ class ProcessTree:
         import threading
 
         self.keep_series = keep_series
-        self.series: dict[int, list[tuple[float, int]]] = {}  # pid -> (time, RSS) samples
+        self.series: dict[int, list[tuple[float, int, int]]] = {}  # pid -> (time, RSS, RssAnon) samples
         self.interval = interval
         self.root = os.getpid()
         self.cpu: dict[int, float] = {}
         self.cpu0: dict[int, float] = {}
         self.hwm: dict[int, int] = {}
         self.rss: dict[int, int] = {}
+        self.anon: dict[int, int] = {}  # peak RssAnon seen
+        self.shmem: dict[int, int] = {}  # peak RssShmem seen
+        self.total_anon_peak = 0
+        self.store_peak = 0  # pages of Ray's object store (plasma, in /dev/shm) in use: its physical size
         self.name: dict[int, str] = {}
         self.total_rss_peak = 0
         self._stop = threading.Event()
@@ -150,7 +171,7 @@ class ProcessTree:
         return out
 
     def poll(self) -> None:
-        total = 0
+        total = total_anon = 0
         for pid, cpu in self.descendants().items():
             if pid not in self.cpu0 and not self._started:
                 self.cpu0[pid] = cpu  # alive before the measurement: count only what follows
@@ -158,12 +179,19 @@ class ProcessTree:
             st = _proc_status(pid)
             self.hwm[pid] = max(self.hwm.get(pid, 0), st.get("VmHWM", 0))
             self.rss[pid] = max(self.rss.get(pid, 0), st.get("VmRSS", 0))
+            self.anon[pid] = max(self.anon.get(pid, 0), st.get("RssAnon", 0))
+            self.shmem[pid] = max(self.shmem.get(pid, 0), st.get("RssShmem", 0))
             if self.keep_series:
-                self.series.setdefault(pid, []).append((time.monotonic(), st.get("VmRSS", 0)))
+                self.series.setdefault(pid, []).append((time.monotonic(), st.get("VmRSS", 0), st.get("RssAnon", 0)))
             total += st.get("VmRSS", 0)
+            total_anon += st.get("RssAnon", 0)
             if not self.name.get(pid, "").startswith("ray::") or self.name[pid].startswith("ray::IDLE"):
                 self.name[pid] = _cmdline(pid) or self.name.get(pid, "")
         self.total_rss_peak = max(self.total_rss_peak, total)
+        self.total_anon_peak = max(self.total_anon_peak, total_anon)
+        for pid, name in self.name.items():
+            if "/raylet" in name.split(" ", 1)[0]:
+                self.store_peak = max(self.store_peak, _object_store_bytes(pid))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -35,8 +35,8 @@ class StageConfig:
     num_gpus: float = 0.0
     min_actors: int = 1
     max_actors: int = 1
-    # Torch intra-op threads per actor; 0 = max(1, round(num_cpus)).
-    torch_threads: int = 0
+    # Torch intra-op threads per actor; 0 = max(1, round(num_cpus)); -1 = every CPU of the node.
+    torch_threads: int = -1
 
 
 @dataclass
@@ -81,6 +81,8 @@ class ModelsConfig:
     device: str = "auto"
     # fp32 | fp16 | bf16; autocast applies on CUDA only.
     precision: str = "fp32"
+    # torch.compile the model forwards (pays compile time once per actor and batch size).
+    compile: bool = False
     cache_dir: str = "~/.cache/cafi/weights"
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     parser: ParserConfig = field(default_factory=ParserConfig)
@@ -141,7 +143,7 @@ class RayConfig:
     num_cpus: int | None = None
     progress_bars: bool = True
     # Fuse the four model stages into one actor (worth it where no device boundary is crossed).
-    fuse_models: bool = False
+    fuse_models: bool = True
     # GPU actor pools start at max_actors so an autoscaling cluster adds GPU workers for them
     # (cafi/autoscale.py): auto = when the job joined an existing Ray cluster; always; never.
     scale_gpu_pools: str = "auto"
@@ -282,7 +284,7 @@ def _validate_stage(prefix: str, st: StageConfig) -> None:
     _check(st.num_cpus > 0 or st.num_gpus > 0, f"{prefix}.num_cpus", "> 0 when num_gpus is 0", st.num_cpus)
     _check(st.min_actors >= 1, f"{prefix}.min_actors", "an integer >= 1", st.min_actors)
     _check(st.max_actors >= st.min_actors, f"{prefix}.max_actors", "an integer >= min_actors", st.max_actors)
-    _check(st.torch_threads >= 0, f"{prefix}.torch_threads", "an integer >= 0", st.torch_threads)
+    _check(st.torch_threads >= -1, f"{prefix}.torch_threads", "an integer >= -1", st.torch_threads)
     weights = st.weights  # type: ignore[attr-defined]
     if weights is None:  # the published checkpoint of the arch
         return

@@ -14,6 +14,7 @@ Batch columns, in order of appearance:
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 from collections import defaultdict
 
@@ -113,6 +114,13 @@ def read_decode(batch: dict, cfg: dict) -> dict:
 
 # ---------------------------------------------------------------- model stages (actors)
 
+def torch_threads(st: StageConfig) -> int:
+    """0: the CPUs Ray reserved for the actor (at least 1); -1: every CPU this process may run on."""
+    if st.torch_threads == -1:
+        return len(os.sched_getaffinity(0))
+    return st.torch_threads or max(1, round(st.num_cpus))
+
+
 class ModelStage:
     """Base: builds the device from config, runs `process` on the rows still in flight."""
 
@@ -125,7 +133,7 @@ class ModelStage:
         self.cfg: JobConfig = from_dict(cfg)
         st = self.stage_config(self.cfg)
         self.device = pick_device(self.cfg.models.device, st.num_gpus)
-        configure_torch(self.device, st.torch_threads or max(1, round(st.num_cpus)))
+        configure_torch(self.device, torch_threads(st))
         self.load()
 
     @classmethod
@@ -175,7 +183,7 @@ class ModelStage:
     def _common(self) -> dict:
         m = self.cfg.models
         return {"cache_dir": m.cache_dir, "device": self.device, "precision": m.precision,
-                "storage": self.cfg.storage}
+                "storage": self.cfg.storage, "compile": m.compile}
 
 
 class Detect(ModelStage):

@@ -44,10 +44,13 @@ def fast_config(tmp_path_factory, synth_dir) -> str:
     with open(extra, "w") as fh:
         fh.write(
             "image:\n  crop_size: 128\n"
-            "models:\n  serfiq:\n    samples: 8\n    r: 0.54\n"
-            "  parser:\n    input_size: 128\n"
-            "  dbcnn:\n    batch_size: 4\n"
-            "ray:\n  progress_bars: false\n"
+            "models:\n  serfiq:\n    samples: 8\n    r: 0.54\n    torch_threads: 0\n"
+            "  parser:\n    input_size: 128\n    torch_threads: 0\n"
+            "  dbcnn:\n    batch_size: 4\n    torch_threads: 0\n"
+            "  detector:\n    torch_threads: 0\n"
+            # The tests exercise the separate actor pools with one torch thread each (the
+            # library default fuses the models and gives them every CPU).
+            "ray:\n  progress_bars: false\n  fuse_models: false\n"
             "decision:\n  min_serfiq: 0.5\n"
         )
     return [path, extra]

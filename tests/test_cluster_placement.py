@@ -32,7 +32,7 @@ REPO = os.path.dirname(HERE)
 # ---------------------------------------------------------------- pool sizing (no cluster)
 
 def _cfg(tmp_path, *overrides):
-    return load_config([], ["input.uri=/in", f"output.uri={tmp_path}/out", *overrides])
+    return load_config([], ["input.uri=/in", f"output.uri={tmp_path}/out", "ray.fuse_models=false", *overrides])
 
 
 GPU_STAGES = ("models.serfiq.num_gpus=0.5", "models.serfiq.max_actors=8",

@@ -174,6 +174,15 @@ def test_label_orders_differ_between_bisenet_and_parsenet():
     assert set(bisenet.LABELS) == set(parsenet.LABELS)
 
 
+def test_bisenet_logits_equal_facexlib_main_output(synth_dir, faces):
+    """cafi skips the two auxiliary heads; the main output must be facexlib's, bit for bit."""
+    masker = FaceMasker("bisenet", _ck(synth_dir, "bisenet", "parser"), "/tmp", CPU, face_labels=["skin"],
+                        fill=[0, 0, 0], input_size=128)
+    x = to_input(faces[:2], CPU, masker.record)
+    with torch.inference_mode():
+        torch.testing.assert_close(bisenet.logits(masker.net, x), masker.net(x)[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", ["bisenet", "parsenet"])
 def test_face_masker_masks_the_background_with_the_fill(synth_dir, faces, arch):
     masker = FaceMasker(arch, _ck(synth_dir, arch, "parser"), "/tmp", CPU, face_labels=["skin", "nose"],

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from facexlib.parsing.bisenet import BiSeNet
 
 LABELS = (
@@ -18,5 +19,9 @@ def build() -> BiSeNet:
 
 
 def logits(net: BiSeNet, x):
-    """Per-pixel class logits (N, 19, H, W) at the input resolution."""
-    return net(x)[0]
+    """Per-pixel class logits (N, 19, H, W) at the input resolution: facexlib's forward without
+    its two auxiliary (training-only) heads, which it would also upsample to full size."""
+    h, w = x.shape[2:]
+    feat_res8, feat_cp8, _ = net.cp(x)
+    out, _ = net.conv_out(net.ffm(feat_res8, feat_cp8))
+    return F.interpolate(out, (h, w), mode="bilinear", align_corners=True)

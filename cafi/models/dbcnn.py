@@ -16,7 +16,7 @@ import torchvision
 from torch import nn
 
 from cafi.models.registry import published
-from cafi.models.runtime import autocast, to_input
+from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
 from cafi.weights import Checkpoint, load_into
 
 # SCNN conv stack: (in, out, stride); each conv is 3x3 followed by BatchNorm and ReLU.
@@ -64,20 +64,19 @@ def build() -> DBCNN:
 
 class DbcnnScorer:
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
-                 storage=None):
+                 storage=None, compile: bool = False):
         self.record = published("dbcnn")
         self.device = device
         self.precision = precision
-        net = load_into(build(), ckpt, cache_dir, storage).to(device).eval()
-        self.net = net.to(memory_format=torch.channels_last)
+        self.net = prepare(load_into(build(), ckpt, cache_dir, storage), device)
+        self.features = maybe_compile(lambda x: (self.net.features1(x), self.net.features2(x)), compile)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB (N,H,W,3) -> DBCNN score (N,), KonIQ MOS scale for the published weights."""
         x = to_input(images, self.device, self.record)
         with autocast(self.device, self.precision):
-            a = self.net.features1(x)
-            b = self.net.features2(x)
+            a, b = self.features(x)
         with torch.autocast(self.device.type, enabled=False):
             score = self.net.pool_and_regress(a, b)
         return score.cpu().numpy().astype(np.float32)

@@ -15,7 +15,7 @@ from facexlib.detection.retinaface import RetinaFace
 from facexlib.detection.retinaface_utils import PriorBox, batched_decode, batched_decode_landm
 
 from cafi.models.registry import Pretrained, published
-from cafi.models.runtime import autocast, to_input
+from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
 from cafi.weights import Checkpoint, load_into
 
 ARCHS = {"retinaface_resnet50": "resnet50", "retinaface_mobile0.25": "mobile0.25"}
@@ -38,12 +38,13 @@ class Detections:
 
 class FaceDetector:
     def __init__(self, arch: str, ckpt: Checkpoint, cache_dir: str, device: torch.device,
-                 precision: str = "fp32", storage=None):
+                 precision: str = "fp32", storage=None, compile: bool = False):
         self.record: Pretrained = published(arch)
         self.device = device
         self.precision = precision
-        self.net = load_into(build(arch, "cpu"), ckpt, cache_dir, storage).to(device).eval()
+        self.net = prepare(load_into(build(arch, "cpu"), ckpt, cache_dir, storage), device)
         self.net.device = device
+        self.forward = maybe_compile(self.net, compile)
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
 
     def _priors_for(self, h: int, w: int) -> torch.Tensor:
@@ -58,7 +59,7 @@ class FaceDetector:
         n, h, w, _ = images.shape
         x = to_input(images, self.device, self.record)
         with autocast(self.device, self.precision):
-            loc, conf, landm = self.net(x)
+            loc, conf, landm = self.forward(x)
         loc, conf, landm = loc.float(), conf.float(), landm.float()
         priors = self._priors_for(h, w)
         variance = self.net.cfg["variance"]

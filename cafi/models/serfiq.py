@@ -14,7 +14,7 @@ import torch
 from cafi.decision import rescale_serfiq
 from cafi.models import arcface
 from cafi.models.registry import published
-from cafi.models.runtime import autocast, to_input
+from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
 from cafi.weights import Checkpoint, load_into
 
 FEATURES = 512 * 7 * 7
@@ -46,12 +46,13 @@ def rescale(q: torch.Tensor | np.ndarray, alpha: float, r: float):
 class SerFiq:
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, samples: int = 100,
                  dropout: float = 0.5, alpha: float = 130.0, r: float = 0.88, seed: int = 0,
-                 precision: str = "fp32", storage=None, chunk: int = 8):
+                 precision: str = "fp32", storage=None, chunk: int = 8, compile: bool = False):
         self.record = published("arcface_ir_se50")
         self.device = device
         self.precision = precision
         self.dropout, self.alpha, self.r = dropout, alpha, r
-        self.net = load_into(arcface.build(dropout), ckpt, cache_dir, storage).to(device).eval()
+        self.net = prepare(load_into(arcface.build(dropout), ckpt, cache_dir, storage), device)
+        self.trunk = maybe_compile(lambda x: arcface.trunk(self.net, x), compile)
         self.masks = dropout_masks(samples, dropout, seed, device)
         # nn.Dropout's inverted scaling folded into the masks: one pass over the repeated features
         self.scaled_masks = self.masks * (1.0 / (1.0 - dropout))
@@ -71,11 +72,11 @@ class SerFiq:
         t = self.masks.shape[0]
         out = []
         with autocast(self.device, self.precision):
-            feats = arcface.trunk(self.net, x)
+            feats = self.trunk(x)
             for start in range(0, len(feats), self.chunk):
                 f = feats[start:start + self.chunk]
                 rep = (f[:, None, :] * self.scaled_masks[None]).reshape(-1, FEATURES)
                 emb = arcface.head(self.net, rep, None, self.dropout)
                 out.append(quality_from_embeddings(emb.float().view(len(f), t, -1)))
-        raw = torch.cat(out) if out else torch.zeros(0, device=self.device)
+        raw = torch.cat(out).float() if out else torch.zeros(0, device=self.device)  # bf16 has no numpy dtype
         return raw.cpu().numpy().astype(np.float32), rescale(raw, self.alpha, self.r).cpu().numpy().astype(np.float32)

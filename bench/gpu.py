@@ -1,0 +1,251 @@
+"""CUDA fast paths on one GPU: each model stage alone by precision and batch size, torch.compile,
+the per-image loop, and the cafi job end to end on an embedded local Ray.
+
+Everything is measured in one run on the same synthetic weights (published formats) and the
+same crops (--distinct generated crops, repeated as files under distinct names up to --e2e-n):
+  stages   each cafi model stage class (what an actor runs) called on pre-decoded 384x384
+           crops in batches; fp32 is the baseline each precision is compared with
+  compile  DbcnnStage with models.compile=true: compile time, then crops/s against eager
+  loop     the per-image notebook loop of bench/pipeline.py on the GPU (batch 1; SER-FIQ as T
+           full passes in one batch of T copies, the generous reference)
+  cafi     cafi.pipeline.run end to end (listing, actors, model loads, scoring, Parquet,
+           commit): the four models fused in one actor holding the GPU, against four actor
+           pools sharing it
+
+    python bench/gpu.py [--n 1024] [--batch-sizes 32,64,128] [--precisions fp32,fp16,bf16]
+                        [--compile] [--loop-n 8] [--e2e-n 8192] [--e2e fused,pools]
+
+Needs CUDA. Targets (issue 7, H100): DBCNN stage >= 1,500 crops/s at 384x384; end to end
+>= 500 crops/s per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import stages as bench  # noqa: E402  (bench/stages.py: shared helpers)
+import torch  # noqa: E402
+
+from cafi.config import load_config, to_dict  # noqa: E402
+
+MODELS = ("detector", "parser", "serfiq", "dbcnn")
+
+
+def _all(key: str, value) -> list[str]:
+    return [f"models.{m}.{key}={value}" for m in MODELS]
+
+
+GPUS = 1 if torch.cuda.is_available() else 0
+E2E = {
+    "fused": ["ray.fuse_models=true", *_all("num_gpus", GPUS), *_all("num_cpus", 1)],
+    "pools": [*_all("num_gpus", GPUS / 4), *_all("num_cpus", 1 if GPUS else 0.25)],
+}
+
+
+def gpu_line() -> str:
+    p = torch.cuda.get_device_properties(0)
+    return f"gpu: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs; torch {torch.__version__}"
+
+
+def write_inputs(d: str, crops: list[str], count: int) -> str:
+    """`count` files under distinct names (hard links to the generated crops)."""
+    out = os.path.join(d, f"in-{count}")
+    os.makedirs(out, exist_ok=True)
+    for i in range(count):
+        src = crops[i % len(crops)]
+        os.link(src, os.path.join(out, f"{i:06d}_{os.path.basename(src)}"))
+    return out
+
+
+def stage_inputs(cfg, paths: list[str], n: int) -> dict[str, dict]:
+    """The input batch of every model stage: decoded crops tiled to n, then each stage's output
+    computed once (fp32, untimed) as the next one's input."""
+    from cafi import stages
+
+    base = stages.read_decode({"uri": np.asarray(paths, dtype=object)}, to_dict(cfg))
+    reps = -(-n // len(paths))
+    batch = {k: np.concatenate([v] * reps)[:n] for k, v in base.items()}
+    cfg_dict = to_dict(cfg)
+    inputs = {}
+    for cls in stages.MODEL_STAGES:
+        inputs[cls.__name__] = {k: v.copy() for k, v in batch.items()}
+        stage = cls(cfg_dict)
+        batch = _run(stage, inputs[cls.__name__], 64)
+        del stage
+    return inputs
+
+
+def _slices(batch: dict, size: int) -> list[dict]:
+    n = len(batch["uri"])
+    return [{k: v[i:i + size].copy() for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def _run(stage, batch: dict, size: int) -> dict:
+    parts = [stage(p) for p in _slices(batch, size)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_stage(stage, batch: dict, size: int, repeats: int = 2) -> float:
+    """Crops/s of `stage` over `batch` in batches of `size` (copies made before the clock starts;
+    two warm-up batches first so cuDNN's algorithm search stays out of the numbers)."""
+    for part in _slices(batch, size)[:2]:
+        stage(part)
+    best = float("inf")
+    for _ in range(repeats):
+        parts = _slices(batch, size)
+        sync()
+        t = time.perf_counter()
+        for part in parts:
+            stage(part)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return len(batch["uri"]) / best
+
+
+def bench_stages(cfg_files: list[str], over: list[str], inputs: dict, sizes: list[int],
+                 precisions: list[str]) -> dict:
+    from cafi import stages
+
+    table: dict[tuple[str, str, int], float] = {}
+    for precision in precisions:
+        cfg = load_config(cfg_files, [*over, f"models.precision={precision}"])
+        for cls in stages.MODEL_STAGES:
+            stage = cls(to_dict(cfg))
+            for size in sizes:
+                table[(cls.__name__, precision, size)] = rate = time_stage(stage, inputs[cls.__name__], size)
+                print(f"  {cls.__name__:<12} {precision:<5} batch {size:>4}: {rate:>8.0f} crops/s", flush=True)
+            del stage
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1024, help="crops per stage measurement")
+    ap.add_argument("--distinct", type=int, default=256, help="distinct generated crops")
+    ap.add_argument("--batch-sizes", default="32,64,128")
+    ap.add_argument("--precisions", default="fp32,fp16,bf16")
+    ap.add_argument("--compile", action="store_true", help="also time DbcnnStage with models.compile=true")
+    ap.add_argument("--loop-n", type=int, default=8, help="crops through the per-image loop (0 = skip)")
+    ap.add_argument("--e2e-n", type=int, default=8192, help="crops scored end to end (0 = skip)")
+    ap.add_argument("--e2e", default="fused,pools", help=f"end-to-end configurations, from {list(E2E)}")
+    ap.add_argument("--e2e-precision", default="fp16")
+    ap.add_argument("--e2e-batch", type=int, default=64)
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for everything")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a dry run of this script, tiny sizes
+    sizes = [int(s) for s in args.batch_sizes.split(",") if s]
+    precisions = [p for p in args.precisions.split(",") if p]
+
+    print(bench.machine_line(), flush=True)
+    print(gpu_line() if device == "cuda" else "no CUDA: dry run on the CPU", flush=True)
+    with tempfile.TemporaryDirectory(prefix="cafi-gpu-bench-") as d:
+        t = time.perf_counter()
+        weights_cfg, crops = bench.setup(d, args.distinct, "retinaface_resnet50", "bisenet")
+        over = [f"input.uri={os.path.dirname(crops[0])}", f"output.uri={d}/out", *bench.base_overrides(d),
+                f"models.device={device}", *args.overrides]
+        cfg = load_config([weights_cfg], over)
+        print(f"setup {time.perf_counter() - t:.1f} s: {args.distinct} distinct crops, crop {cfg.image.crop_size}, "
+              f"parser bisenet@{cfg.models.parser.input_size}, SER-FIQ T={cfg.models.serfiq.samples}", flush=True)
+
+        # ---- each stage alone
+        inputs = stage_inputs(cfg, crops, args.n)
+        print(f"\nstages alone on the GPU, {args.n} crops (crops/s, best of 2):", flush=True)
+        table = bench_stages([weights_cfg], over, inputs, sizes, precisions)
+        if "fp32" in precisions:
+            print("\nspeedup over fp32 at the same batch size:")
+            for (name, precision, size), rate in table.items():
+                if precision != "fp32":
+                    print(f"  {name:<12} {precision:<5} batch {size:>4}: {rate / table[(name, 'fp32', size)]:.2f}x")
+        best = {}
+        for (name, precision, size), rate in table.items():
+            if rate > best.get(name, (0, None, None))[0]:
+                best[name] = (rate, precision, size)
+        chain = 1.0 / sum(1.0 / r for r, _, _ in best.values())
+        for name, (rate, precision, size) in best.items():
+            print(f"best {name}: {rate:.0f} crops/s ({precision}, batch {size})")
+        print(f"the four stages back to back at their best: {chain:.0f} crops/s (upper bound end to end)")
+        dbcnn_best = best["DbcnnStage"]
+        print(f"DBCNN stage at {cfg.image.crop_size}x{cfg.image.crop_size}: {dbcnn_best[0]:.0f} crops/s "
+              f"(target >= 1500)", flush=True)
+
+        # ---- the per-image loop
+        loop_s = None
+        if args.loop_n:
+            from pipeline import NotebookLoop
+
+            nb = NotebookLoop(cfg, "batched", torch.device(device))
+            walls, _, _ = nb.run(crops[: args.loop_n])
+            loop_s = float(np.median(walls))
+            print(f"\nper-image loop on the GPU ({args.loop_n} crops, fp32, batch 1): {loop_s * 1000:.0f} ms/img "
+                  f"median = {1 / loop_s:.1f} img/s", flush=True)
+            del nb
+
+        # ---- the cafi job end to end
+        if args.e2e_n:
+            import ray
+            from pipeline import operator_table
+
+            ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+            for name in ("ray", "ray.data"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+            ray.data.DataContext.get_current().issue_detectors_config.detectors = []  # memory advice lines
+            from cafi import pipeline
+
+            e2e_over = [f"models.precision={args.e2e_precision}", *_all("batch_size", args.e2e_batch),
+                        f"read.batch_size={args.e2e_batch}", "read.num_cpus=1"]
+            walls: dict[str, dict[int, float]] = {}
+            counts = (args.e2e_n // 4, args.e2e_n)
+            for count in counts:
+                src = write_inputs(d, crops, count)
+                for name in [e for e in args.e2e.split(",") if e]:
+                    c = load_config([weights_cfg], [*over, *e2e_over, *E2E[name], f"input.uri={src}",
+                                                    f"output.uri={d}/out-{name}-{count}"])
+                    t = time.perf_counter()
+                    s = pipeline.run(c)
+                    wall = time.perf_counter() - t
+                    walls.setdefault(name, {})[count] = wall
+                    print(f"\ncafi [{name}] {count} crops: {wall:.1f} s end to end = {count / wall:.0f} crops/s"
+                          f"{f'; vs per-image loop {loop_s * count / wall:.0f}x' if loop_s else ''}; "
+                          f"statuses {s['counts'].get('status')}", flush=True)
+                    print(operator_table(s), flush=True)
+            ray.shutdown()
+            lo, hi = counts
+            for name, w in walls.items():
+                steady = (hi - lo) / max(w[hi] - w[lo], 1e-9)
+                print(f"cafi [{name}] end to end: {hi / w[hi]:.0f} crops/s over {hi} crops; steady state "
+                      f"{steady:.0f} crops/s (from {lo} vs {hi} crops) after {w[hi] - hi / steady:.1f} s of "
+                      f"start-up (target >= 500 per GPU)", flush=True)
+
+        # ---- torch.compile
+        if args.compile:
+            from cafi.stages import DbcnnStage
+
+            prec, size = args.e2e_precision, args.e2e_batch
+            for flag in ("false", "true"):
+                c = load_config([weights_cfg], [*over, f"models.precision={prec}", f"models.compile={flag}"])
+                stage = DbcnnStage(to_dict(c))
+                t = time.perf_counter()
+                stage(_slices(inputs["DbcnnStage"], size)[0])
+                first = time.perf_counter() - t
+                rate = time_stage(stage, inputs["DbcnnStage"], size)
+                print(f"DbcnnStage compile={flag} {prec} batch {size}: first batch {first:.1f} s, "
+                      f"then {rate:.0f} crops/s", flush=True)
+                del stage
+
+
+if __name__ == "__main__":
+    main()
