@@ -206,7 +206,8 @@ def main() -> None:
             from cafi import pipeline
 
             e2e_over = [f"models.precision={args.e2e_precision}", *_all("batch_size", args.e2e_batch),
-                        f"read.batch_size={args.e2e_batch}", "read.num_cpus=1"]
+                        f"read.batch_size={args.e2e_batch}", "read.num_cpus=1",
+                        "ray.object_store_mb=8192"]  # as configs/cluster.yaml (the runs of 2026-11-26 had no cap)
             walls: dict[str, dict[int, float]] = {}
             counts = (args.e2e_n // 4, args.e2e_n)
             for count in counts:

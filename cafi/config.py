@@ -147,6 +147,8 @@ class RayConfig:
     # GPU actor pools start at max_actors so an autoscaling cluster adds GPU workers for them
     # (cafi/autoscale.py): auto = when the job joined an existing Ray cluster; always; never.
     scale_gpu_pools: str = "auto"
+    # Object-store bytes (MiB) the job's blocks may hold at once; null = Ray Data's own share.
+    object_store_mb: int | None = 256
 
 
 @dataclass
@@ -269,6 +271,8 @@ def validate(cfg: JobConfig) -> None:
     for name in ("detector", "parser", "serfiq", "dbcnn"):
         _validate_stage(f"models.{name}", getattr(m, name))
 
+    _check(cfg.ray.object_store_mb is None or cfg.ray.object_store_mb >= 64, "ray.object_store_mb",
+           "null or at least 64 (MiB)", cfg.ray.object_store_mb)
     _check(cfg.ray.scale_gpu_pools in SCALE_GPU_POOLS, "ray.scale_gpu_pools", f"one of {SCALE_GPU_POOLS}",
            cfg.ray.scale_gpu_pools)
     d = cfg.decision

@@ -26,6 +26,19 @@ from cafi.version import is_synthetic, model_version, stage_fingerprints
 log = logging.getLogger("cafi")
 
 
+def configure_data_context(cfg: JobConfig):
+    """Ray Data settings of this job. The object-store cap bounds the decoded pixels in flight:
+    without it the reads run ahead of the models until Ray Data's share of the store is full
+    (every input's pixels, on a 10,000-crop run), so memory would grow with the input."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress_bars
+    cap = math.inf if cfg.ray.object_store_mb is None else cfg.ray.object_store_mb * 2**20  # inf: Ray Data's share
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=cap)
+    return ctx
+
+
 def make_run_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
@@ -145,7 +158,7 @@ def run(cfg: JobConfig) -> dict:
         # ("local") rather than silently joining some cluster this machine happens to run.
         address = cfg.ray.address or (None if os.environ.get("RAY_ADDRESS") else "local")
         ray.init(address=address, num_cpus=cfg.ray.num_cpus if address == "local" else None, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+    configure_data_context(cfg)
 
     out, storage = cfg.output.uri, cfg.storage
     run_id = cfg.run_id or make_run_id()

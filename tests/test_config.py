@@ -120,3 +120,19 @@ def test_parser_labels_are_checked_against_the_chosen_architecture():
     for arch in ("bisenet", "parsenet"):
         cfg = load_config([], BASE + [f"models.parser.arch={arch}", "models.parser.face_labels=[skin,hair]"])
         assert cfg.models.parser.face_labels == ["skin", "hair"]
+
+
+def test_object_store_cap_reaches_ray_data():
+    """ray.object_store_mb bounds the job's blocks in the object store (pixels in flight)."""
+    import math
+
+    from cafi.pipeline import configure_data_context
+
+    base = ["input.uri=/in", "output.uri=/out"]
+    ctx = configure_data_context(load_config([], [*base, "ray.object_store_mb=256", "ray.progress_bars=false"]))
+    assert ctx.execution_options.resource_limits.object_store_memory == 256 * 2**20
+    assert ctx.enable_progress_bars is False
+    ctx = configure_data_context(load_config([], [*base, "ray.object_store_mb=null"]))
+    assert ctx.execution_options.resource_limits.object_store_memory == math.inf  # Ray Data's own share
+    with pytest.raises(ConfigError, match="ray.object_store_mb"):
+        load_config([], [*base, "ray.object_store_mb=8"])
