@@ -2,9 +2,9 @@
 
 Each stage is the class (or function) the Ray job runs, called directly on batches of the
 same crops: read+decode, Detect (RetinaFace + align), Mask (face parsing), SER-FIQ
-(head-only), DBCNN, decide. Synthetic weights; torch threads set per measurement (1 is what
-an actor gets from the default `num_cpus: 0.25`; the machine's CPU count is what a notebook
-uses).
+(head-only), DBCNN, decide. Synthetic weights; torch threads set per measurement (the
+machine's CPU count is what the default fused actor and a notebook use; 1 is what each of four
+separate pools gets with `torch_threads: 0` and `num_cpus: 0.25`).
 
     python bench/stages.py [--n 16] [--threads 1,2] [--detector retinaface_resnet50]
                            [--parser bisenet] [--config extra.yaml ...] [key=value ...]
