@@ -34,20 +34,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import stages as bench  # noqa: E402  (bench/stages.py: shared helpers)
 import torch  # noqa: E402
+from memory import write_inputs  # noqa: E402  (bench/memory.py: inputs as hard links)
 
 from cafi.config import load_config, to_dict  # noqa: E402
 
-MODELS = ("detector", "parser", "serfiq", "dbcnn")
-
-
-def _all(key: str, value) -> list[str]:
-    return [f"models.{m}.{key}={value}" for m in MODELS]
-
-
 GPUS = 1 if torch.cuda.is_available() else 0
 E2E = {
-    "fused": ["ray.fuse_models=true", *_all("num_gpus", GPUS), *_all("num_cpus", 1)],
-    "pools": [*_all("num_gpus", GPUS / 4), *_all("num_cpus", 1 if GPUS else 0.25)],
+    "fused": ["ray.fuse_models=true", *bench.every_model("num_gpus", GPUS), *bench.every_model("num_cpus", 1)],
+    "pools": [*bench.every_model("num_gpus", GPUS / 4), *bench.every_model("num_cpus", 1 if GPUS else 0.25)],
 }
 
 
@@ -56,25 +50,15 @@ def gpu_line() -> str:
     return f"gpu: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs; torch {torch.__version__}"
 
 
-def write_inputs(d: str, crops: list[str], count: int) -> str:
-    """`count` files under distinct names (hard links to the generated crops)."""
-    out = os.path.join(d, f"in-{count}")
-    os.makedirs(out, exist_ok=True)
-    for i in range(count):
-        src = crops[i % len(crops)]
-        os.link(src, os.path.join(out, f"{i:06d}_{os.path.basename(src)}"))
-    return out
-
-
 def stage_inputs(cfg, paths: list[str], n: int) -> dict[str, dict]:
     """The input batch of every model stage: decoded crops tiled to n, then each stage's output
     computed once (fp32, untimed) as the next one's input."""
     from cafi import stages
 
-    base = stages.read_decode({"uri": np.asarray(paths, dtype=object)}, to_dict(cfg))
+    cfg_dict = to_dict(cfg)
+    base = stages.read_decode({"uri": np.asarray(paths, dtype=object)}, cfg_dict)
     reps = -(-n // len(paths))
     batch = {k: np.concatenate([v] * reps)[:n] for k, v in base.items()}
-    cfg_dict = to_dict(cfg)
     inputs = {}
     for cls in stages.MODEL_STAGES:
         inputs[cls.__name__] = {k: v.copy() for k, v in batch.items()}
@@ -85,13 +69,12 @@ def stage_inputs(cfg, paths: list[str], n: int) -> dict[str, dict]:
 
 
 def _slices(batch: dict, size: int) -> list[dict]:
-    n = len(batch["uri"])
-    return [{k: v[i:i + size].copy() for k, v in batch.items()} for i in range(0, n, size)]
+    """Copies of consecutive `size`-row slices (stages write into their batch)."""
+    return [bench._take(batch, s) for s in bench._batches(len(batch["uri"]), size)]
 
 
 def _run(stage, batch: dict, size: int) -> dict:
-    parts = [stage(p) for p in _slices(batch, size)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return bench._concat([stage(p) for p in _slices(batch, size)])
 
 
 def sync() -> None:
@@ -205,15 +188,15 @@ def main() -> None:
             ray.data.DataContext.get_current().issue_detectors_config.detectors = []  # memory advice lines
             from cafi import pipeline
 
-            e2e_over = [f"models.precision={args.e2e_precision}", *_all("batch_size", args.e2e_batch),
+            e2e_over = [f"models.precision={args.e2e_precision}", *bench.every_model("batch_size", args.e2e_batch),
                         f"read.batch_size={args.e2e_batch}", "read.num_cpus=1",
                         "ray.object_store_mb=8192"]  # as configs/cluster.yaml (the runs of 2026-11-26 had no cap)
             walls: dict[str, dict[int, float]] = {}
             counts = (args.e2e_n // 4, args.e2e_n)
             for count in counts:
-                src = write_inputs(d, crops, count)
+                src = write_inputs(d, crops, count, scored_fraction=1.0, how="listing")
                 for name in [e for e in args.e2e.split(",") if e]:
-                    c = load_config([weights_cfg], [*over, *e2e_over, *E2E[name], f"input.uri={src}",
+                    c = load_config([weights_cfg], [*over, *e2e_over, *E2E[name], *src,
                                                     f"output.uri={d}/out-{name}-{count}"])
                     t = time.perf_counter()
                     s = pipeline.run(c)
@@ -226,7 +209,11 @@ def main() -> None:
             ray.shutdown()
             lo, hi = counts
             for name, w in walls.items():
-                steady = (hi - lo) / max(w[hi] - w[lo], 1e-9)
+                if w[hi] <= w[lo]:  # start-up noise swamped the extra crops: no steady-state estimate
+                    print(f"cafi [{name}] end to end: {hi / w[hi]:.0f} crops/s over {hi} crops; steady state n/a "
+                          f"({lo} crops took {w[lo]:.1f} s, {hi} took {w[hi]:.1f} s)", flush=True)
+                    continue
+                steady = (hi - lo) / (w[hi] - w[lo])
                 print(f"cafi [{name}] end to end: {hi / w[hi]:.0f} crops/s over {hi} crops; steady state "
                       f"{steady:.0f} crops/s (from {lo} vs {hi} crops) after {w[hi] - hi / steady:.1f} s of "
                       f"start-up (target >= 500 per GPU)", flush=True)

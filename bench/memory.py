@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stages as bench  # noqa: E402  (bench/stages.py: shared helpers)
 
 MIB = 2**20
-POOLS = ["ray.fuse_models=false", *[f"models.{m}.torch_threads=0" for m in ("detector", "parser", "serfiq", "dbcnn")]]
+POOLS = ["ray.fuse_models=false", *bench.every_model("torch_threads", 0)]
 
 
 def role(name: str) -> str:

@@ -40,23 +40,17 @@ import torch  # noqa: E402
 
 from cafi.config import load_config  # noqa: E402
 
-MODELS = ("detector", "parser", "serfiq", "dbcnn")
-
-
-def _all(key: str, value) -> list[str]:
-    return [f"models.{m}.{key}={value}" for m in MODELS]
-
-
 # name -> (extra config files, overrides, what it is)
 PRESETS: dict[str, tuple[list[str], list[str], str]] = {
     "default": ([], [], "library defaults: the four models fused in one actor, torch on every CPU"),
-    "fused-t1": ([], _all("torch_threads", 1), "fused, 1 torch thread"),
-    "pools": ([], ["ray.fuse_models=false", *_all("torch_threads", 0)],
+    "fused-t1": ([], bench.every_model("torch_threads", 1), "fused, 1 torch thread"),
+    "pools": ([], ["ray.fuse_models=false", *bench.every_model("torch_threads", 0)],
               "4 actor pools, num_cpus 0.25, 1 torch thread each"),
-    "pools-t2": ([], ["ray.fuse_models=false", *_all("torch_threads", 2)],
+    "pools-t2": ([], ["ray.fuse_models=false", *bench.every_model("torch_threads", 2)],
                  "4 actor pools, num_cpus 0.25, 2 torch threads each"),
-    "fused-2x1": ([], [*_all("num_cpus", 0.75), *_all("min_actors", 2), *_all("max_actors", 2),
-                       *_all("torch_threads", 1)], "fused, 2 actors, num_cpus 0.75, 1 torch thread each"),
+    "fused-2x1": ([], [*bench.every_model("num_cpus", 0.75), *bench.every_model("min_actors", 2),
+                       *bench.every_model("max_actors", 2), *bench.every_model("torch_threads", 1)],
+                  "fused, 2 actors, num_cpus 0.75, 1 torch thread each"),
 }
 DEFAULT_CONFIGS = "default,pools"
 

@@ -68,6 +68,13 @@ def setup(directory: str, n: int, detector: str, parser: str, crop_sizes: bool =
     return cfg_path, paths
 
 
+def every_model(key: str, value) -> list[str]:
+    """The same override for the four model stages: `models.<stage>.<key>=<value>`."""
+    from cafi.autoscale import MODEL_KEYS
+
+    return [f"models.{m}.{key}={value}" for m in MODEL_KEYS]
+
+
 def base_overrides(directory: str) -> list[str]:
     return [f"models.cache_dir={os.path.join(directory, 'cache')}", "ray.progress_bars=false"]
 
@@ -318,7 +325,7 @@ def sweep(cfg_path: str, paths: list[str], d: str, args, threads: list[int]) -> 
     for t in threads:
         table: dict[str, dict[int, dict]] = {}
         for b in sizes:
-            over = [f"models.{m}.batch_size={b}" for m in ("detector", "parser", "serfiq", "dbcnn")]
+            over = every_model("batch_size", b)
             cfg = load_config([cfg_path, *args.config], [f"input.uri={os.path.dirname(paths[0])}",
                                                          f"output.uri={d}/out", *base_overrides(d),
                                                          *args.overrides, *over])

@@ -63,4 +63,4 @@ class FaceMasker:
         mask = self._masks(pixels)
         masked = torch.where(mask[..., None], pixels, self.fill)
         fraction = mask.float().mean(dim=(1, 2))
-        return masked.cpu().numpy(), fraction.cpu().numpy().astype(np.float32)
+        return masked.cpu().numpy(), fraction.cpu().numpy()  # float32 already
