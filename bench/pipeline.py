@@ -118,6 +118,7 @@ class NotebookLoop:
     def score(self, path: str) -> dict:
         from cafi import imaging
         from cafi.faces.align import align_faces
+        from cafi.models.face_parsing import apply_mask
 
         with open(path, "rb") as fh:
             data = fh.read()
@@ -131,7 +132,8 @@ class NotebookLoop:
             return {"status": "no_face", "det_score": float(det.score[0])}
         aligned = align_faces(img, det.landmarks, found)
         raw = self.serfiq_full(aligned[0])
-        masked, fraction = self.masker(img)
+        mask, fraction = self.masker(img)
+        masked = apply_mask(img, mask, list(self.cfg.models.parser.fill), self.device).numpy()
         return {"status": "scored", "det_score": float(det.score[0]), "serfiq_raw": raw,
                 "mask_fraction": float(fraction[0]), "dbcnn": float(self.dbcnn(masked)[0])}
 
@@ -198,8 +200,9 @@ _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def operator_stats(text: str) -> list[dict]:
-    """Per operator from Ray Data's ds.stats() text: its span ("blocks produced in"), and the
-    total remote wall and CPU time of its tasks or actor calls, and output bytes per row."""
+    """Per operator from Ray Data's ds.stats() text (verbose): its span ("blocks produced in"), the
+    total remote wall and CPU time of its tasks or actor calls, output rows and bytes, and the
+    time Ray Data held its task submissions or outputs back (backpressure)."""
     import re
 
     ops: list[dict] = []
@@ -208,7 +211,7 @@ def operator_stats(text: str) -> list[dict]:
         head = re.match(r"^Operator \d+ (.+?): (\d+) tasks executed, (\d+) blocks produced in ([\d.]+)s", line)
         if head:
             ops.append({"operator": head.group(1), "span": float(head.group(4)), "wall": 0.0, "cpu": 0.0,
-                        "rows": 0, "bytes": 0})
+                        "rows": 0, "bytes": 0, "submit_bp": 0.0, "output_bp": 0.0})
             continue
         if not ops:
             continue
@@ -221,19 +224,48 @@ def operator_stats(text: str) -> list[dict]:
             ops[-1]["rows"] = int(float(line.rsplit(",", 1)[1].split()[0]))
         elif line.startswith("* Output size bytes per block"):
             ops[-1]["bytes"] = int(float(line.rsplit(",", 1)[1].split()[0]))
+        for key, name in (("submit_bp", "task_submission_backpressure_time"),
+                          ("output_bp", "task_output_backpressure_time")):
+            found = re.search(rf"'{name}': ([\d.e+-]+)", line)
+            if found:
+                ops[-1][key] = float(found.group(1))
     return ops
 
 
 def operator_table(summary: dict) -> str:
+    """The diagnosis table: per operator, where its time went and what it sent on."""
     ops = operator_stats((summary.get("stages") or {}).get("ray_data_stats", ""))
     busy = sum(op["wall"] for op in ops) or 1.0
-    lines = [f"    {'operator (from ds.stats())':<50} {'span s':>7} {'remote wall s':>13} {'share':>6} "
-             f"{'remote CPU s':>12} {'KB out/row':>10}"]
+    lines = [f"    {'operator (from ds.stats())':<48} {'span s':>7} {'remote wall s':>13} {'share':>6} "
+             f"{'CPU-ms/row':>10} {'KB out/row':>10} {'held back s (submit/output)':>27}"]
     for op in ops:
         per_row = op["bytes"] / op["rows"] / 1024 if op["rows"] else 0.0
-        lines.append(f"    {op['operator'][:50]:<50} {op['span']:>7.2f} {op['wall']:>13.2f} "
-                     f"{100 * op['wall'] / busy:>5.1f}% {op['cpu']:>12.2f} {per_row:>10.1f}")
+        cpu_row = 1000 * op["cpu"] / op["rows"] if op["rows"] else 0.0
+        lines.append(f"    {op['operator'][:48]:<48} {op['span']:>7.2f} {op['wall']:>13.2f} "
+                     f"{100 * op['wall'] / busy:>5.1f}% {cpu_row:>10.1f} {per_row:>10.1f} "
+                     f"{op['submit_bp']:>13.2f} / {op['output_bp']:<11.2f}")
+    for actor, b in sorted((summary.get("model_actors") or {}).items()):
+        share = b.get("steady_busy_share")
+        lines.append(f"    model actor pid {actor}: {b['calls']} calls, {b['rows']} rows, busy "
+                     f"{b['busy_seconds']:.2f} s of a {b['span_seconds']:.2f} s span; steady phase "
+                     f"{b['steady_seconds']:.2f} s, busy "
+                     f"{'-' if share is None else f'{100 * share:.1f}%'}")
     return "\n".join(lines)
+
+
+def read_bytes_per_row(summary: dict) -> float | None:
+    """Object-store bytes per row leaving the read operator (what travels to the first model actor)."""
+    for op in operator_stats((summary.get("stages") or {}).get("ray_data_stats", "")):
+        if "read_objects" in op["operator"] and op["rows"]:
+            return op["bytes"] / op["rows"]
+    return None
+
+
+def busy_share(summary: dict) -> float | None:
+    """The least busy model actor's share of its steady phase spent in its models."""
+    shares = [b["steady_busy_share"] for b in (summary.get("model_actors") or {}).values()
+              if b.get("steady_busy_share") is not None]
+    return min(shares) if shares else None
 
 
 # ---------------------------------------------------------------- main
@@ -264,11 +296,13 @@ def main() -> None:
         ap.error(f"unknown configurations {unknown}; known: {list(PRESETS)}")
 
     import ray
+    import ray.data
 
     torch.set_num_threads(args.threads)
     print(bench.machine_line(args.threads), flush=True)
     with tempfile.TemporaryDirectory(prefix="cafi-bench-") as d:
         weights_cfg, paths = bench.setup(d, args.n, args.detector, args.parser)
+        mean_file = float(np.mean([os.path.getsize(p) for p in paths]))
         cfg = load_config([weights_cfg], [f"input.uri={os.path.dirname(paths[0])}", f"output.uri={d}/out",
                                           *bench.base_overrides(d), *args.overrides])
         m = cfg.models
@@ -303,6 +337,7 @@ def main() -> None:
         # (b) the cafi job, per configuration, in rounds (the best round counts)
         t = time.perf_counter()
         ray.init(num_cpus=args.cpus, log_to_driver=False)
+        ray.data.DataContext.get_current().verbose_stats_logs = True  # backpressure times in ds.stats()
         print(f"\nray.init (embedded local Ray, not counted below): {time.perf_counter() - t:.1f} s", flush=True)
         for name in ("ray", "ray.data"):  # Ray Data's progress and advice lines
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -361,6 +396,13 @@ def main() -> None:
         print(f"pipeline speedup vs per-image loop [{head['name']}], CPU seconds: "
               f"{loop['cpu'] / (head['cpu'] / args.n):.1f}x")
         print(f"pipeline speedup vs per-image loop: {loop['wall'] / (head['wall'] / args.n):.1f}x")
+    if small is not None and args.n > small["n"]:
+        print(f"overhead vs stages alone (steady state): {per / (compute / args.n):.2f}x")
+    share = busy_share(head["summary"])
+    print(f"model actor busy (steady state): {'n/a' if share is None else f'{100 * share:.1f}%'}")
+    per_row = read_bytes_per_row(head["summary"])
+    print(f"object-store bytes per row (read -> model): {'n/a' if per_row is None else f'{per_row:.0f}'} "
+          f"(mean input file: {mean_file:.0f})")
 
 
 if __name__ == "__main__":

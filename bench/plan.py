@@ -1,5 +1,8 @@
 """Planning at scale: a manifest of 1,000,000 URIs (no images needed for planning).
 
+The manifest lists some URIs more than once (--duplicates of them, each twice) and names objects
+that do not exist (all but the first 64: "vanished" objects, error rows when scored).
+
 Measures, in one run:
   fresh   time to plan a new run over the manifest (read it, key every URI, scan the output)
           and time to the first scored batch out of the pipeline; driver peak memory
@@ -8,7 +11,7 @@ Measures, in one run:
 The first 64 manifest entries are real crops; the rest name objects that do not exist, which
 the pipeline turns into error rows without any model work.
 
-    python bench/plan.py [--inputs 1000000] [--done 0.9]
+    python bench/plan.py [--inputs 1000000] [--done 0.9] [--duplicates 10000]
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ def plan(cfg):
     """What pipeline.run does before any image is read: input keys, output scan, the to-do set."""
     t = time.perf_counter()
     ds, n = pipeline.input_dataset(cfg)
-    keys = pipeline._input_keys(ds)
+    keys, duplicated = pipeline._input_keys(ds)
     done, runs = manifest.scan_version(cfg.output.uri, model_version(cfg), cfg.storage)
     todo = np.setdiff1d(keys, done, assume_unique=True)
-    return ds, keys, todo, time.perf_counter() - t
+    return ds, (n, keys, duplicated), todo, time.perf_counter() - t
 
 
 def fake_written(out: str, version: str, uris: list[str], run_id: str = "crashed-attempt") -> None:
@@ -67,13 +70,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inputs", type=int, default=1_000_000)
     ap.add_argument("--done", type=float, default=0.9)
+    ap.add_argument("--duplicates", type=int, default=10_000, help="URIs listed twice")
     args = ap.parse_args()
     import ray
 
     with tempfile.TemporaryDirectory() as tmp:
         weights = synth(os.path.join(tmp, "w"), detector="retinaface_mobile0.25")
         real = write_samples(os.path.join(tmp, "real"), count=64, unusual=False, broken=False)
-        uris = real + [f"{tmp}/absent/{i:09d}.jpg" for i in range(args.inputs - len(real))]
+        unique = args.inputs - args.duplicates
+        uris = real + [f"{tmp}/absent/{i:09d}.jpg" for i in range(unique - len(real))]
+        uris += uris[len(real):len(real) + args.duplicates]  # listed a second time
         listing = os.path.join(tmp, "inputs.parquet")
         pq.write_table(pa.table({"uri": uris}), listing, row_group_size=100_000)
         del uris
@@ -82,7 +88,7 @@ def main() -> None:
         rss0 = rss_mib()
 
         cfg = load_config([weights], base + [f"output.uri={tmp}/out-fresh"])
-        ds, keys, todo, t_plan = plan(cfg)
+        ds, (n_listed, keys, duplicated), todo, t_plan = plan(cfg)
         t = time.perf_counter()
         scored = pipeline.build(ds, cfg, model_version(cfg), "bench")
         next(iter(scored.iter_batches(batch_size=8)))
@@ -91,13 +97,18 @@ def main() -> None:
         print(f"machine: {os.cpu_count()} CPUs; {args.inputs:,} inputs in a Parquet manifest")
         print(f"fresh  : plan {t_plan:6.1f} s, first scored batch after {t_first:6.1f} s more; "
               f"{len(todo):,} to score")
+        vanished = len(keys) - len(real)
+        print(f"counts : {n_listed:,} listed = {len(keys):,} inputs + {n_listed - len(keys):,} duplicates "
+              f"({len(duplicated):,} URIs listed more than once; expected {args.duplicates:,}); {vanished:,} of the "
+              f"inputs name vanished objects (error rows when scored)")
+        assert len(keys) == unique and n_listed - len(keys) == args.duplicates == len(duplicated)
 
         cfg = load_config([weights], base + [f"output.uri={tmp}/out-resume"])
         all_uris = pq.read_table(listing)["uri"].to_pylist()
         n_done = int(len(all_uris) * args.done)
         fake_written(f"{tmp}/out-resume", model_version(cfg), all_uris[-n_done:])
         del all_uris
-        _, keys, todo, t_resume = plan(cfg)
+        _, _, todo, t_resume = plan(cfg)
         rss_resume = rss_mib()
         print(f"resume : plan {t_resume:6.1f} s with {n_done:,} already written; {len(todo):,} left to score")
         per_input = (rss_resume - rss0) * 1024 * 1024 / args.inputs

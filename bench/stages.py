@@ -253,12 +253,16 @@ def _concat(parts: list[dict]) -> dict:
 def measure(cfg, paths: list[str], threads: int, repeats: int = 1) -> list[dict]:
     """Time each stage alone over all `paths`, in batches of its configured batch size.
 
-    The input of each stage is the output of the stages before it (computed once, untimed);
-    every stage gets a fresh copy of its input batch, since stages write into their batch.
-    A warm-up call on the first batch precedes each timing. Returns one dict per stage:
-    stage, batch_size, images, seconds (best of `repeats`), images_per_second.
+    The stages are those the job runs, in its order: read (fetch + header checks, a Ray task),
+    decode (in the model actor), each model stage of the config (Components alone: the measures
+    without the parsing they read), decide. The input of each stage is the output of the stages
+    before it (computed once, untimed); every stage gets a fresh copy of its input batch, since
+    stages write into their batch. A warm-up call on the first batch precedes each timing.
+    Returns one dict per stage: stage, batch_size, images, seconds (best of `repeats`),
+    cpu_seconds, images_per_second (and load_seconds for the model stages).
     """
     from cafi import stages
+    from cafi.stages.decode import Decode
     from cafi.version import model_version
 
     cfg_dict = to_dict(cfg)
@@ -283,23 +287,34 @@ def measure(cfg, paths: list[str], threads: int, repeats: int = 1) -> list[dict]
         return list(outs)
 
     uri_batches = [{"uri": np.asarray(paths[s], dtype=object)} for s in _batches(n, cfg.read.batch_size)]
-    decoded = _concat(timed("read+decode", cfg.read.batch_size,
-                            lambda b: stages.read_decode(b, cfg_dict), uri_batches))
-    batch = decoded
-    for cls in stages.MODEL_STAGES:
+    batch = _concat(timed("read", cfg.read.batch_size, lambda b: stages.read_objects(b, cfg_dict), uri_batches))
+    decode = Decode(cfg.image, torch.device("cpu"), threads)
+    parts = [_take(batch, s) for s in _batches(n, cfg.read.batch_size)]
+    batch = _concat(timed("decode", cfg.read.batch_size, decode, parts))
+    for cls in stages.stage_classes(cfg):
         st = cls.stage_config(cfg)
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        stage = cls(cfg_dict)  # loads the model once, as an actor does
+        stage = cls(cfg)  # loads the model once, as an actor does
         load = time.perf_counter() - t0
         parts = [_take(batch, s) for s in _batches(n, st.batch_size)]
         batch = _concat(timed(cls.__name__, st.batch_size, stage, parts))
         rows[-1]["load_seconds"] = load
         del stage
+    batch.pop("image", None)
+    batch.pop("face_mask", None)
     version = model_version(cfg)
     parts = [_take(batch, s) for s in _batches(n, 256)]
     timed("decide", 256, lambda b: stages.decide(b, cfg_dict, version, "bench"), parts)
     return rows
+
+
+def components_overhead(rows: list[dict]) -> float:
+    """The Components stage's time as a share of every other stage's: what the quality measures
+    add to the job's time per crop."""
+    comp = sum(r["seconds"] for r in rows if r["stage"] == "Components")
+    rest = sum(r["seconds"] for r in rows if r["stage"] != "Components")
+    return comp / rest
 
 
 def stage_table(rows: list[dict]) -> str:
@@ -330,7 +345,7 @@ def sweep(cfg_path: str, paths: list[str], d: str, args, threads: list[int]) -> 
                                                          f"output.uri={d}/out", *base_overrides(d),
                                                          *args.overrides, *over])
             for r in measure(cfg, paths, t, args.repeats):
-                if r["stage"] not in ("read+decode", "decide"):
+                if r["stage"] not in ("read", "decode", "decide"):
                     table.setdefault(r["stage"], {})[b] = r
         print(f"\ntorch threads = {t}: ms/img wall (CPU-ms/img) by batch size", flush=True)
         print(f"  {'stage':<14}" + "".join(f"{'batch ' + str(b):>18}" for b in sizes))
@@ -378,6 +393,7 @@ def main() -> None:
                 print(f"  {a['stage']:<14} {a['seconds'] / b['seconds']:.2f}x")
             print(f"stages total speedup {hi} vs {lo} threads: "
                   f"{model_seconds(results[lo]) / model_seconds(results[hi]):.2f}x")
+        print(f"components overhead: {100 * components_overhead(results[max(threads)]):.2f}%")
 
 
 if __name__ == "__main__":

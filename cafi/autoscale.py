@@ -99,9 +99,9 @@ def active(cfg: JobConfig) -> bool:
 def sized(cfg: JobConfig, rows: int | None = None) -> JobConfig:
     """The config the pipeline builds its actor pools from.
 
-    When `active`, a copy in which every GPU pool starts at its full size: `min_actors` is
-    raised to `max_actors`, or to one actor per `batch_size` rows when `rows` (the number of
-    inputs to score) is smaller. Otherwise `cfg` itself.
+    When `active`, a copy in which every GPU pool has a fixed size, started at once and kept for
+    the run: `max_actors`, or one actor per `batch_size` rows when `rows` (the number of inputs to
+    score) is smaller. Otherwise `cfg` itself.
     """
     if not active(cfg):
         return cfg
@@ -114,6 +114,7 @@ def sized(cfg: JobConfig, rows: int | None = None) -> JobConfig:
             if rows is not None:
                 target = min(target, max(1, math.ceil(rows / st.batch_size)))
             st.min_actors = max(st.min_actors, target)
+            st.max_actors = st.min_actors  # a fixed-size pool: no scale-up lag inside Ray Data, none to wait for
         start = max(getattr(out.models, key).min_actors for key in pool.keys)
         described.append(f"{pool.name} {start} x {pool.bundle}")
     log.info("ray.scale_gpu_pools=%s: GPU actor pools start at full size so the cluster autoscaler adds GPU "

@@ -70,23 +70,30 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_fetch(args: argparse.Namespace) -> int:
-    """Copy the published checkpoints to a bucket or directory; print the config block."""
+    """Copy the published checkpoints of the configured stages to a bucket or directory; print the config block."""
     from cafi.config import load_config
     from cafi.models.registry import published
+    from cafi.preflight import scorer_archs
     from cafi.storage import filesystem, join
-    from cafi.weights import Checkpoint, fetch
+    from cafi.weights import Checkpoint, fetch, fetch_unpinned
 
     cfg = load_config(args.config, list(args.overrides) + ["output.uri=unused", "input.uri=unused"])
     m = cfg.models
-    archs = {"detector": m.detector.arch, "parser": m.parser.arch, "serfiq": "arcface_ir_se50", "dbcnn": "dbcnn"}
+    archs = {"detector": m.detector.arch, "parser": m.parser.arch, **scorer_archs(cfg)}
     lines = ["models:"]
     for key, arch in archs.items():
         rec = published(arch)
-        local = fetch(Checkpoint(key, rec.uri, rec.sha256, rec.state_key), m.cache_dir, cfg.storage)
+        if rec.sha256:
+            local = fetch(Checkpoint(key, rec.uri, rec.sha256, rec.state_key), m.cache_dir, cfg.storage)
+            sha, note = rec.sha256, ""
+        else:  # no published digest: pin the one of the file fetched now (and its name's prefix, if any)
+            local, sha = fetch_unpinned(key, rec.uri, rec.file_name, m.cache_dir, cfg.storage, rec.sha256_prefix)
+            note = f"  # computed from the copy fetched now: {rec.file_name} has no published sha256"
         dest = join(args.dest, rec.file_name)
         fs, path = filesystem(dest, cfg.storage)
+        fs.makedirs(fs._parent(path), exist_ok=True)  # a new local directory; a no-op on object stores
         fs.put_file(local, path)
-        lines += [f"  {key}:", "    weights:", f"      uri: {dest}", f"      sha256: {rec.sha256}"]
+        lines += [f"  {key}:", "    weights:", f"      uri: {dest}", f"      sha256: {sha}{note}"]
     print("\n".join(lines))
     return 0
 
@@ -117,14 +124,32 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cafi import evaluate
+    from cafi import edc, evaluate
 
+    if args.labels is None and args.identities is None:
+        return _fail("eval: nothing to evaluate against: give LABELS.csv and/or --identities IDS.csv", EXIT_USAGE)
+    options = edc.Options(nonmated=args.nonmated, seed=args.seed, fmr=args.fmr, start_fnmr=args.start_fnmr,
+                          pauc_limit=args.pauc_limit, min_mated=args.min_mated, target_fnmr=args.target_fnmr)
     result = evaluate.evaluate(args.manifest, args.labels, storage=_storage(args), precision=args.precision,
-                               mos_column=args.mos_column, accept_column=args.accept_column)
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2, default=str))
-    else:
-        print(evaluate.format_result(result))
+                               mos_column=args.mos_column, accept_column=args.accept_column,
+                               identities_uri=args.identities, identity_column=args.identity_column,
+                               options=options)
+    print(result.to_json() if args.json else evaluate.format_result(result))
+    if args.out:
+        from cafi import eval_page
+
+        written = eval_page.write_outputs(result, args.out, _storage(args))
+        print(f"wrote {', '.join(written)}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cafi.export import export
+
+    summary = export(args.run, args.to, decision=args.decision, fmt=args.format,
+                     samples_per_shard=args.samples_per_shard, storage=_storage(args))
+    print(f"exported {summary['samples']} {args.decision} samples of run {summary['run_id']} as "
+          f"{len(summary['shards'])} {args.format} shard(s), {summary['bytes']} bytes: {args.to}")
     return 0
 
 
@@ -215,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--anon", action="store_true", help="anonymous access to a public bucket")
 
     rp = sub.add_parser("report", help="write the HTML report of a committed run",
-                        description="Write one self-contained HTML report (counts, score histograms, the "
-                                    "SER-FIQ/DBCNN decision space, thumbnails, stage throughput) of a run.")
+                        description="Write one self-contained HTML report of a run: counts, histograms of its "
+                                    "scores and quality components with their thresholds, the FIQA/IQA decision "
+                                    "space and yaw against the FIQA score, thumbnails per reject reason, stage "
+                                    "throughput.")
     rp.add_argument("run", metavar="RUN_URI",
                     help="<output>/runs/<run_id>, or an output root for its latest committed run")
     rp.add_argument("--out", metavar="FILE", default=None,
@@ -224,22 +251,60 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage(rp)
     rp.set_defaults(func=cmd_report)
 
-    ev = sub.add_parser("eval", help="compare scores and decisions with human labels",
-                        description="SRCC/PLCC of serfiq, dbcnn and cafi against a MOS, precision/recall/F1 of "
-                                    "the CAFI decision against a human accept/reject, and suggested SER-FIQ and "
-                                    "DBCNN thresholds.")
-    ev.add_argument("manifest", metavar="MANIFEST",
+    ev = sub.add_parser("eval", help="compare quality scores with human labels and with recognition (EDC)",
+                        description="Against human labels (LABELS.csv): every quality column's SRCC/PLCC against "
+                                    "a MOS and the F1 of its best single threshold against a human accept/reject, "
+                                    "the decision's precision/recall/F1 and suggested FIQA/IQA thresholds. Against "
+                                    "identities (--identities): the error-versus-discard characteristic (EDC, "
+                                    "ISO/IEC 29794-1) of every quality column from the stored embeddings.")
+    ev.add_argument("manifest", metavar="RUN_OR_MANIFEST",
                     help="an output root (latest committed model version) or a run URI <output>/runs/<run_id>")
-    ev.add_argument("labels", metavar="LABELS.csv",
+    ev.add_argument("labels", metavar="LABELS.csv", nargs="?", default=None,
                     help="CSV with a uri column and a MOS column and/or an accept column (1/0, true/false, ...)")
     ev.add_argument("--precision", type=float, default=None, metavar="P",
                     help="suggest the thresholds with the best recall among those reaching precision P "
                          "(default: the thresholds that maximise F1)")
     ev.add_argument("--mos-column", default="mos", help="name of the MOS column (default: mos)")
     ev.add_argument("--accept-column", default="accept", help="name of the accept column (default: accept)")
+    ed = ev.add_argument_group("EDC (needs embeddings: score with output.embeddings=true)")
+    ed.add_argument("--identities", metavar="IDS.csv", default=None,
+                    help="CSV with a uri column and an identity column: compute the EDC of every quality column")
+    ed.add_argument("--identity-column", default="identity", help="name of the identity column (default: identity)")
+    ed.add_argument("--nonmated", type=int, default=1_000_000, metavar="N",
+                    help="non-mated pairs to sample for the FMR threshold (default: 1,000,000; all when fewer)")
+    ed.add_argument("--seed", type=int, default=0, help="seed of the non-mated sample (default: 0)")
+    start = ed.add_mutually_exclusive_group()
+    start.add_argument("--fmr", type=float, default=1e-3,
+                       help="fix the threshold at this false-match rate (default: 0.001)")
+    start.add_argument("--start-fnmr", type=float, default=None, metavar="F",
+                       help="fix the threshold at this starting FNMR instead")
+    ed.add_argument("--pauc-limit", type=float, default=0.2, metavar="L",
+                    help="pAUC up to this discarded fraction (default: 0.2)")
+    ed.add_argument("--min-mated", type=int, default=100, metavar="N",
+                    help="fewer mated pairs than this: no curves, a message (default: 100)")
+    ed.add_argument("--target-fnmr", type=float, default=None, metavar="F",
+                    help="report each score's threshold (in its own units) that brings the FNMR down to F")
+    ev.add_argument("--out", metavar="DIR", default=None,
+                    help="also write eval.html to DIR (with --identities also edc.json, edc.csv, pauc.csv)")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     add_storage(ev)
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="write a committed run's curated samples as WebDataset or Parquet shards",
+                        description="Write the samples of a committed run (by decision) as new shards: each "
+                                    "sample's original bytes with its scores, decision and kept columns (.json "
+                                    "member, or columns), sorted by uri, then export.json and _SUCCESS.")
+    ex.add_argument("run", metavar="RUN_URI", help="<output>/runs/<run_id>, or an output root for its latest run")
+    ex.add_argument("--to", required=True, metavar="URI",
+                    help="an empty prefix (or an earlier export's) for the shards")
+    ex.add_argument("--decision", default="accepted", choices=["accepted", "rejected", "all"],
+                    help="which rows to export (default: accepted)")
+    ex.add_argument("--format", default="webdataset", choices=["webdataset", "parquet"],
+                    help="000000.tar with <key>.<ext> + <key>.json per sample, or 000000.parquet (default: webdataset)")
+    ex.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
+                    help="samples per shard (default: 1000)")
+    add_storage(ex)
+    ex.set_defaults(func=cmd_export)
     return p
 
 

@@ -71,8 +71,32 @@ class SerfiqConfig(StageConfig):
 
 
 @dataclass
-class DbcnnConfig(StageConfig):
+class MagfaceConfig(StageConfig):
+    # OFIQ's unified quality score (0..100) instead of the raw embedding norm (decision time).
+    ofiq_mapping: bool = False
     weights: WeightsConfig | None = None
+
+
+@dataclass
+class TopiqFaceConfig(StageConfig):
+    # Score the masked face; false (default) = the FFHQ-aligned face as TOPIQ-face was trained on.
+    masked: bool = False
+    weights: WeightsConfig | None = None
+
+
+@dataclass
+class DbcnnConfig(StageConfig):
+    # Score the masked face (background replaced by models.parser.fill): the CAFI method.
+    masked: bool = True
+    weights: WeightsConfig | None = None
+
+
+@dataclass
+class ScorerChoice:
+    """Which scorer of a family the decision uses (`kind`), and extra ones to compute beside it."""
+
+    kind: str = MISSING
+    also: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -84,10 +108,14 @@ class ModelsConfig:
     # torch.compile the model forwards (pays compile time once per actor and batch size).
     compile: bool = False
     cache_dir: str = "~/.cache/cafi/weights"
+    fiqa: ScorerChoice = field(default_factory=lambda: ScorerChoice(kind="serfiq"))
+    iqa: ScorerChoice = field(default_factory=lambda: ScorerChoice(kind="dbcnn"))
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     parser: ParserConfig = field(default_factory=ParserConfig)
     serfiq: SerfiqConfig = field(default_factory=SerfiqConfig)
+    magface: MagfaceConfig = field(default_factory=MagfaceConfig)
     dbcnn: DbcnnConfig = field(default_factory=DbcnnConfig)
+    topiq_face: TopiqFaceConfig = field(default_factory=TopiqFaceConfig)
 
 
 @dataclass
@@ -99,6 +127,13 @@ class InputConfig:
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"]
     )
     limit: int | None = None
+    # files | webdataset | parquet: one object per crop, or shards of many (cafi/inputs/).
+    format: str = "files"
+    image_extensions: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"])
+    image_column: str = "jpg"
+    key_column: str | None = "key"
+    keep_columns: list[str] = field(default_factory=list)
+    shard_buffer_mb: int = 256
 
 
 @dataclass
@@ -106,6 +141,8 @@ class StorageConfig:
     endpoint_url: str | None = None
     region: str | None = None
     anon: bool = False
+    # Seconds a throttled or dropped read or write of one object keeps being retried (cafi/fetch.py).
+    retry_budget_s: float = 300.0
 
 
 @dataclass
@@ -118,9 +155,21 @@ class ImageConfig:
 
 @dataclass
 class DecisionConfig:
+    """Thresholds of the decision rules (cafi/decision.py); null turns a rule off."""
+
     min_serfiq: float = 0.3
+    min_magface: float | None = None
     min_mask_fraction: float = 0.05
     min_dbcnn: float | None = None
+    min_topiq_face: float | None = None
+    max_yaw: float | None = None
+    max_pitch: float | None = None
+    min_inter_eye_px: float | None = None
+    min_sharpness: float | None = None
+    min_luma_mean: float | None = None
+    max_luma_mean: float | None = None
+    max_under_exposed: float | None = None
+    max_over_exposed: float | None = None
 
 
 @dataclass
@@ -128,6 +177,8 @@ class OutputConfig:
     uri: str = MISSING
     partition_by: list[str] = field(default_factory=lambda: ["model_version", "decision"])
     min_rows_per_file: int = 2000
+    # Write each face's plain recognition embedding (L2-normalised, float16) into the manifest.
+    embeddings: bool = False
 
 
 @dataclass
@@ -149,6 +200,8 @@ class RayConfig:
     scale_gpu_pools: str = "auto"
     # Object-store bytes (MiB) the job's blocks may hold at once; null = Ray Data's own share.
     object_store_mb: int | None = 256
+    # Calls in flight per model actor: 2 overlaps one batch's host work with the previous one's models.
+    actor_concurrency: int = 2
 
 
 @dataclass
@@ -178,6 +231,8 @@ DETECTOR_ARCHS = ("retinaface_resnet50", "retinaface_mobile0.25")
 ALIGN_MODES = ("retinaface", "none")
 PARSER_ARCHS = ("bisenet", "parsenet")
 PRECISIONS = ("fp32", "fp16", "bf16")
+FIQA_KINDS = ("serfiq", "magface")
+IQA_KINDS = ("dbcnn", "topiq_face")
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_GPU_POOLS = ("auto", "always", "never")
 OUTPUT_COLUMNS_FOR_PARTITION = ("model_version", "decision", "status", "reject_reason", "run_id")
@@ -233,6 +288,7 @@ def validate(cfg: JobConfig) -> None:
            cfg.output.min_rows_per_file)
     _check(cfg.input.limit is None or cfg.input.limit > 0, "input.limit", "a positive integer or null",
            cfg.input.limit)
+    _validate_input(cfg)
     for col in cfg.output.partition_by:
         _check(col in OUTPUT_COLUMNS_FOR_PARTITION, "output.partition_by",
                f"columns from {OUTPUT_COLUMNS_FOR_PARTITION}", col)
@@ -241,12 +297,20 @@ def validate(cfg: JobConfig) -> None:
     _check(img.min_side >= 1, "image.min_side", "an integer >= 1", img.min_side)
     _check(img.max_pixels > img.min_side**2, "image.max_pixels", "an integer > min_side^2", img.max_pixels)
     _check(img.max_bytes > 0, "image.max_bytes", "a positive integer", img.max_bytes)
+    _check(cfg.storage.retry_budget_s >= 0, "storage.retry_budget_s", "a number of seconds >= 0",
+           cfg.storage.retry_budget_s)
     _check(cfg.read.batch_size > 0, "read.batch_size", "a positive integer", cfg.read.batch_size)
     _check(cfg.read.num_cpus > 0, "read.num_cpus", "a positive number", cfg.read.num_cpus)
 
     m = cfg.models
     _check(m.device in DEVICES, "models.device", f"one of {DEVICES}", m.device)
     _check(m.precision in PRECISIONS, "models.precision", f"one of {PRECISIONS}", m.precision)
+    for family, kinds in (("fiqa", FIQA_KINDS), ("iqa", IQA_KINDS)):
+        choice = getattr(m, family)
+        _check(choice.kind in kinds, f"models.{family}.kind", f"one of {kinds}", choice.kind)
+        for extra in choice.also:
+            _check(extra in kinds and extra != choice.kind, f"models.{family}.also",
+                   f"scorers from {kinds} other than models.{family}.kind", extra)
     _check(m.detector.arch in DETECTOR_ARCHS, "models.detector.arch", f"one of {DETECTOR_ARCHS}",
            m.detector.arch)
     _check(m.detector.align in ALIGN_MODES, "models.detector.align", f"one of {ALIGN_MODES}", m.detector.align)
@@ -255,9 +319,9 @@ def validate(cfg: JobConfig) -> None:
     _check(m.parser.arch in PARSER_ARCHS, "models.parser.arch", f"one of {PARSER_ARCHS}", m.parser.arch)
     _check(64 <= m.parser.input_size <= 1024 and m.parser.input_size % 32 == 0, "models.parser.input_size",
            "a multiple of 32 in [64, 1024]", m.parser.input_size)
-    from cafi.models.face_parsing import label_names  # local: keeps config import light
+    from cafi.models import bisenet, parsenet  # label tables only: no torch
 
-    names = label_names(m.parser.arch)
+    names = {"bisenet": bisenet, "parsenet": parsenet}[m.parser.arch].LABELS
     for label in m.parser.face_labels:
         _check(label in names, "models.parser.face_labels", f"labels of {m.parser.arch}: {names}", label)
     _check(len(m.parser.face_labels) > 0, "models.parser.face_labels", "at least one label", m.parser.face_labels)
@@ -268,9 +332,15 @@ def validate(cfg: JobConfig) -> None:
     _check(0.0 < s.dropout < 1.0, "models.serfiq.dropout", "a number in (0, 1)", s.dropout)
     _check(s.alpha > 0, "models.serfiq.alpha", "a positive number", s.alpha)
     _check(0.0 <= s.r <= 1.0, "models.serfiq.r", "a number in [0, 1]", s.r)
-    for name in ("detector", "parser", "serfiq", "dbcnn"):
+    for name in ("detector", "parser", "serfiq", "magface", "dbcnn", "topiq_face"):
         _validate_stage(f"models.{name}", getattr(m, name))
+    from cafi.models.registry import SCORER_ARCHS, checkpoint  # records only: no torch
 
+    for kind in {m.fiqa.kind, *m.fiqa.also, m.iqa.kind, *m.iqa.also}:
+        checkpoint(kind, SCORER_ARCHS[kind], getattr(m, kind).weights)  # a record without a digest needs weights
+
+    _check(1 <= cfg.ray.actor_concurrency <= 8, "ray.actor_concurrency", "an integer in [1, 8]",
+           cfg.ray.actor_concurrency)
     _check(cfg.ray.object_store_mb is None or cfg.ray.object_store_mb >= 64, "ray.object_store_mb",
            "null or at least 64 (MiB)", cfg.ray.object_store_mb)
     _check(cfg.ray.scale_gpu_pools in SCALE_GPU_POOLS, "ray.scale_gpu_pools", f"one of {SCALE_GPU_POOLS}",
@@ -279,6 +349,36 @@ def validate(cfg: JobConfig) -> None:
     _check(0.0 <= d.min_serfiq <= 1.0, "decision.min_serfiq", "a number in [0, 1]", d.min_serfiq)
     _check(0.0 <= d.min_mask_fraction <= 1.0, "decision.min_mask_fraction", "a number in [0, 1]",
            d.min_mask_fraction)
+
+
+INPUT_FORMATS = ("files", "webdataset", "parquet")
+# Batch columns of the pipeline a kept column may not shadow (the manifest's own are cafi.columns).
+_RESERVED_COLUMNS = ("data", "image", "face_mask")
+
+
+def _validate_input(cfg: JobConfig) -> None:
+    inp = cfg.input
+    _check(inp.format in INPUT_FORMATS, "input.format", f"one of {INPUT_FORMATS}", inp.format)
+    exts = [e.lstrip(".") for e in inp.image_extensions]
+    _check(len(exts) > 0 and all(e and "/" not in e for e in exts), "input.image_extensions",
+           "a non-empty list of member suffixes such as jpg, png (the part after the sample key)",
+           inp.image_extensions)
+    _check(bool(inp.image_column), "input.image_column", "the name of the image-bytes column", inp.image_column)
+    _check(inp.key_column is None or bool(inp.key_column), "input.key_column", "a column name, or null (row index)",
+           inp.key_column)
+    _check(1 <= inp.shard_buffer_mb <= 65536, "input.shard_buffer_mb", "an integer in [1, 65536] (MiB)",
+           inp.shard_buffer_mb)
+    from cafi.columns import SCHEMA  # local: keeps config import light
+
+    for name in inp.keep_columns:
+        _check(bool(name) and name not in SCHEMA.names and name not in _RESERVED_COLUMNS
+               and not name.startswith("prev_") and name not in OUTPUT_COLUMNS_FOR_PARTITION, "input.keep_columns",
+               "names that are not manifest columns (cafi/columns.py) nor data, image, face_mask, prev_*", name)
+    _check(len(set(inp.keep_columns)) == len(inp.keep_columns), "input.keep_columns", "names without repeats",
+           inp.keep_columns)
+    _check(not inp.keep_columns or inp.format != "files" or inp.manifest is not None, "input.keep_columns",
+           "input.manifest to copy them from (a prefix listing of files has no columns), or a shard input.format",
+           inp.keep_columns)
 
 
 def _validate_stage(prefix: str, st: StageConfig) -> None:
@@ -306,6 +406,18 @@ def to_dict(cfg: JobConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+_REBUILT: dict[str, JobConfig] = {}
+
+
 def from_dict(data: dict) -> JobConfig:
-    """Rebuild a config shipped to a Ray worker as a plain dict."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), DictConfig(data)))
+    """Rebuild a config shipped to a Ray worker as a plain dict. OmegaConf's merge takes a quarter
+    of a second, so a worker rebuilds each distinct config once (tasks get it with every block).
+    Callers must not modify the result."""
+    import json
+
+    key = json.dumps(data, sort_keys=True, default=str)
+    if key not in _REBUILT:
+        if len(_REBUILT) > 8:
+            _REBUILT.clear()
+        _REBUILT[key] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), DictConfig(data)))
+    return _REBUILT[key]

@@ -58,27 +58,66 @@ def square_resize(rgb: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=interp)
 
 
-def decode(data: bytes | None, cfg: ImageConfig) -> Decoded:
+@dataclass
+class Probe:
+    """What the header says, read without decoding a pixel."""
+
+    width: int  # after EXIF orientation
+    height: int
+    format: str | None  # PIL's name: JPEG, PNG, WEBP, BMP, TIFF, ...
+    mode: str | None  # PIL's mode: RGB, L, CMYK, I;16, ...
+    progressive: bool
+    error: str | None
+
+
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+
+
+def probe(data: bytes | None, cfg: ImageConfig) -> Probe:
+    """The cheap checks that need no decoding: empty, too many bytes, not an image, too small,
+    too many pixels (a decompression bomb is refused here, from its header)."""
     if data is None or len(data) == 0:
-        return Decoded(None, 0, 0, "empty file (0 bytes)")
+        return Probe(0, 0, None, None, False, "empty file (0 bytes)")
     if len(data) > cfg.max_bytes:
-        return Decoded(None, 0, 0, f"file too large: {len(data)} bytes > image.max_bytes={cfg.max_bytes}")
+        # the read stops one byte past the limit: "more than", not the file's size
+        return Probe(0, 0, None, None, False, f"file too large: more than image.max_bytes={cfg.max_bytes} bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
             w, h = img.size
-            if min(w, h) < cfg.min_side:
-                return Decoded(None, w, h, f"image too small: {w}x{h} < image.min_side={cfg.min_side}")
-            if w * h > cfg.max_pixels:
-                return Decoded(None, w, h, f"image too large: {w}x{h} = {w * h} pixels > "
-                                           f"image.max_pixels={cfg.max_pixels} (not decoded)")
+            fmt, mode = img.format, img.mode
+            progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+            # EXIF sits in the header of these formats (PNG may keep it after the pixels: not read here;
+            # the decoded size is what the row reports in the end).
+            if min(w, h) >= cfg.min_side and w * h <= cfg.max_pixels and fmt in ("JPEG", "MPO", "WEBP", "TIFF") \
+                    and img.getexif().get(0x0112) in _SWAPPING_ORIENTATIONS:
+                w, h = h, w
+    except Image.UnidentifiedImageError:
+        return Probe(0, 0, None, None, False, "not an image: format not recognised")
+    except (OSError, SyntaxError, ValueError) as exc:
+        return Probe(0, 0, None, None, False, f"cannot decode image: {str(exc) or type(exc).__name__}")
+    if min(w, h) < cfg.min_side:
+        return Probe(w, h, fmt, mode, progressive, f"image too small: {w}x{h} < image.min_side={cfg.min_side}")
+    if w * h > cfg.max_pixels:
+        return Probe(w, h, fmt, mode, progressive, f"image too large: {w}x{h} = {w * h} pixels > "
+                                                   f"image.max_pixels={cfg.max_pixels} (not decoded)")
+    return Probe(w, h, fmt, mode, progressive, None)
+
+
+def decode(data: bytes | None, cfg: ImageConfig) -> Decoded:
+    """Bytes -> the square crop; every check of `probe` first, so a bomb is never decoded."""
+    head = probe(data, cfg)
+    if head.error is not None:
+        return Decoded(None, head.width, head.height, head.error)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
             img.load()
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb_array(img)
-    except Image.UnidentifiedImageError:
-        return Decoded(None, 0, 0, "not an image: format not recognised")
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
         msg = str(exc) or type(exc).__name__
         return Decoded(None, 0, 0, f"cannot decode image: {msg}")
     h, w = rgb.shape[:2]

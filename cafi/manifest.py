@@ -23,7 +23,9 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from cafi import columns
 from cafi.config import StorageConfig
+from cafi.fetch import RetryingWrites, write_bytes
 from cafi.storage import filesystem, join
 
 log = logging.getLogger("cafi")
@@ -33,26 +35,8 @@ RUNS_DIR = "runs"
 SUCCESS = "_SUCCESS"
 SUMMARY = "summary.json"
 
-SCHEMA = pa.schema([
-    ("uri", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("det_score", pa.float32()),
-    ("landmarks", pa.list_(pa.float32(), 10)),  # eyes, nose, mouth corners (x, y) in crop pixels
-    ("mask_fraction", pa.float32()),
-    ("serfiq", pa.float32()),
-    ("serfiq_raw", pa.float32()),
-    ("dbcnn", pa.float32()),
-    ("cafi", pa.float32()),
-    ("accepted", pa.bool_()),
-    ("decision", pa.string()),
-    ("reject_reason", pa.string()),
-    ("model_version", pa.string()),
-    ("run_id", pa.string()),
-    ("scored_at", pa.timestamp("us")),
-])
+# Every column, its type and meaning: cafi/columns.py.
+SCHEMA = columns.SCHEMA
 
 
 def manifest_uri(output: str) -> str:
@@ -63,19 +47,30 @@ def run_uri(output: str, run_id: str) -> str:
     return join(output, RUNS_DIR, run_id)
 
 
-def arrow_filesystem(uri: str, storage: StorageConfig | None) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem over fsspec, so Ray and pyarrow see the same endpoint and credentials."""
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def arrow_filesystem(uri: str, storage: StorageConfig | None, run_id: str | None = None
+                     ) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem over fsspec, so Ray and pyarrow see the same endpoint and credentials.
+    With a `run_id` (the run's manifest writes), object-store requests are retried within
+    `storage.retry_budget_s` and counted in the run's telemetry (cafi/fetch.py)."""
     fs, path = filesystem(uri, storage)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if _is_local(fs):
         return pafs.LocalFileSystem(), path
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    if run_id is None:  # reading: the client's own retries
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    writer, _ = filesystem(uri, storage, client_retries=False)  # writing: retried within the budget, counted
+    return pafs.PyFileSystem(RetryingWrites(writer, (storage or StorageConfig()).retry_budget_s, run_id)), path
 
 
 def write_json(uri: str, obj: dict, storage: StorageConfig | None) -> None:
     fs, path = filesystem(uri, storage)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    if _is_local(fs):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    write_bytes(fs, path, data, (storage or StorageConfig()).retry_budget_s)
 
 
 def commit(output: str, run_id: str, summary: dict, storage: StorageConfig | None) -> None:
@@ -83,8 +78,7 @@ def commit(output: str, run_id: str, summary: dict, storage: StorageConfig | Non
     base = run_uri(output, run_id)
     write_json(join(base, SUMMARY), summary, storage)
     fs, path = filesystem(join(base, SUCCESS), storage)
-    with fs.open(path, "wb") as fh:
-        fh.write(b"")
+    write_bytes(fs, path, b"", (storage or StorageConfig()).retry_budget_s)
 
 
 def committed_runs(output: str, storage: StorageConfig | None = None) -> list[dict]:
@@ -105,10 +99,29 @@ def is_committed(output: str, run_id: str, storage: StorageConfig | None = None)
     return fs.exists(path)
 
 
-def dataset(output: str, storage: StorageConfig | None = None) -> pds.Dataset:
-    """Every manifest file, committed or not, as one hive-partitioned pyarrow dataset."""
+def with_kept(kept: pa.Schema | None) -> pa.Schema:
+    """The schema a run writes: the cafi columns, then its input.keep_columns (cafi/inputs/keep.py)."""
+    return SCHEMA if not kept else pa.schema([*SCHEMA, *kept])
+
+
+def kept_columns(runs: list[dict]) -> pa.Schema:
+    """The kept columns of these runs (their summaries record the types), in first-seen order; where
+    two runs keep a column with different types, the newest run's type."""
+    from cafi.inputs.keep import schema_from_text
+
+    fields: dict[str, pa.Field] = {}
+    for summary in runs:
+        text = (summary.get("input") or {}).get("keep_schema")
+        for f in (schema_from_text(text) if text else []):
+            fields[f.name] = f
+    return pa.schema(list(fields.values()))
+
+
+def dataset(output: str, storage: StorageConfig | None = None, kept: pa.Schema | None = None) -> pds.Dataset:
+    """Every manifest file, committed or not, as one hive-partitioned pyarrow dataset; with `kept`,
+    those input columns too (null in files that lack them)."""
     fs, path = arrow_filesystem(manifest_uri(output), storage)
-    return pds.dataset(path, filesystem=fs, format="parquet", partitioning="hive", schema=SCHEMA)
+    return pds.dataset(path, filesystem=fs, format="parquet", partitioning="hive", schema=with_kept(kept))
 
 
 def read(output: str, version: str | None = "latest", storage: StorageConfig | None = None,
@@ -125,26 +138,28 @@ def read(output: str, version: str | None = "latest", storage: StorageConfig | N
                 return SCHEMA.empty_table()
             version = runs[-1]["model_version"]
         run_ids = _committed_ids(runs, version)
+    kept = kept_columns([r for r in runs if r["run_id"] in run_ids or set(r.get("includes_runs") or []) & set(run_ids)])
+    empty = with_kept(kept).empty_table()
     if not run_ids:
-        return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
+        return empty if columns is None else empty.select(columns)
     flt = pc.field("run_id").isin(run_ids)
     if version is not None:
         flt = flt & (pc.field("model_version") == version)
     # Read only what is asked for, plus what de-duplication needs.
     needed = None if columns is None else list(dict.fromkeys([*columns, "uri", "scored_at"]))
-    table = dataset(output, storage).to_table(filter=flt, columns=needed)
-    table = _latest_per_uri(table)
+    table = dataset(output, storage, kept).to_table(filter=flt, columns=needed)
+    table = latest_per_uri(table)
     return table.select(columns) if columns else table
 
 
-def _latest_per_uri(table: pa.Table) -> pa.Table:
+def latest_per_uri(table: pa.Table) -> pa.Table:
+    """One row per URI, the newest (`scored_at`) where several runs of a version wrote the same URI."""
     if table.num_rows == 0 or pc.count_distinct(table["uri"]).as_py() == table.num_rows:
         return table
-    order = pc.sort_indices(table, sort_keys=[("uri", "ascending"), ("scored_at", "descending")])
-    table = table.take(order)
-    uris = table["uri"].to_pylist()
-    keep = [i for i, u in enumerate(uris) if i == 0 or u != uris[i - 1]]
-    return table.take(pa.array(keep))
+    table = table.take(pc.sort_indices(table, sort_keys=[("uri", "ascending"), ("scored_at", "descending")]))
+    uris = table["uri"].combine_chunks()
+    first = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1))
+    return table.filter(pa.concat_arrays([pa.array([True]), first]))
 
 
 def _committed_ids(runs: list[dict], version: str | None) -> list[str]:
@@ -211,11 +226,15 @@ def run_counts(output: str, run_ids: list[str], version: str, storage: StorageCo
     for batch in dataset(output, storage).to_batches(columns=["uri", "status", "reject_reason"], filter=flt):
         k = uri_keys(batch.column("uri").to_pylist())
         if seen is not None:
-            pos = np.searchsorted(only, k)
+            pos = np.minimum(np.searchsorted(only, k), max(len(only) - 1, 0))
+            known = (only[pos] == k) if len(only) else np.zeros(len(k), dtype=bool)
+            # a URI written twice (concurrent runs of a version) counts once: its first row here
+            hits = np.flatnonzero(known)
+            _, first = np.unique(pos[hits], return_index=True)
             take = np.zeros(len(k), dtype=bool)
-            for i, p in enumerate(pos):  # a URI written twice (concurrent runs of a version) counts once
-                if p < len(only) and only[p] == k[i] and not seen[p]:
-                    seen[p] = take[i] = True
+            take[hits[first]] = True
+            take &= ~seen[pos]
+            seen[pos[take]] = True
             batch, k = batch.filter(pa.array(take)), k[take]
         rows += batch.num_rows
         status.update(batch.column("status").to_pylist())
@@ -236,3 +255,15 @@ def abandon(output: str, run_id: str, storage: StorageConfig | None = None) -> N
     fs, path = filesystem(run_uri(output, run_id), storage)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def write_dataset(ds, output: str, run_id: str, storage: StorageConfig | None, partition_by: list[str],
+                  min_rows_per_file: int, schema: pa.Schema = SCHEMA) -> None:
+    """Stream a Ray dataset of manifest rows into the manifest: hive partitions, every file name
+    starting with the run id (resume and readers key on it), files written as blocks finish."""
+    from ray.data.datasource import FilenameProvider
+
+    fs, path = arrow_filesystem(manifest_uri(output), storage, run_id)
+    ds.write_parquet(path, filesystem=fs, partition_cols=list(partition_by),
+                     filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+                     schema=schema, min_rows_per_file=min_rows_per_file)

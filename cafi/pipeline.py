@@ -16,26 +16,41 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from cafi import autoscale, manifest, preflight, reuse
+from cafi import autoscale, manifest, preflight, reuse, telemetry
 from cafi.config import JobConfig, to_dict
 from cafi.errors import CafiError, StorageError
-from cafi.stages import MODEL_STAGES, FusedModels, decide, read_decode, take_over_only
+from cafi.inputs import is_sharded, keep
+from cafi.inputs.shards import ShardInputs, input_summary, settle
+from cafi.stages import FusedModels, decide, read_objects, take_over_only
+from cafi.stages.registry import grouped, stage_classes
 from cafi.storage import list_files
 from cafi.version import is_synthetic, model_version, stage_fingerprints
 
 log = logging.getLogger("cafi")
 
 
+# Fault tolerance, set here rather than left to defaults that happen to work (README, "Reliability"):
+# a task or actor lost with its node is run again, and a block lost with a node's object store is
+# rebuilt from its lineage (both need unlimited retries); a failing UDF is a bug, never retried and
+# never skipped (no errored block may be dropped: every input leaves a row or the run fails).
+TASK_RETRIES = {"max_retries": -1, "retry_exceptions": False}
+ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": -1}
+ACTOR_INIT_DEATHS = 3  # an actor killed with its node while loading its models is replaced
+
+
 def configure_data_context(cfg: JobConfig):
-    """Ray Data settings of this job. The object-store cap bounds the decoded pixels in flight:
-    without it the reads run ahead of the models until Ray Data's share of the store is full
-    (every input's pixels, on a 10,000-crop run), so memory would grow with the input."""
+    """Ray Data settings of this job. The object-store cap bounds what is in flight: without it the
+    reads run ahead of the models until Ray Data's share of the store is full, so memory would
+    grow with the input."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     cap = math.inf if cfg.ray.object_store_mb is None else cfg.ray.object_store_mb * 2**20  # inf: Ray Data's share
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=cap)
+    ctx.max_errored_blocks = 0
+    ctx.actor_task_retry_on_errors = False
+    ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
     return ctx
 
 
@@ -58,16 +73,24 @@ def input_dataset(cfg: JobConfig):
     if inp.manifest:
         fs, path = manifest.arrow_filesystem(inp.manifest, cfg.storage)
         reader = ray.data.read_csv if path.lower().endswith(".csv") else ray.data.read_parquet
+        extra = {}
+        if path.lower().endswith(".csv") and inp.keep_columns:  # CSV values are kept as the text they are
+            import pyarrow.csv as pacsv
+
+            extra["convert_options"] = pacsv.ConvertOptions(column_types={k: pa.string() for k in inp.keep_columns})
         try:
-            ds = reader(path, filesystem=fs)
+            ds = reader(path, filesystem=fs, **extra)
         except Exception as exc:  # noqa: BLE001 - surfaced as one clear line
             raise StorageError(f"input.manifest: cannot read {inp.manifest}: {exc}") from None
         if inp.uri_column not in ds.columns():
             raise StorageError(f"input.uri_column: {inp.uri_column!r} is not a column of {inp.manifest} "
                                f"(columns: {ds.columns()})")
-        ds = ds.select_columns([inp.uri_column])
+        ds = ds.select_columns([inp.uri_column, *inp.keep_columns])
         if inp.uri_column != "uri":
             ds = ds.rename_columns({inp.uri_column: "uri"})
+        if inp.keep_columns:  # as text in flight (cafi/inputs/keep.py)
+            ds = ds.map_batches(keep.to_wire_batch, fn_kwargs={"names": list(inp.keep_columns)},
+                                batch_format="pyarrow", batch_size=None)
         if inp.limit:
             ds = ds.limit(inp.limit)
         n = ds.count()
@@ -80,68 +103,117 @@ def input_dataset(cfg: JobConfig):
     return ray.data.from_arrow(chunks), len(uris)
 
 
+def _pool_class(names: list[str]) -> type:
+    """A FusedModels subclass named after its first stage: Ray Data names the operator by it
+    (MapBatches(Detect), MapBatches(Mask), ...)."""
+    return type(names[0], (FusedModels,), {"__module__": FusedModels.__module__})
+
+
 def build(ds, cfg: JobConfig, version: str, run_id: str, plan: reuse.ReusePlan | None = None,
-          omit: tuple[str, ...] = ()):
+          omit: tuple[str, ...] = (), read=read_objects, kept: pa.Schema | None = None):
     """The scoring pipeline over a `uri` dataset (lazy; nothing runs until written).
 
     With a reuse plan, earlier results are attached first; stages named in `omit` (every row
-    reuses them) are replaced by a CPU task that copies the results over.
+    reuses them) load no model: their results are copied over.
     """
-    import ray
 
     cfg_dict = to_dict(cfg)
-    small = {"batch_size": cfg.read.batch_size, "num_cpus": cfg.read.num_cpus}
+    classes = stage_classes(cfg)
+    names = [c.__name__ for c in classes]
+    running = [n for n in names if n not in omit]
+    # Without a model to feed, the CPU steps take whole blocks: a threshold-only re-score of a
+    # million rows is then a few thousand cheap calls, not a hundred thousand.
+    small = {"batch_size": cfg.read.batch_size if running else None, "num_cpus": cfg.read.num_cpus, **TASK_RETRIES}
     if plan is not None:
-        ds = ds.map_batches(reuse.attach, fn_kwargs={"table_ref": [ray.put(plan.table)], "stages": plan.stages},
+        ds = ds.map_batches(reuse.attach, fn_kwargs={"table_ref": [plan.table_ref], "stages": plan.stages},
                             **small)
-    ds = ds.map_batches(read_decode, fn_kwargs={"cfg": cfg_dict}, **small)
-    groups: list[tuple[str, list]] = []  # consecutive stages: ("run" | "take_over", classes)
-    for cls in MODEL_STAGES:
-        kind = "take_over" if cls.__name__ in omit else "run"
-        if groups and groups[-1][0] == kind:
-            groups[-1][1].append(cls)
-        else:
-            groups.append((kind, [cls]))
-    for kind, classes in groups:
-        names = [c.__name__ for c in classes]
-        if kind == "take_over":
-            ds = ds.map_batches(take_over_only, fn_kwargs={"stages": names}, **small)
-        elif cfg.ray.fuse_models:
-            ds = ds.map_batches(FusedModels, fn_constructor_kwargs={"cfg": cfg_dict, "stages": names},
-                                zero_copy_batch=False, **FusedModels.resources(cfg, classes))
-        else:
-            for cls in classes:
-                ds = ds.map_batches(cls, fn_constructor_kwargs={"cfg": cfg_dict}, zero_copy_batch=False,
-                                    **cls.resources(cfg))
+    ds = ds.map_batches(read, fn_kwargs={"cfg": cfg_dict, "run_id": run_id}, **small)
+    if not running:  # a threshold-only re-score: no image was read, no model runs
+        ds = ds.map_batches(take_over_only, fn_kwargs={"cfg": cfg_dict, "stages": names}, **small)
+    elif cfg.ray.fuse_models:
+        ds = ds.map_batches(FusedModels, fn_constructor_kwargs={"cfg": cfg_dict, "stages": running,
+                                                                "take_over": list(omit), "run_id": run_id},
+                            **FusedModels.resources(cfg, classes), **ACTOR_RETRIES)
+    else:
+        groups = grouped(cfg, names)
+        run_groups = [g for g in groups if g[0] not in omit]
+        for group in groups:
+            by_name = [c for c in classes if c.__name__ in group]
+            if group[0] in omit:
+                ds = ds.map_batches(take_over_only, fn_kwargs={"cfg": cfg_dict, "stages": group}, **small)
+                continue
+            kwargs = {"cfg": cfg_dict, "stages": [n for n in group if n not in omit],
+                      "take_over": [n for n in group if n in omit], "decode": group is run_groups[0],
+                      "last": group is run_groups[-1], "run_id": run_id}
+            ds = ds.map_batches(_pool_class(group), fn_constructor_kwargs=kwargs,
+                                **FusedModels.resources(cfg, by_name), **ACTOR_RETRIES)
     # One block at a time (batch_size=None): rows reach storage as their block finishes, so a
     # crash loses only what was in flight.
-    return ds.map_batches(decide, fn_kwargs={"cfg": cfg_dict, "model_version": version, "run_id": run_id},
-                          batch_size=None, num_cpus=cfg.read.num_cpus)
+    return ds.map_batches(decide, fn_kwargs={"cfg": cfg_dict, "model_version": version, "run_id": run_id,
+                                             "kept": kept},
+                          batch_size=None, num_cpus=cfg.read.num_cpus, **TASK_RETRIES)
 
 
-def _keep_todo(batch: dict, todo: list) -> dict:
-    """Drop rows already written for this version (resume)."""
+def contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which `keys` are in `sorted_keys` (sorted, unique): a binary search each, O(n log m)."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[pos] == keys
+
+
+def _keep_todo(batch: dict, todo: list, drop: list) -> dict:
+    """Keep the rows still to score (resume), without the duplicated inputs: those join once each,
+    from `duplicate_rows`."""
     import ray
 
     keys = manifest.uri_keys([str(u) for u in batch["uri"]])
-    keep = np.isin(keys, ray.get(todo[0]))
+    keep = contains(ray.get(todo[0]), keys) & ~contains(ray.get(drop[0]), keys)
     return {k: v[keep] for k, v in batch.items()}
 
 
-def _input_keys(ds) -> np.ndarray:
-    """Sorted unique 16-byte keys of all input URIs, streamed to the driver (16 bytes per input)."""
+def _input_keys(ds) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique 16-byte keys of all input URIs, streamed to the driver (16 bytes per input),
+    and the keys listed more than once."""
     parts = [manifest.uri_keys([str(u) for u in b["uri"]])
              for b in ds.iter_batches(batch_size=65536, batch_format="numpy")]
-    return np.unique(np.concatenate(parts)) if parts else np.array([], dtype="S16")
+    if not parts:
+        empty = np.array([], dtype="S16")
+        return empty, empty
+    keys, counts = np.unique(np.concatenate(parts), return_counts=True)
+    return keys, keys[counts > 1]
 
 
-def omitted_stages(plan: reuse.ReusePlan | None, todo: np.ndarray) -> tuple[str, ...]:
+def duplicate_rows(ds, duplicated: np.ndarray):
+    """One row per input listed more than once (their URIs, few, gathered on the driver)."""
+    import ray.data
+
+    def pick(batch: dict) -> dict:
+        keys = manifest.uri_keys([str(u) for u in batch["uri"]])
+        chosen = contains(duplicated, keys)
+        return {k: v[chosen] for k, v in batch.items()}
+
+    rows: dict[str, dict] = {}  # the first row of each URI (its kept columns, if any)
+    for b in ds.map_batches(pick, batch_size=65536).iter_batches(batch_format="numpy"):
+        for i, u in enumerate(b["uri"]):
+            rows.setdefault(str(u), {k: v[i] for k, v in b.items()})
+    uris = sorted(rows)
+    columns = list(next(iter(rows.values()))) if rows else ["uri"]
+    return ray.data.from_arrow(pa.table({c: pa.array([str(rows[u][c]) for u in uris], pa.string())
+                                         for c in columns}))
+
+
+def _covers(table: dict, todo: np.ndarray) -> bool:
+    return len(table) > 0 and bool(np.isin(todo, table["key"]).all())
+
+
+def omitted_stages(cfg: JobConfig, plan: reuse.ReusePlan | None, todo_ref, n_todo: int) -> tuple[str, ...]:
     """Model stages no row needs: every row to score has earlier results they can take over."""
-    if plan is None or len(todo) == 0 or not np.isin(todo, plan.table["key"]).all():
+    import ray
+
+    if plan is None or n_todo == 0 or not ray.get(ray.remote(num_cpus=0)(_covers).remote(plan.table_ref, todo_ref)):
         return ()
-    full = dict(plan.stages)
-    full["parse"] = full["parse"] and full["dbcnn"]  # DBCNN needs the masked pixels
-    return tuple(cls.__name__ for cls in MODEL_STAGES if full[cls.reuse_stage])
+    return tuple(cls.__name__ for cls in stage_classes(cfg) if plan.stages.get(cls.name))
 
 
 def run(cfg: JobConfig) -> dict:
@@ -165,12 +237,19 @@ def run(cfg: JobConfig) -> dict:
     version, fingerprints = model_version(cfg), stage_fingerprints(cfg)
     preflight.check(cfg, run_id)
     started = time.time()
-    ds, n_listed = input_dataset(cfg)
-    input_keys = _input_keys(ds)
     done, prior_runs = manifest.scan_version(out, version, storage)
-    todo = np.setdiff1d(input_keys, done, assume_unique=True)
+    shards = ShardInputs(cfg, run_id) if is_sharded(cfg) else None
+    if shards is None:
+        ds, n_listed = input_dataset(cfg)
+        input_keys, duplicated = _input_keys(ds)
+        todo = np.setdiff1d(input_keys, done, assume_unique=True)
+        kept = keep.manifest_schema(cfg) if cfg.input.keep_columns else None
+    else:  # shards: keys known before reading (earlier shard indexes); the rest come with this run's indexes
+        input_keys, todo = shards.plan(done)
+        n_listed, kept = len(input_keys), shards.kept
+    unread = shards.unknown if shards is not None else 0  # shards whose samples are known only once read
     committed = manifest.committed_run_ids(out, version, storage)
-    if len(todo) == 0 and committed and set(prior_runs) <= set(committed):
+    if len(todo) == 0 and not unread and committed and set(prior_runs) <= set(committed):
         latest = [r for r in manifest.committed_runs(out, storage) if r["model_version"] == version][-1]
         log.info("nothing to do: all %d inputs are committed for model version %s (run %s)",
                  len(input_keys), version, latest["run_id"])
@@ -179,22 +258,39 @@ def run(cfg: JobConfig) -> dict:
     log.info("cafi run %s: %d inputs (%d already written), model version %s", run_id, len(input_keys),
              len(input_keys) - len(todo), version)
 
-    plan = reuse.plan(out, version, fingerprints, storage) if cfg.incremental and len(todo) else None
-    omit = omitted_stages(plan, todo)
+    plan = reuse.plan(out, version, fingerprints, cfg, storage) if cfg.incremental and (len(todo) or unread) \
+        else None
+    todo_ref = ray.put(todo)
+    omit = omitted_stages(cfg, plan, todo_ref, len(todo)) if not unread else ()
     stats: dict = {}
-    if len(todo):
-        todo_ds = ds.map_batches(_keep_todo, fn_kwargs={"todo": [ray.put(todo)]}, batch_size=cfg.read.batch_size,
-                                 num_cpus=cfg.read.num_cpus)
-        scored = build(todo_ds, autoscale.sized(cfg, rows=len(todo)), version, run_id, plan, omit)
-        fs, path = manifest.arrow_filesystem(manifest.manifest_uri(out), storage)
+    collector = telemetry.start(run_id)
+    if len(todo) or unread:
+        if shards is not None:
+            todo_ds = shards.dataset(ray.put(done), **TASK_RETRIES)
+        else:
+            todo_ds = ds.map_batches(_keep_todo, fn_kwargs={"todo": [todo_ref], "drop": [ray.put(duplicated)]},
+                                     batch_size=None, num_cpus=cfg.read.num_cpus, **TASK_RETRIES)
+            if len(duplicated):
+                once = duplicate_rows(ds, duplicated).map_batches(_keep_todo, fn_kwargs={
+                    "todo": [todo_ref], "drop": [ray.put(np.array([], dtype="S16"))]}, batch_size=None)
+                todo_ds = todo_ds.union(once)
+        scored = build(todo_ds, autoscale.sized(cfg, rows=None if unread else len(todo)), version, run_id, plan, omit,
+                       read=settle if shards is not None else read_objects, kept=kept)
+        fs, path = manifest.arrow_filesystem(manifest.manifest_uri(out), storage, run_id)
         files = FilenameProvider(dataset_uuid=run_id, file_format="parquet")  # every file name starts with the run id
         scored.write_parquet(path, filesystem=fs, partition_cols=list(cfg.output.partition_by),
-                             filename_provider=files, schema=manifest.SCHEMA,
+                             filename_provider=files, schema=manifest.with_kept(kept),
                              min_rows_per_file=cfg.output.min_rows_per_file)
         stats = stage_stats(scored)
     # else: a crashed attempt wrote every row but did not commit; this run commits its rows.
     elapsed = time.time() - started
+    observed = telemetry.collect(collector)
+    ray.kill(collector)
 
+    if shards is not None:  # every sample key, from the shard indexes of this run and earlier ones
+        input_keys = shards.input_keys()
+        n_listed = len(input_keys)
+    scored_now = shards.stats["to_score"] if shards is not None else len(todo)
     includes = [r for r in prior_runs if r != run_id]
     counts = manifest.run_counts(out, [run_id, *includes], version, storage, only=input_keys)
     missing = len(input_keys) - counts["distinct_uris"]
@@ -207,15 +303,18 @@ def run(cfg: JobConfig) -> dict:
         "stage_fingerprints": fingerprints,
         "inputs": len(input_keys),
         "duplicate_inputs": n_listed - len(input_keys),
-        "scored_now": int(len(todo)),
+        "scored_now": int(scored_now),
         "includes_runs": includes,
         "reuse": plan.describe() if plan else None,
-        "stages_run": [c.__name__ for c in MODEL_STAGES if c.__name__ not in omit] if len(todo) else [],
+        "stages_run": [c.__name__ for c in stage_classes(cfg) if c.__name__ not in omit] if scored_now else [],
+        "retries": {k: observed.get("counts", {}).get(k, 0) for k in ("read_retries", "write_retries")},
+        "model_actors": telemetry.busy_summary(observed.get("busy", {})),
         "counts": counts,
         "started_at": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "wall_seconds": round(elapsed, 3),
-        "images_per_second": round(len(todo) / elapsed, 3) if elapsed > 0 else None,
+        "images_per_second": round(scored_now / elapsed, 3) if elapsed > 0 else None,
+        "input": input_summary(cfg, kept if kept is not None else keep.string_schema([]), shards),
         "stages": stats,
         "output": {"manifest": manifest.manifest_uri(out), "run": manifest.run_uri(out, run_id)},
         "config": to_dict(cfg),

@@ -1,36 +1,40 @@
-"""One self-contained HTML page per committed run: counts, score histograms, the CAFI decision
-space, thumbnails of the best, worst and rejected crops, and per-stage throughput.
+"""One self-contained HTML page per committed run: counts, score and quality-component histograms,
+the decision space, thumbnails of the best, worst and rejected crops, and per-stage throughput.
 
 Everything is computed by streaming the run's rows out of the Parquet manifest in record
 batches (two passes over a few columns), so a run of millions of rows never sits in memory
 whole: counts and histogram bins are summed per batch, and the rows to show (top and bottom
-k accepted, a deterministic sample per reject reason, at most a few thousand scatter points)
-are kept with `pyarrow.compute.select_k_unstable` over bounded candidate tables. Image bytes
-are fetched only for the rows shown, shrunk to small JPEG thumbnails and inlined as data
-URIs; charts are inline SVG. The page needs no network when it is viewed.
+k accepted, a deterministic sample per reject reason, at most a few thousand points per
+scatter) are kept with `pyarrow.compute.select_k_unstable` over bounded candidate tables.
+Image bytes are fetched only for the rows shown, shrunk to small JPEG thumbnails and inlined
+as data URIs; charts are inline SVG (cafi/charts.py). The page needs no network when viewed.
+
+Which columns are drawn follows the run: its FIQA and IQA scorers (`models.fiqa.kind`,
+`models.iqa.kind` in its summary), and every other score or quality component that has values.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
 import io
 import json
 import logging
 import math
 import posixpath
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pds
 
-from cafi import manifest
+from cafi import columns, runs
+from cafi.charts import Line, Region, bars_svg, esc, histogram_svg, num, page, scatter_svg, tick
 from cafi.config import DecisionConfig, ImageConfig, StorageConfig
+from cafi.decision import REASONS
 from cafi.errors import CafiError
+from cafi.runs import RunRef, decision_config, resolve_run, run_ids
 from cafi.storage import filesystem, join
 
 log = logging.getLogger("cafi")
@@ -41,74 +45,39 @@ THUMB = 96
 TOP_K = 12
 PER_REASON = 8
 SCATTER_POINTS = 5000
-BATCH_ROWS = 16_384
-REASON_ORDER = ("unrecognisable", "face_too_small", "low_quality", "no_face", "error")
 COLORS = {
     "accepted": "#2e9d5b", "rejected": "#d1495b", "unrecognisable": "#d1495b", "face_too_small": "#e09a1a",
-    "low_quality": "#8d5fd3", "no_face": "#5c6b73", "error": "#333333",
+    "low_quality": "#8d5fd3", "pose": "#1f77b4", "low_resolution": "#17becf", "blur": "#8c564b",
+    "exposure": "#bcbd22", "no_face": "#5c6b73", "error": "#333333",
 }
-SCORE_COLUMNS = ("serfiq", "dbcnn", "cafi", "mask_fraction")
-SHOW_COLUMNS = ["uri", "status", "error", "serfiq", "dbcnn", "cafi", "mask_fraction", "det_score", "reject_reason"]
-
-
-# ---------------------------------------------------------------- which run
-
-@dataclass
-class RunRef:
-    output: str     # the output root (holds manifest/ and runs/)
-    run_id: str
-    uri: str        # <output>/runs/<run_id>
-    summary: dict
-
-
-def _split(uri: str) -> tuple[str, str]:
-    base = uri.rstrip("/")
-    if "/" not in base:
-        return ".", base
-    parent, name = base.rsplit("/", 1)
-    if parent.endswith("://"):  # s3://bucket
-        return parent + name, ""
-    return (parent or "/"), name
-
-
-def resolve_run(uri: str, storage: StorageConfig | None = None) -> RunRef:
-    """A run URI (`<output>/runs/<run_id>`) or an output root (its latest committed run)."""
-    fs, path = filesystem(uri, storage)
-    parent, run_id = _split(uri)
-    grand, runs_dir = _split(parent)
-    if runs_dir == manifest.RUNS_DIR and run_id and fs.isdir(path):
-        if not fs.exists(posixpath.join(path, manifest.SUCCESS)):
-            raise CafiError(f"run {run_id} at {uri} is not committed (no {manifest.SUCCESS}); "
-                            "its rows are incomplete")
-        with fs.open(posixpath.join(path, manifest.SUMMARY), "r") as fh:
-            summary = json.load(fh)
-        return RunRef(grand, run_id, uri.rstrip("/"), summary)
-    if fs.isdir(posixpath.join(path, manifest.RUNS_DIR)) or fs.isdir(posixpath.join(path, manifest.MANIFEST_DIR)):
-        runs = manifest.committed_runs(uri, storage)
-        if not runs:
-            raise CafiError(f"no committed run under {uri}")
-        latest = runs[-1]
-        return RunRef(uri.rstrip("/"), latest["run_id"], manifest.run_uri(uri.rstrip("/"), latest["run_id"]),
-                      latest)
-    if not fs.exists(path):
-        raise CafiError(f"{uri} does not exist")
-    raise CafiError(f"{uri} is neither a run (<output>/runs/<run_id>) nor a cafi output root")
-
-
-def run_ids(ref: RunRef) -> list[str]:
-    """The run ids whose rows are this run's: its own and those of the attempts it resumed."""
-    return sorted({ref.run_id, *(ref.summary.get("includes_runs") or [])})
-
-
-def decision_config(summary: dict) -> DecisionConfig:
-    d = (summary.get("config") or {}).get("decision") or {}
-    known = {k: d[k] for k in ("min_serfiq", "min_mask_fraction", "min_dbcnn") if k in d}
-    return DecisionConfig(**known)
-
-
-def _storage_from_summary(summary: dict) -> StorageConfig:
-    s = (summary.get("config") or {}).get("storage") or {}
-    return StorageConfig(**{k: s[k] for k in ("endpoint_url", "region", "anon") if k in s})
+SCORERS = ("serfiq", "magface", "dbcnn", "topiq_face")
+HIST_COLUMNS = (*SCORERS, "cafi", "mask_fraction", *columns.COMPONENTS)
+# Scales fixed by definition: histograms of different runs compare.
+FIXED_RANGE = {"serfiq": (0.0, 1.0), "topiq_face": (0.0, 1.0), "mask_fraction": (0.0, 1.0),
+               "face_fraction": (0.0, 1.0), "luma_mean": (0.0, 1.0), "under_exposed": (0.0, 1.0),
+               "over_exposed": (0.0, 1.0), "dynamic_range": (0.0, 8.0)}
+SIGNED_ANGLES = ("yaw", "pitch", "roll")  # drawn symmetric about 0 (frontal)
+TITLES = {"serfiq": "SER-FIQ (face recognisability)", "magface": "MagFace (face recognisability)",
+          "dbcnn": "DBCNN (masked-face quality)", "topiq_face": "TOPIQ-face (face quality)",
+          "cafi": "CAFI score (accepted rows)", "mask_fraction": "face mask fraction",
+          "yaw": "head yaw", "pitch": "head pitch", "roll": "head roll", "inter_eye_px": "eye distance in the source",
+          "face_fraction": "face box fraction", "sharpness": "sharpness (Laplacian variance)",
+          "luma_mean": "mean face luminance", "luma_std": "face luminance spread",
+          "under_exposed": "under-exposed face pixels", "over_exposed": "over-exposed face pixels",
+          "dynamic_range": "face luminance entropy"}
+# The one-sided thresholds that bound each column (the decision rules of cafi/decision.py).
+LIMITS = {"mask_fraction": ("min_mask_fraction",), "inter_eye_px": ("min_inter_eye_px",),
+          "sharpness": ("min_sharpness",), "luma_mean": ("min_luma_mean", "max_luma_mean"),
+          "under_exposed": ("max_under_exposed",), "over_exposed": ("max_over_exposed",)}
+SYMMETRIC_LIMITS = {"yaw": "max_yaw", "pitch": "max_pitch"}  # |value| <= limit
+# What a rejected crop's caption shows besides the scores: the measure behind its reason.
+REASON_COLUMNS = {"pose": ("yaw", "pitch"), "low_resolution": ("inter_eye_px",), "blur": ("sharpness",),
+                  "exposure": ("luma_mean", "under_exposed", "over_exposed")}
+SHOW_COLUMNS = list(dict.fromkeys(["uri", "status", "error", *SCORERS, "cafi", "mask_fraction", "det_score",
+                                   "reject_reason", *(c for cs in REASON_COLUMNS.values() for c in cs),
+                                   "shard_offset", "shard_size"]))  # where a shard sample's bytes are
+SCATTER_SCHEMA = pa.schema([("x", pa.float32()), ("y", pa.float32()), ("group", pa.string()),
+                            ("h", pa.uint64())])
 
 
 # ---------------------------------------------------------------- streaming aggregation
@@ -195,8 +164,7 @@ class Histogram:
     column: str
     edges: np.ndarray
     counts: dict[str, np.ndarray]          # per decision
-    threshold: float | None = None
-    threshold_name: str | None = None
+    thresholds: list[Line] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -204,33 +172,26 @@ class Histogram:
 
 
 @dataclass
+class Scatter:
+    x: str                                  # column names
+    y: str
+    points: pa.Table                        # x, y, group, h: at most SCATTER_POINTS rows, by URI hash
+    total: int                              # rows with both values
+
+
+@dataclass
 class Aggregates:
+    fiqa: str = runs.DEFAULT_FIQA           # the scorer columns the run decided with
+    iqa: str = runs.DEFAULT_IQA
     rows: int = 0
     status: Counter = field(default_factory=Counter)
     decision: Counter = field(default_factory=Counter)
     reason: Counter = field(default_factory=Counter)
     hists: dict[str, Histogram] = field(default_factory=dict)
-    scored_points: int = 0
-    scatter: pa.Table | None = None        # serfiq, dbcnn, group (<= SCATTER_POINTS rows)
+    scatters: dict[str, Scatter] = field(default_factory=dict)   # "decision" (FIQA x IQA), "pose" (yaw x FIQA)
     best: pa.Table | None = None           # accepted, highest cafi first
     worst: pa.Table | None = None          # accepted, lowest cafi first
     samples: dict[str, pa.Table] = field(default_factory=dict)
-
-
-def _scan(ref: RunRef, storage: StorageConfig | None, columns: list[str]):
-    ds = manifest.dataset(ref.output, storage)
-    # A resumed run's rows include those of the crashed attempts it took over.
-    flt = pc.field("run_id").isin(run_ids(ref))
-    version = ref.summary.get("model_version")
-    if version:
-        flt = flt & (pc.field("model_version") == version)  # prunes model_version= partitions
-    # One batch at a time, no whole-file pre-buffering: memory stays a few batches, whatever the run's size.
-    scanner = ds.scanner(columns=columns, filter=flt, batch_size=BATCH_ROWS, batch_readahead=1,
-                         fragment_readahead=1, use_threads=False,
-                         fragment_scan_options=pds.ParquetFragmentScanOptions(pre_buffer=False))
-    for batch in scanner.to_batches():
-        if batch.num_rows:
-            yield batch
 
 
 def _floats(batch: pa.RecordBatch, col: str) -> np.ndarray:
@@ -245,14 +206,17 @@ def _counter(arr: pa.Array) -> Counter:
     return out
 
 
-def _edges(lo: float, hi: float, thresholds: list[float | None], fixed: tuple[float, float] | None) -> np.ndarray:
+def _edges(lo: float, hi: float, thresholds: list[Line], fixed: tuple[float, float] | None,
+           symmetric: bool = False) -> np.ndarray:
     if fixed is not None:
         lo, hi = fixed
     for t in thresholds:
-        if t is not None and math.isfinite(t):
-            lo, hi = min(lo, t), max(hi, t)
+        if math.isfinite(t.value):
+            lo, hi = min(lo, t.value), max(hi, t.value)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         lo, hi = 0.0, 1.0
+    if symmetric:  # frontal (0) in the middle, so left and right turns compare
+        lo, hi = -max(abs(lo), abs(hi)), max(abs(lo), abs(hi))
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
     elif fixed is None:  # a little room, so the extreme rows do not sit on the frame
@@ -261,74 +225,114 @@ def _edges(lo: float, hi: float, thresholds: list[float | None], fixed: tuple[fl
     return np.linspace(lo, hi, BINS + 1)
 
 
+def thresholds(column: str, dec: DecisionConfig, fiqa: str, iqa: str) -> list[Line]:
+    """The configured thresholds on a column's axis, as dashed lines. A scorer's threshold is drawn
+    only for the scorer the run decided with (the other's threshold did not apply)."""
+    def limit(name: str) -> list[Line]:
+        v = getattr(dec, name, None)
+        return [] if v is None else [Line(float(v), f"decision.{name} = {tick(float(v))}")]
+
+    if column in (fiqa, iqa):
+        return limit(f"min_{column}")
+    if column in SCORERS:
+        return []
+    if column == "cafi":
+        return limit(f"min_{iqa}")
+    if column in SYMMETRIC_LIMITS:
+        name = SYMMETRIC_LIMITS[column]
+        v = getattr(dec, name)
+        return [] if v is None else [Line(float(v), f"decision.{name} = ±{tick(float(v))}"), Line(-float(v))]
+    return [line for name in LIMITS.get(column, ()) for line in limit(name)]
+
+
+def _reason_order(reasons) -> list[str]:
+    known = [r for r in REASONS if r in reasons]
+    return known + sorted(r for r in reasons if r not in REASONS)
+
+
+def _group(batch: pa.RecordBatch) -> pa.Array:
+    """Per row: "accepted" or its reject reason (the colour of its point)."""
+    reason = batch.column("reject_reason")
+    return pc.if_else(pc.is_null(reason), pa.scalar("accepted"), reason)
+
+
+def _points(batch: pa.RecordBatch, x: np.ndarray, y: np.ndarray, h: pa.Array) -> pa.Table:
+    ok = np.isfinite(x) & np.isfinite(y)
+    return pa.table({"x": pa.array(x[ok], pa.float32()), "y": pa.array(y[ok], pa.float32()),
+                     "group": _group(batch).filter(pa.array(ok)), "h": h.filter(pa.array(ok))})
+
+
 def aggregate(ref: RunRef, storage: StorageConfig | None = None, top_k: int = TOP_K, per_reason: int = PER_REASON,
               scatter_points: int = SCATTER_POINTS) -> Aggregates:
     """Counts, histograms and the rows to show, in two streaming passes over the run's rows."""
     dec = decision_config(ref.summary)
-    agg = Aggregates()
-    # Pass 1: counts and the score ranges (for fixed histogram bins).
-    lo = {c: math.inf for c in SCORE_COLUMNS}
-    hi = {c: -math.inf for c in SCORE_COLUMNS}
-    for batch in _scan(ref, storage, ["status", "decision", "reject_reason", *SCORE_COLUMNS]):
+    fiqa, iqa = runs.scorers(ref.summary)
+    agg = Aggregates(fiqa, iqa)
+    candidates = list(dict.fromkeys([fiqa, iqa, *HIST_COLUMNS]))  # a scorer newer than this list, too
+    missing = [c for c in (fiqa, iqa) if c not in columns.BY_NAME]
+    if missing:
+        raise CafiError(f"run {ref.run_id} decided with {', '.join(missing)}, which the manifest has no column for")
+    # Pass 1: counts and the value ranges (for fixed histogram bins).
+    lo = {c: math.inf for c in candidates}
+    hi = {c: -math.inf for c in candidates}
+    for batch in runs.scan(ref, storage, ["status", "decision", "reject_reason", *candidates]):
         agg.rows += batch.num_rows
         agg.status.update(_counter(batch.column("status")))
         agg.decision.update(_counter(batch.column("decision")))
         agg.reason.update({k: v for k, v in _counter(batch.column("reject_reason")).items() if k is not None})
-        for c in SCORE_COLUMNS:
+        for c in candidates:
+            if batch.column(c).null_count == batch.num_rows:
+                continue
             v = _floats(batch, c)
             v = v[np.isfinite(v)]
             if len(v):
                 lo[c], hi[c] = min(lo[c], float(v.min())), max(hi[c], float(v.max()))
-    # DBCNN and CAFI share one scale: one range, so their histograms compare.
-    q_lo, q_hi = min(lo["dbcnn"], lo["cafi"]), max(hi["dbcnn"], hi["cafi"])
-    specs = {
-        "serfiq": (_edges(lo["serfiq"], hi["serfiq"], [dec.min_serfiq], (0.0, 1.0)), dec.min_serfiq,
-                   "decision.min_serfiq"),
-        "dbcnn": (_edges(q_lo, q_hi, [dec.min_dbcnn], None), dec.min_dbcnn, "decision.min_dbcnn"),
-        "cafi": (_edges(q_lo, q_hi, [dec.min_dbcnn], None), dec.min_dbcnn, "decision.min_dbcnn"),
-        "mask_fraction": (_edges(lo["mask_fraction"], hi["mask_fraction"], [dec.min_mask_fraction], (0.0, 1.0)),
-                          dec.min_mask_fraction, "decision.min_mask_fraction"),
-    }
+    # The decision's scorers, CAFI and the mask always have a chart; other columns where they have values.
+    shown = [c for c in candidates if c in (fiqa, iqa, "cafi", "mask_fraction") or math.isfinite(lo[c])]
+    # The IQA score and CAFI share one scale: one range, so their histograms compare.
+    lo["cafi"] = lo[iqa] = min(lo[iqa], lo["cafi"])
+    hi["cafi"] = hi[iqa] = max(hi[iqa], hi["cafi"])
     groups = sorted(agg.decision) or ["accepted", "rejected"]
-    for c, (edges, thr, name) in specs.items():
-        agg.hists[c] = Histogram(c, edges, {g: np.zeros(BINS, dtype=np.int64) for g in groups}, thr,
-                                 name if thr is not None else None)
+    for c in shown:
+        lines = thresholds(c, dec, fiqa, iqa)
+        edges = _edges(lo[c], hi[c], lines, FIXED_RANGE.get(c), symmetric=c in SIGNED_ANGLES)
+        agg.hists[c] = Histogram(c, edges, {g: np.zeros(BINS, dtype=np.int64) for g in groups}, lines)
 
-    # Pass 2: histogram bins, the scatter sample, best/worst accepted and per-reason samples.
-    scatter = _Keep(scatter_points, [("h", "ascending")])
+    # Pass 2: histogram bins, the scatter samples, best/worst accepted and per-reason samples.
+    pairs = {"decision": (fiqa, iqa)}
+    if math.isfinite(lo["yaw"]):  # the finding that FIQA collapses on side faces, on this run's data
+        pairs["pose"] = ("yaw", fiqa)
+    scatter = {k: _Keep(scatter_points, [("h", "ascending")]) for k in pairs}
+    totals = dict.fromkeys(pairs, 0)
     best = _Keep(top_k, [("cafi", "descending"), ("uri", "ascending")])
     worst = _Keep(top_k, [("cafi", "ascending"), ("uri", "ascending")])
     per = {r: _Keep(per_reason, [("h", "ascending"), ("uri", "ascending")]) for r in agg.reason}
-    for batch in _scan(ref, storage, [*SHOW_COLUMNS, "decision"]):
+    read = list(dict.fromkeys([*SHOW_COLUMNS, "decision", *shown, *(c for p in pairs.values() for c in p)]))
+    for batch in runs.scan(ref, storage, read):
         decision = batch.column("decision").to_numpy(zero_copy_only=False).astype(object)
-        values = {c: _floats(batch, c) for c in SCORE_COLUMNS}
+        values = {c: _floats(batch, c) for c in dict.fromkeys([*shown, *(c for p in pairs.values() for c in p)])}
         for c, hist in agg.hists.items():
             v = values[c]
             for g in hist.counts:
                 sel = v[(decision == g) & np.isfinite(v)]
                 if len(sel):
                     hist.counts[g] += np.histogram(sel, bins=hist.edges)[0]
-        table = pa.Table.from_batches([batch])
-        h = uri_hash(batch.column("uri"))
-        table = table.append_column("h", pa.array(h, pa.uint64()))
-        reason = batch.column("reject_reason")
-        scored = np.isfinite(values["serfiq"]) & np.isfinite(values["dbcnn"])
-        if scored.any():
-            agg.scored_points += int(scored.sum())
-            group = pc.if_else(pc.is_null(reason), pa.scalar("accepted"), reason)
-            pts = pa.table({"serfiq": batch.column("serfiq"), "dbcnn": batch.column("dbcnn"), "group": group,
-                            "h": table.column("h")}).filter(pa.array(scored))
-            scatter.add(pts)
+        h = pa.array(uri_hash(batch.column("uri")), pa.uint64())
+        for k, (x, y) in pairs.items():
+            pts = _points(batch, values[x], values[y], h)
+            totals[k] += pts.num_rows
+            scatter[k].add(pts)
+        table = pa.Table.from_batches([batch]).select(SHOW_COLUMNS + ["decision"]).append_column("h", h)
         acc = (decision == "accepted") & np.isfinite(values["cafi"])
         if acc.any():
             accepted = table.filter(pa.array(acc))
             best.add(accepted)
             worst.add(accepted)
+        reason = batch.column("reject_reason")
         for r, keep in per.items():
             keep.add(table.filter(pc.fill_null(pc.equal(reason, r), False)))
+    agg.scatters = {k: Scatter(*pairs[k], scatter[k].result(SCATTER_SCHEMA), totals[k]) for k in pairs}
     show_schema = _show_schema()
-    agg.scatter = scatter.result(pa.schema([("serfiq", pa.float32()), ("dbcnn", pa.float32()),
-                                            ("group", pa.string()), ("h", pa.uint64())]))
     agg.best = best.result(show_schema)
     agg.worst = worst.result(show_schema)
     agg.samples = {r: per[r].result(show_schema) for r in _reason_order(agg.reason)}
@@ -336,32 +340,30 @@ def aggregate(ref: RunRef, storage: StorageConfig | None = None, top_k: int = TO
 
 
 def _show_schema() -> pa.Schema:
-    fields = [manifest.SCHEMA.field(c) for c in SHOW_COLUMNS] + [manifest.SCHEMA.field("decision")]
-    return pa.schema(fields + [pa.field("h", pa.uint64())])
-
-
-def _reason_order(reasons) -> list[str]:
-    known = [r for r in REASON_ORDER if r in reasons]
-    return known + sorted(r for r in reasons if r not in REASON_ORDER)
+    return pa.schema([columns.SCHEMA.field(c) for c in [*SHOW_COLUMNS, "decision"]] + [pa.field("h", pa.uint64())])
 
 
 # ---------------------------------------------------------------- thumbnails
 
-def thumbnails(uris: list[str], storage: StorageConfig | None, image_cfg: ImageConfig | None = None,
-               size: int = THUMB) -> dict[str, str | Exception]:
-    """uri -> a data: URI of a small JPEG thumbnail, or the reason there is none.
-    Reads only these objects; decoding keeps the pipeline's size limits (bombs stay undecoded)."""
+def thumbnails(rows: list[dict], storage: StorageConfig | None, image_cfg: ImageConfig | None = None,
+               size: int = THUMB, image_column: str = "jpg") -> dict[str, str | Exception]:
+    """uri -> a data: URI of a small JPEG thumbnail, or the reason there is none, for manifest rows
+    (uri, shard_offset, shard_size). Reads only these images: whole objects, or a shard sample's
+    member by a ranged read; decoding keeps the pipeline's size limits (bombs stay undecoded)."""
     from PIL import Image
 
-    from cafi import imaging, stages
+    from cafi import imaging
+    from cafi.inputs import read_samples
 
     base = image_cfg or ImageConfig()
     cfg = ImageConfig(crop_size=size, min_side=1, max_pixels=base.max_pixels, max_bytes=base.max_bytes)
-    unique = list(dict.fromkeys(uris))
+    unique = list({r["uri"]: r for r in rows}.values())
     out: dict[str, str | Exception] = {}
     for start in range(0, len(unique), 64):
         chunk = unique[start:start + 64]
-        for uri, data in zip(chunk, stages.read_bytes(chunk, storage), strict=True):
+        got = read_samples([r["uri"] for r in chunk], [r.get("shard_offset") for r in chunk],
+                           [r.get("shard_size") for r in chunk], storage, image_column=image_column)
+        for uri, data in zip([r["uri"] for r in chunk], got, strict=True):
             if isinstance(data, Exception):
                 out[uri] = data
                 continue
@@ -375,222 +377,62 @@ def thumbnails(uris: list[str], storage: StorageConfig | None, image_cfg: ImageC
     return out
 
 
-# ---------------------------------------------------------------- SVG charts
+# ---------------------------------------------------------------- charts of this page
 
-def _e(x: object) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _num(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return f"{x:.{digits}f}"
+def _unit(column: str) -> str:
+    col = columns.BY_NAME.get(column)
+    return f"{column} ({col.unit})" if col is not None and col.unit else column
 
 
-def _tick(x: float) -> str:
-    if x == 0:
-        return "0"
-    if abs(x) >= 1000 or abs(x) < 0.01:
-        return f"{x:.2g}"
-    return f"{x:.3g}"
+def histogram_chart(hist: Histogram) -> str:
+    return histogram_svg(f"hist-{hist.column}", TITLES.get(hist.column, hist.column), hist.edges, hist.counts,
+                         COLORS, hist.thresholds, x_label=_unit(hist.column))
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round-numbered ticks inside [lo, hi]: steps of 1, 2, 2.5 or 5 times a power of ten."""
-    span = hi - lo
-    if not (span > 0 and math.isfinite(span)):
-        return [lo]
-    raw = span / max(1, n - 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
+def _range(agg: Aggregates, column: str) -> tuple[float, float]:
+    h = agg.hists.get(column)
+    return (float(h.edges[0]), float(h.edges[-1])) if h is not None else FIXED_RANGE.get(column, (0.0, 1.0))
 
 
-def histogram_svg(hist: Histogram, title: str, w: int = 520, h: int = 250) -> str:
-    ml, mr, mt, mb = 52, 12, 30, 38
-    pw, ph = w - ml - mr, h - mt - mb
-    lo, hi = float(hist.edges[0]), float(hist.edges[-1])
-    groups = list(hist.counts)
-    stacked = np.sum([hist.counts[g] for g in groups], axis=0) if groups else np.zeros(BINS)
-    top = max(1, int(stacked.max()) if len(stacked) else 1)
-
-    def sx(v: float) -> float:
-        return ml + (v - lo) / (hi - lo) * pw
-
-    def sy(c: float) -> float:
-        return mt + ph - c / top * ph
-
-    parts = [f'<svg class="chart" data-chart="hist-{_e(hist.column)}" xmlns="http://www.w3.org/2000/svg" '
-             f'width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{_e(title)}">',
-             f'<text x="8" y="17" class="t">{_e(title)}</text>',
-             f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" class="plot"/>']
-    for v in [t for t in _ticks(0, top, 4) if t == int(t)]:
-        y = sy(v)
-        parts.append(f'<line x1="{ml - 4}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                     f'<text x="{ml - 6}" y="{y + 4:.1f}" class="yl">{int(round(v)):,}</text>')
-    for v in _ticks(lo, hi):
-        x = sx(v)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{mt + ph}" y2="{mt + ph + 4}" class="axis"/>'
-                     f'<text x="{x:.1f}" y="{mt + ph + 16}" class="xl">{_tick(v)}</text>')
-    base = np.zeros(BINS)
-    for g in groups:
-        counts = hist.counts[g]
-        for i in np.flatnonzero(counts):
-            x0, x1 = sx(float(hist.edges[i])), sx(float(hist.edges[i + 1]))
-            y0, y1 = sy(base[i] + counts[i]), sy(base[i])
-            parts.append(f'<rect x="{x0 + 0.5:.1f}" y="{y0:.1f}" width="{max(0.5, x1 - x0 - 1):.1f}" '
-                         f'height="{max(0.5, y1 - y0):.1f}" fill="{COLORS.get(g, "#777")}">'
-                         f'<title>{_e(g)}: {int(counts[i]):,} in [{_tick(float(hist.edges[i]))}, '
-                         f'{_tick(float(hist.edges[i + 1]))})</title></rect>')
-        base = base + counts
-    if hist.threshold is not None and lo <= hist.threshold <= hi:
-        x = sx(hist.threshold)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{mt - 4}" y2="{mt + ph}" class="thr"/>'
-                     f'<text x="{x + 3:.1f}" y="{mt + 8}" class="thrl">{_e(hist.threshold_name)} = '
-                     f'{_tick(hist.threshold)}</text>')
-    lx = ml + pw  # legend: on the title row, right-aligned; only groups with rows
-    for g in reversed([g for g in groups if hist.counts[g].sum() > 0]):
-        label = f"{g} {int(hist.counts[g].sum()):,}"
-        lx -= 18 + 6.2 * len(label)
-        parts.append(f'<rect x="{lx:.1f}" y="8" width="10" height="10" fill="{COLORS.get(g, "#777")}"/>'
-                     f'<text x="{lx + 13:.1f}" y="17" class="lg">{_e(label)}</text>')
-    if hist.total == 0:
-        parts.append(f'<text x="{ml + pw / 2}" y="{mt + ph / 2}" class="empty">no scored rows</text>')
-    parts.append(f'<text x="{ml + pw / 2}" y="{h - 4}" class="xt">{_e(hist.column)}</text></svg>')
-    return "".join(parts)
+def decision_scatter(agg: Aggregates, dec: DecisionConfig) -> str:
+    s = agg.scatters["decision"]
+    fmin, imin = getattr(dec, f"min_{agg.fiqa}", None), getattr(dec, f"min_{agg.iqa}", None)
+    return scatter_svg(
+        "scatter", f"{agg.fiqa} vs {agg.iqa}: the CAFI decision space", s.points["x"].to_numpy(),
+        s.points["y"].to_numpy(), s.points["group"].to_numpy(zero_copy_only=False), COLORS, _range(agg, agg.fiqa),
+        _range(agg, agg.iqa), agg.fiqa, agg.iqa, _sample_note(s, "scored rows"),
+        vlines=thresholds(agg.fiqa, dec, agg.fiqa, agg.iqa), hlines=thresholds(agg.iqa, dec, agg.fiqa, agg.iqa),
+        region=Region(x_lo=fmin, y_lo=imin, title="accepted region (if every other rule passes)"))
 
 
-def scatter_svg(points: pa.Table, total: int, x_range: tuple[float, float], y_range: tuple[float, float],
-                min_serfiq: float, min_dbcnn: float | None, w: int = 620, h: int = 440) -> str:
-    ml, mr, mt, mb = 56, 150, 28, 42
-    pw, ph = w - ml - mr, h - mt - mb
-    (xlo, xhi), (ylo, yhi) = x_range, y_range
-
-    def sx(v):
-        return ml + (v - xlo) / (xhi - xlo) * pw
-
-    def sy(v):
-        return mt + ph - (v - ylo) / (yhi - ylo) * ph
-
-    title = "SER-FIQ vs DBCNN: the CAFI decision space"
-    parts = [f'<svg class="chart" data-chart="scatter" xmlns="http://www.w3.org/2000/svg" width="{w}" '
-             f'height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{_e(title)}">',
-             f'<text x="{ml}" y="16" class="t">{_e(title)}</text>',
-             f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" class="plot"/>']
-    ax0 = sx(min(max(min_serfiq, xlo), xhi))
-    ay0 = sy(min(max(min_dbcnn, ylo), yhi)) if min_dbcnn is not None else mt + ph
-    parts.append(f'<rect x="{ax0:.1f}" y="{mt}" width="{ml + pw - ax0:.1f}" height="{ay0 - mt:.1f}" '
-                 f'class="accept-region"><title>accepted region (if the face mask is large enough)</title></rect>')
-    for v in _ticks(xlo, xhi):
-        x = sx(v)
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{mt}" y2="{mt + ph + 4}" class="grid"/>'
-                     f'<text x="{x:.1f}" y="{mt + ph + 16}" class="xl">{_tick(v)}</text>')
-    for v in _ticks(ylo, yhi):
-        y = sy(v)
-        parts.append(f'<line x1="{ml - 4}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                     f'<text x="{ml - 6}" y="{y + 4:.1f}" class="yl">{_tick(v)}</text>')
-    groups = sorted(set(points.column("group").to_pylist())) if points.num_rows else []
-    groups.sort(key=lambda g: (g != "accepted", g))
-    xs = points.column("serfiq").to_numpy(zero_copy_only=False).astype(float) if points.num_rows else []
-    ys = points.column("dbcnn").to_numpy(zero_copy_only=False).astype(float) if points.num_rows else []
-    gs = np.asarray(points.column("group").to_pylist(), dtype=object) if points.num_rows else []
-    width = 6 if points.num_rows <= 500 else 4 if points.num_rows <= 2000 else 3
-    for i, g in enumerate(groups):
-        sel = gs == g
-        d = "".join(f"M{sx(x):.1f} {sy(y):.1f}h0" for x, y in zip(xs[sel], ys[sel], strict=True))
-        color = COLORS.get(g, "#777")
-        parts.append(f'<path d="{d}" stroke="{color}" stroke-width="{width}" class="dots">'
-                     f'<title>{_e(g)}: {int(sel.sum()):,} points</title></path>')
-        ly = mt + 10 + i * 16
-        parts.append(f'<circle cx="{ml + pw + 16}" cy="{ly - 4}" r="4" fill="{color}"/>'
-                     f'<text x="{ml + pw + 26}" y="{ly}" class="lg">{_e(g)} {int(sel.sum()):,}</text>')
-    x = sx(min_serfiq)
-    if xlo <= min_serfiq <= xhi:
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{mt}" y2="{mt + ph}" class="thr"/>'
-                     f'<text x="{x + 3:.1f}" y="{mt + ph - 6}" class="thrl">min_serfiq = {_tick(min_serfiq)}</text>')
-    if min_dbcnn is not None and ylo <= min_dbcnn <= yhi:
-        y = sy(min_dbcnn)
-        parts.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{y:.1f}" y2="{y:.1f}" class="thr"/>'
-                     f'<text x="{ml + 4}" y="{y - 4:.1f}" class="thrl">min_dbcnn = {_tick(min_dbcnn)}</text>')
-    shown = points.num_rows
-    note = f"{shown:,} of {total:,} scored rows" + (" (sample by URI hash)" if shown < total else "")
-    parts.append(f'<text x="{ml + pw + 10}" y="{mt + ph}" class="lg">{_e(note)}</text>')
-    if shown == 0:
-        parts.append(f'<text x="{ml + pw / 2}" y="{mt + ph / 2}" class="empty">no scored rows</text>')
-    parts.append(f'<text x="{ml + pw / 2}" y="{h - 6}" class="xt">serfiq</text>'
-                 f'<text x="14" y="{mt + ph / 2}" class="xt" transform="rotate(-90 14 {mt + ph / 2})">dbcnn</text>'
-                 '</svg>')
-    return "".join(parts)
+def pose_scatter(agg: Aggregates, dec: DecisionConfig) -> str:
+    s = agg.scatters["pose"]
+    fmin = getattr(dec, f"min_{agg.fiqa}", None)
+    return scatter_svg(
+        "scatter-pose", f"head yaw vs {agg.fiqa}: recognisability of side faces", s.points["x"].to_numpy(),
+        s.points["y"].to_numpy(), s.points["group"].to_numpy(zero_copy_only=False), COLORS, _range(agg, "yaw"),
+        _range(agg, agg.fiqa), _unit("yaw"), agg.fiqa, _sample_note(s, "rows with a yaw"),
+        vlines=thresholds("yaw", dec, agg.fiqa, agg.iqa), hlines=thresholds(agg.fiqa, dec, agg.fiqa, agg.iqa),
+        region=Region(-dec.max_yaw if dec.max_yaw is not None else None, dec.max_yaw, fmin,
+                      title="accepted region (if every other rule passes)"), empty_text="no rows with a yaw")
 
 
-def stages_svg(operators: list[dict], w: int = 620) -> str:
-    ml, mr, row = 230, 140, 22
+def _sample_note(s: Scatter, what: str) -> str:
+    shown = s.points.num_rows
+    return f"{shown:,} of {s.total:,} {what}" + (" (sample by URI hash)" if shown < s.total else "")
+
+
+def stages_chart(operators: list[dict]) -> str:
     ops = [o for o in operators if isinstance(o.get("wall_seconds"), (int, float))]
-    h = 30 + row * max(1, len(ops))
-    top = max([o["wall_seconds"] for o in ops] + [1e-9])
-    pw = w - ml - mr
-    parts = [f'<svg class="chart" data-chart="stages" xmlns="http://www.w3.org/2000/svg" width="{w}" '
-             f'height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="wall time per stage">',
-             '<text x="4" y="16" class="t">wall seconds per stage</text>']
-    for i, o in enumerate(ops):
-        y = 26 + i * row
-        bw = max(1.0, o["wall_seconds"] / top * pw)
+    rows = []
+    for o in ops:
         rate = o.get("rows_per_second")
-        label = f"{o['wall_seconds']:.2f} s" + (f" · {rate:,.1f} rows/s" if rate else "")
-        parts.append(f'<text x="{ml - 6}" y="{y + 13}" class="yl">{_e(str(o.get("operator"))[:34])}</text>'
-                     f'<rect x="{ml}" y="{y}" width="{bw:.1f}" height="{row - 6}" fill="#4a78b5"/>'
-                     f'<text x="{ml + bw + 4:.1f}" y="{y + 13}" class="lg">{_e(label)}</text>')
-    if not ops:
-        parts.append('<text x="4" y="40" class="lg">no operator statistics in the run summary</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+        rows.append((str(o.get("operator")), float(o["wall_seconds"]),
+                     f"{o['wall_seconds']:.2f} s" + (f" · {rate:,.1f} rows/s" if rate else "")))
+    return bars_svg("stages", "wall seconds per stage", rows, empty_text="no operator statistics in the run summary")
 
 
 # ---------------------------------------------------------------- HTML
-
-CSS = """
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#222;background:#fff}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-h3{font-size:15px;margin:16px 0 6px}
-table{border-collapse:collapse;margin:6px 0} td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}
-td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
-.meta td:first-child{color:#666} .warn{background:#fff3cd;border:1px solid #e0c36a;padding:8px;margin:8px 0}
-.charts{display:flex;flex-wrap:wrap;gap:12px}
-svg.chart{background:#fff;border:1px solid #e4e4e4;font-size:11px}
-svg .t{font-size:13px;font-weight:600} svg .plot{fill:#fafafa;stroke:#ccc}
-svg .grid{stroke:#e6e6e6} svg .axis{stroke:#999}
-svg .xl{text-anchor:middle;fill:#555} svg .yl{text-anchor:end;fill:#555} svg .xt{text-anchor:middle;fill:#333}
-svg .lg{fill:#333} svg .empty{text-anchor:middle;fill:#999;font-size:14px}
-svg .thr{stroke:#111;stroke-width:1.5;stroke-dasharray:5 3} svg .thrl{fill:#111;font-size:11px}
-svg .dots{fill:none;stroke-linecap:round;stroke-opacity:.6}
-svg .accept-region{fill:#2e9d5b;fill-opacity:.06}
-.grid-thumbs{display:flex;flex-wrap:wrap;gap:8px}
-figure.thumb{margin:0;width:150px;border:1px solid #e4e4e4;padding:4px;background:#fafafa}
-figure.thumb img{display:block;width:96px;height:96px;margin:0 auto;image-rendering:auto}
-figure.thumb .noimg{width:96px;height:96px;margin:0 auto;background:#eee;color:#777;font-size:11px;
-  display:flex;align-items:center;justify-content:center;text-align:center;overflow:hidden}
-figcaption{font-size:11px;line-height:1.3;margin-top:3px}
-figcaption .uri{color:#555;word-break:break-all;display:block}
-figcaption .why{color:#a33;display:block;word-break:break-word}
-pre{background:#f6f6f6;padding:8px;overflow:auto;max-height:480px;font-size:12px}
-"""
-
-SCRIPT = """
-window.addEventListener('load', function () {
-  var imgs = document.querySelectorAll('img'), ok = 0, broken = 0;
-  for (var i = 0; i < imgs.length; i++) {
-    if (imgs[i].complete && imgs[i].naturalWidth > 0) { ok++; } else { broken++; }
-  }
-  var b = document.body;
-  b.setAttribute('data-images-total', String(imgs.length));
-  b.setAttribute('data-images-loaded', String(ok));
-  b.setAttribute('data-broken-images', String(broken));
-  b.setAttribute('data-charts', String(document.querySelectorAll('svg.chart').length));
-  b.setAttribute('data-report-ready', '1');
-});
-"""
-
 
 def _pct(n: int, total: int) -> str:
     return f"{100.0 * n / total:.1f}%" if total else "–"
@@ -598,35 +440,44 @@ def _pct(n: int, total: int) -> str:
 
 def _count_table(title: str, counts: Counter, total: int, order: list[str] | None = None) -> str:
     keys = order if order is not None else sorted(counts, key=lambda k: (-counts[k], str(k)))
-    rows = "".join(f'<tr><td>{_e(k)}</td><td class="n">{counts[k]:,}</td><td class="n">{_pct(counts[k], total)}'
+    rows = "".join(f'<tr><td>{esc(k)}</td><td class="n">{counts[k]:,}</td><td class="n">{_pct(counts[k], total)}'
                    f"</td></tr>" for k in keys)
-    return (f"<table><tr><th>{_e(title)}</th><th class=\"n\">rows</th><th class=\"n\">share</th></tr>{rows}"
+    return (f"<table><tr><th>{esc(title)}</th><th class=\"n\">rows</th><th class=\"n\">share</th></tr>{rows}"
             f'<tr><td><b>total</b></td><td class="n"><b>{total:,}</b></td><td></td></tr></table>')
 
 
-def _figure(row: dict, thumbs: dict[str, str | Exception]) -> str:
+def _caption_measures(row: dict) -> str:
+    """The measures behind a component rule's rejection, e.g. "yaw 41.0 · pitch 3.2"."""
+    cols = REASON_COLUMNS.get(row.get("reject_reason") or "", ())
+    return " · ".join(f"{c} {num(row.get(c), 2)}" for c in cols)
+
+
+def _figure(row: dict, thumbs: dict[str, str | Exception], fiqa: str, iqa: str) -> str:
     uri = row["uri"]
     img = thumbs.get(uri)
     if isinstance(img, str):
-        pic = f'<img class="thumb" src="{img}" width="{THUMB}" height="{THUMB}" alt="{_e(uri)}">'
+        pic = f'<img class="thumb" src="{img}" width="{THUMB}" height="{THUMB}" alt="{esc(uri)}">'
     else:
         why = str(img).splitlines()[0] if img is not None else "not fetched"
-        pic = f'<div class="noimg" title="{_e(why)}">no preview</div>'
-    scores = (f"serfiq {_num(row.get('serfiq'))} · dbcnn {_num(row.get('dbcnn'))}"
-              f"<br>cafi {_num(row.get('cafi'))} · mask {_num(row.get('mask_fraction'), 2)}")
+        pic = f'<div class="noimg" title="{esc(why)}">no preview</div>'
+    scores = (f"{fiqa} {num(row.get(fiqa))} · {iqa} {num(row.get(iqa))}"
+              f"<br>cafi {num(row.get('cafi'))} · mask {num(row.get('mask_fraction'), 2)}")
+    measures = _caption_measures(row)
+    if measures:
+        scores += f"<br>{esc(measures)}"
     extra = ""
     if row.get("status") == "error" and row.get("error"):
-        extra = f'<span class="why">{_e(row["error"])}</span>'
+        extra = f'<span class="why">{esc(row["error"])}</span>'
     elif row.get("reject_reason"):
-        extra = f'<span class="why">{_e(row["reject_reason"])}</span>'
-    return (f'<figure class="thumb">{pic}<figcaption>{scores}{extra}<span class="uri">{_e(uri)}</span>'
+        extra = f'<span class="why">{esc(row["reject_reason"])}</span>'
+    return (f'<figure class="thumb">{pic}<figcaption>{scores}{extra}<span class="uri">{esc(uri)}</span>'
             f"</figcaption></figure>")
 
 
-def _grid(title: str, table: pa.Table, thumbs: dict, note: str = "") -> str:
+def _grid(title: str, table: pa.Table, thumbs: dict, agg: Aggregates, note: str = "") -> str:
     rows = table.to_pylist()
-    body = "".join(_figure(r, thumbs) for r in rows) or "<p>none</p>"
-    return f"<h3>{_e(title)}</h3>{f'<p>{_e(note)}</p>' if note else ''}<div class=\"grid-thumbs\">{body}</div>"
+    body = "".join(_figure(r, thumbs, agg.fiqa, agg.iqa) for r in rows) or "<p>none</p>"
+    return f"<h3>{esc(title)}</h3>{f'<p>{esc(note)}</p>' if note else ''}<div class=\"grid-thumbs\">{body}</div>"
 
 
 def _stage_table(summary: dict) -> str:
@@ -634,11 +485,16 @@ def _stage_table(summary: dict) -> str:
     head = ("<table><tr><th>operator</th><th class=\"n\">tasks</th><th class=\"n\">blocks</th>"
             "<th class=\"n\">wall s</th><th class=\"n\">rows</th><th class=\"n\">rows/s</th></tr>")
     rows = "".join(
-        f"<tr><td>{_e(o.get('operator'))}</td><td class=\"n\">{_e(o.get('tasks', '–'))}</td>"
-        f"<td class=\"n\">{_e(o.get('blocks', '–'))}</td><td class=\"n\">{_num(o.get('wall_seconds'), 2)}</td>"
-        f"<td class=\"n\">{_e(o.get('rows', '–'))}</td><td class=\"n\">{_num(o.get('rows_per_second'), 1)}</td></tr>"
+        f"<tr><td>{esc(o.get('operator'))}</td><td class=\"n\">{esc(o.get('tasks', '–'))}</td>"
+        f"<td class=\"n\">{esc(o.get('blocks', '–'))}</td><td class=\"n\">{num(o.get('wall_seconds'), 2)}</td>"
+        f"<td class=\"n\">{esc(o.get('rows', '–'))}</td><td class=\"n\">{num(o.get('rows_per_second'), 1)}</td></tr>"
         for o in ops)
-    return head + rows + "</table>" + stages_svg(ops)
+    return head + rows + "</table>" + stages_chart(ops)
+
+
+def _thresholds_text(dec: DecisionConfig) -> str:
+    on = [f"{f.name} = {getattr(dec, f.name)}" for f in fields(dec) if getattr(dec, f.name) is not None]
+    return ", ".join(on) + " (every other rule off)"
 
 
 def render(ref: RunRef, agg: Aggregates, thumbs: dict[str, str | Exception]) -> str:
@@ -654,54 +510,44 @@ def render(ref: RunRef, agg: Aggregates, thumbs: dict[str, str | Exception]) -> 
                                                     "of this model version it took over)" if included else "")),
         ("started", s.get("started_at")), ("finished", s.get("finished_at")),
         ("wall seconds", s.get("wall_seconds")), ("images / second", s.get("images_per_second")),
-        ("thresholds", f"min_serfiq = {dec.min_serfiq}, min_mask_fraction = {dec.min_mask_fraction}, "
-                       f"min_dbcnn = {dec.min_dbcnn}"),
+        ("scorers", f"FIQA {agg.fiqa}, IQA {agg.iqa}"), ("thresholds", _thresholds_text(dec)),
     ]
     warn = ""
     if s.get("synthetic_weights"):
         warn += ('<div class="warn">Scored with <b>synthetic (random) weights</b>: the numbers show the '
                  "pipeline works, not the quality of these crops.</div>")
-    head = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in meta)
+    head = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in meta)
     counts = (_count_table("decision", agg.decision, agg.rows)
               + _count_table("reject reason", agg.reason, sum(agg.reason.values()), _reason_order(agg.reason))
               + _count_table("status", agg.status, agg.rows))
-    titles = {"serfiq": "SER-FIQ (face recognisability)", "dbcnn": "DBCNN (masked-face quality)",
-              "cafi": "CAFI score (accepted rows)", "mask_fraction": "face mask fraction"}
-    hists = "".join(histogram_svg(agg.hists[c], titles[c]) for c in ("serfiq", "dbcnn", "cafi", "mask_fraction")
-                    if c in agg.hists)
-    dh = agg.hists.get("dbcnn")
-    y_range = (float(dh.edges[0]), float(dh.edges[-1])) if dh is not None else (0.0, 1.0)
-    scatter = scatter_svg(agg.scatter if agg.scatter is not None else pa.table({"serfiq": [], "dbcnn": [],
-                                                                                "group": []}),
-                          agg.scored_points, (0.0, 1.0), y_range, dec.min_serfiq, dec.min_dbcnn)
-    grids = [_grid(f"Best accepted (highest CAFI, top {TOP_K})", agg.best, thumbs),
-             _grid(f"Worst accepted (lowest CAFI, bottom {TOP_K})", agg.worst, thumbs)]
+    scores = "".join(histogram_chart(h) for c, h in agg.hists.items() if c not in columns.COMPONENTS)
+    components = "".join(histogram_chart(h) for c, h in agg.hists.items() if c in columns.COMPONENTS)
+    scatters = decision_scatter(agg, dec) + (pose_scatter(agg, dec) if "pose" in agg.scatters else "")
+    grids = [_grid(f"Best accepted (highest CAFI, top {TOP_K})", agg.best, thumbs, agg),
+             _grid(f"Worst accepted (lowest CAFI, bottom {TOP_K})", agg.worst, thumbs, agg)]
     for reason, table in agg.samples.items():
-        grids.append(_grid(f"Rejected: {reason}", table, thumbs,
+        grids.append(_grid(f"Rejected: {reason}", table, thumbs, agg,
                            f"{table.num_rows} of {agg.reason.get(reason, 0):,} rows (sample by URI hash)"))
     config = json.dumps(s.get("config", {}), indent=2, sort_keys=True, default=str)
     fingerprints = json.dumps(s.get("stage_fingerprints", {}), indent=2, sort_keys=True, default=str)
     generated = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>cafi run {_e(ref.run_id)}</title><style>{CSS}</style></head>
-<body data-run-id="{_e(ref.run_id)}">
-<h1>cafi run report: {_e(ref.run_id)}</h1>
-<p>model version <code>{_e(version)}</code> · generated {_e(generated)}</p>{warn}
+    component_section = ("<h2>Quality components</h2><p>Stacked by decision; dashed lines are the configured "
+                         f"thresholds (yaw and pitch: |angle| at most the limit).</p><div class=\"charts\">{components}"
+                         "</div>") if components else ""
+    body = f"""<h1>cafi run report: {esc(ref.run_id)}</h1>
+<p>model version <code>{esc(version)}</code> · generated {esc(generated)}</p>{warn}
 <table class="meta">{head}</table>
 <h2>Counts</h2><div class="charts">{counts}</div>
 <h2>Score distributions</h2><p>Stacked by decision; dashed lines are the configured thresholds. Rows without a
-score (no face, error) are counted above but have no bar here.</p><div class="charts">{hists}</div>
-<h2>Decision space</h2><div class="charts">{scatter}</div>
+score (no face, error) are counted above but have no bar here.</p><div class="charts">{scores}</div>
+{component_section}
+<h2>Decision space</h2><div class="charts">{scatters}</div>
 <h2>Crops</h2>{"".join(grids)}
-<h2>Stages</h2><p>{_e(s.get("inputs"))} inputs in {_num(s.get("wall_seconds"), 2)} s
-({_num(s.get("images_per_second"), 2)} images/s).</p>{_stage_table(s)}
-<h2>Configuration</h2><details><summary>config of this run</summary><pre>{_e(config)}</pre></details>
-<details><summary>stage fingerprints</summary><pre>{_e(fingerprints)}</pre></details>
-<script>{SCRIPT}</script>
-</body></html>
-"""
+<h2>Stages</h2><p>{esc(s.get("inputs"))} inputs in {num(s.get("wall_seconds"), 2)} s
+({num(s.get("images_per_second"), 2)} images/s).</p>{_stage_table(s)}
+<h2>Configuration</h2><details><summary>config of this run</summary><pre>{esc(config)}</pre></details>
+<details><summary>stage fingerprints</summary><pre>{esc(fingerprints)}</pre></details>"""
+    return page(f"cafi run {ref.run_id}", body, {"data-run-id": ref.run_id})
 
 
 def build(uri: str, storage: StorageConfig | None = None, image_storage: StorageConfig | None = None
@@ -716,24 +562,23 @@ def build(uri: str, storage: StorageConfig | None = None, image_storage: Storage
     ref = resolve_run(uri, storage)
     agg = aggregate(ref, storage)
     shown = [t for t in (agg.best, agg.worst, *agg.samples.values()) if t is not None]
-    uris = [u for t in shown for u in t.column("uri").to_pylist()]
+    rows = [r for t in shown for r in t.select(["uri", "shard_offset", "shard_size"]).to_pylist()]
     if image_storage is None:
-        image_storage = _storage_from_summary(ref.summary)
-    image = (ref.summary.get("config") or {}).get("image") or {}
-    image_cfg = ImageConfig(**{k: image[k] for k in ("max_pixels", "max_bytes") if k in image})
-    thumbs = thumbnails(uris, image_storage, image_cfg)
+        image_storage = runs.storage_config(ref.summary)
+    image_column = ((ref.summary.get("config") or {}).get("input") or {}).get("image_column", "jpg")
+    thumbs = thumbnails(rows, image_storage, runs.image_config(ref.summary), image_column=image_column)
     return ref, render(ref, agg, thumbs)
 
 
 def write_report(uri: str, out: str | None = None, storage: StorageConfig | None = None,
                  image_storage: StorageConfig | None = None) -> str:
     """Write the report; returns where. Default: `<run>/report.html`."""
-    ref, page = build(uri, storage, image_storage)
+    ref, page_html = build(uri, storage, image_storage)
     dest = out or join(ref.uri, REPORT)
     fs, path = filesystem(dest, storage if storage is not None else StorageConfig())
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     with fs.open(path, "wb") as fh:
-        fh.write(page.encode("utf-8"))
+        fh.write(page_html.encode("utf-8"))
     return dest

@@ -22,8 +22,12 @@ def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
-def storage_options(uri: str, cfg: StorageConfig | None) -> dict:
-    """fsspec options for a URI; only endpoint and region, never credentials."""
+def storage_options(uri: str, cfg: StorageConfig | None, client_retries: bool = True) -> dict:
+    """fsspec options for a URI; only endpoint and region, never credentials.
+
+    `client_retries=False`: the S3 client makes one attempt per request, for the callers that
+    retry themselves within `storage.retry_budget_s` (cafi/fetch.py), so one policy -- backoff,
+    jitter, budget, counted retries -- governs object reads and manifest writes."""
     proto = protocol_of(uri)
     opts: dict = {}
     cfg = cfg if cfg is not None else StorageConfig()
@@ -35,14 +39,19 @@ def storage_options(uri: str, cfg: StorageConfig | None) -> dict:
             opts["client_kwargs"] = {"region_name": cfg.region}
         if cfg.anon:
             opts["anon"] = True
+        if not client_retries:  # botocore: one attempt; s3fs's own loop is set off in filesystem()
+            opts["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"}}
     elif proto in ("gs", "gcs") and cfg.anon:
         opts["token"] = "anon"
     return opts
 
 
-def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[AbstractFileSystem, str]:
+def filesystem(uri: str, cfg: StorageConfig | None = None, client_retries: bool = True
+               ) -> tuple[AbstractFileSystem, str]:
     """The filesystem for a URI and the path inside it."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri, cfg))
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri, cfg, client_retries))
+    if not client_retries and hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs's own retry loop (a class attribute; config_kwargs keeps this instance apart)
     return fs, path
 
 

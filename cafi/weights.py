@@ -31,6 +31,9 @@ class Checkpoint:
     sha256: str
     state_key: str | None = None  # key of the state dict inside the file (pyiqa: "params")
     synthetic: bool = False
+    # Key renaming (the record's, cafi.models.registry.Pretrained): drop, then strip one prefix.
+    strip_prefixes: tuple[str, ...] = ("module.",)
+    drop_prefixes: tuple[str, ...] = ()
 
 
 def sha256_of(path: str) -> str:
@@ -65,26 +68,62 @@ def fetch(ckpt: Checkpoint, cache_dir: str, storage: StorageConfig | None = None
             _verify(ckpt, target)
             return target
         partial = f"{target}.partial.{os.getpid()}"
-        try:
-            fs, path = filesystem(ckpt.uri, storage)
-            digest = hashlib.sha256()
-            with fs.open(path, "rb") as src, open(partial, "wb") as dst:
-                for chunk in iter(lambda: src.read(_CHUNK), b""):
-                    digest.update(chunk)
-                    dst.write(chunk)
-        except Exception as exc:  # noqa: BLE001 - any transport error means the same to the user
+        actual = _download(ckpt.model, ckpt.uri, partial, storage)
+        if actual != ckpt.sha256.lower():
+            hint = _html_hint(partial)
             _remove(partial)
             raise WeightsError(
-                f"{ckpt.model}: cannot fetch checkpoint {ckpt.uri}: {type(exc).__name__}: {exc}"
-            ) from None
-        if digest.hexdigest() != ckpt.sha256.lower():
-            _remove(partial)
-            raise WeightsError(
-                f"{ckpt.model}: sha256 mismatch for {ckpt.uri}: expected {ckpt.sha256.lower()}, "
-                f"got {digest.hexdigest()}"
+                f"{ckpt.model}: sha256 mismatch for {ckpt.uri}: expected {ckpt.sha256.lower()}, got {actual}{hint}"
             )
         os.replace(partial, target)
         return target
+
+
+def fetch_unpinned(model: str, uri: str, file_name: str, cache_dir: str, storage: StorageConfig | None = None,
+                   expect_prefix: str = "") -> tuple[str, str]:
+    """Download a checkpoint that has no published digest: (local path, its sha256). Only
+    `cafi weights fetch` uses this, to tell the user the digest to pin; `expect_prefix` (the
+    digest prefix a pyiqa file name carries) is checked when given."""
+    staging = os.path.join(os.path.expanduser(cache_dir), "unpinned")
+    os.makedirs(staging, exist_ok=True)
+    partial = os.path.join(staging, f"{file_name}.partial.{os.getpid()}")
+    actual = _download(model, uri, partial, storage)
+    if expect_prefix and not actual.startswith(expect_prefix.lower()):
+        hint = _html_hint(partial)
+        _remove(partial)
+        raise WeightsError(f"{model}: {uri} has sha256 {actual}, but its name says it starts with "
+                           f"{expect_prefix}{hint}")
+    target_dir = os.path.join(os.path.expanduser(cache_dir), actual)
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, file_name)
+    os.replace(partial, target)
+    return target, actual
+
+
+def _download(model: str, uri: str, partial: str, storage: StorageConfig | None) -> str:
+    """Copy uri to the local file `partial`; return its sha256. No partial file survives an error."""
+    try:
+        fs, path = filesystem(uri, storage)
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as src, open(partial, "wb") as dst:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                digest.update(chunk)
+                dst.write(chunk)
+    except Exception as exc:  # noqa: BLE001 - any transport error means the same to the user
+        _remove(partial)
+        raise WeightsError(f"{model}: cannot fetch checkpoint {uri}: {type(exc).__name__}: {exc}") from None
+    return digest.hexdigest()
+
+
+def _html_hint(path: str) -> str:
+    """A web page instead of a checkpoint (a login or confirmation page of a file host) says more
+    than the digest does."""
+    with open(path, "rb") as fh:
+        head = fh.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        return (" (the server sent a web page, not the file: download it yourself and point "
+                "weights.uri at the copy)")
+    return ""
 
 
 def _verify(ckpt: Checkpoint, path: str) -> None:
@@ -92,6 +131,7 @@ def _verify(ckpt: Checkpoint, path: str) -> None:
     if actual != ckpt.sha256.lower():
         raise WeightsError(
             f"{ckpt.model}: sha256 mismatch for {ckpt.uri}: expected {ckpt.sha256.lower()}, got {actual}"
+            f"{_html_hint(path)}"
         )
 
 
@@ -103,7 +143,9 @@ def _remove(path: str) -> None:
 
 
 def read_state_dict(ckpt: Checkpoint, path: str) -> dict[str, torch.Tensor]:
-    """Unpickle with weights_only, unwrap the state key, strip DataParallel's `module.` prefix."""
+    """Unpickle with weights_only, unwrap the state key, rename the keys (drop the keys under
+    `drop_prefixes`, strip the first matching `strip_prefixes` entry: DataParallel's `module.`
+    by default)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -119,7 +161,15 @@ def read_state_dict(ckpt: Checkpoint, path: str) -> dict[str, torch.Tensor]:
         obj = obj[ckpt.state_key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{ckpt.model}: {ckpt.uri} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if ckpt.drop_prefixes and key.startswith(ckpt.drop_prefixes):
+            continue
+        name = next((key[len(p):] for p in ckpt.strip_prefixes if key.startswith(p)), key)
+        if name in state:
+            raise WeightsError(f"{ckpt.model}: {ckpt.uri} holds {name!r} twice (with and without a prefix)")
+        state[name] = value
+    return state
 
 
 def load_into(module: torch.nn.Module, ckpt: Checkpoint, cache_dir: str,

@@ -17,13 +17,16 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> str:
-    """Random checkpoints in the published formats (resnet50 detector, bisenet parser) + synthetic.yaml."""
+    """Random checkpoints in the published formats (resnet50 detector, bisenet parser) + synthetic.yaml,
+    and every other published record's file beside them."""
+    from cafi.models.registry import PUBLISHED
     from cafi.synth import synth, write_checkpoint
 
     d = str(tmp_path_factory.mktemp("weights"))
     synth(d)
-    for arch in ("retinaface_mobile0.25", "parsenet"):
-        write_checkpoint(arch, d)
+    for arch, rec in PUBLISHED.items():
+        if not os.path.isfile(os.path.join(d, rec.file_name)):
+            write_checkpoint(arch, d)
     return d
 
 
@@ -98,7 +101,7 @@ def ray_local(s3_endpoint):
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
     yield ray
     ray.shutdown()

@@ -21,13 +21,20 @@ class FlakyProxy:
     """
 
     def __init__(self, upstream: str, every: int = 4, methods=("GET", "PUT", "POST", "HEAD"), path_contains="",
-                 permanent: bool = False, max_requests: int = 20000, lifetime_s: float = 900):
+                 permanent: bool = False, max_requests: int = 20000, lifetime_s: float = 900,
+                 storm_s: float = 0.0, storm_after: int = 0):
+        """`storm_s` > 0: no periodic faults; instead, once `storm_after` matching requests have been
+        served, every matching request fails for `storm_s` seconds (a throttling storm), then none."""
         host, port = upstream.replace("http://", "").split(":")
         self.upstream = (host, int(port))
         assert host in ("127.0.0.1", "localhost")
         self.every, self.methods, self.path_contains, self.permanent = every, methods, path_contains, permanent
         self.max_requests, self.deadline = max_requests, time.time() + lifetime_s
+        self.storm_s, self.storm_after = storm_s, storm_after
+        self.storm_start: float | None = None
+        self.matching = 0
         self.count = self.failed = 0
+        self.by_method: dict[str, int] = {}
         self.lock = threading.Lock()
         proxy = self
 
@@ -92,10 +99,19 @@ class FlakyProxy:
     def _fault(self, method: str, path: str) -> str | None:
         with self.lock:
             self.count += 1
+            self.by_method[method] = self.by_method.get(method, 0) + 1
             if self.count > self.max_requests or time.time() > self.deadline:
                 raise RuntimeError("flaky proxy: request budget or lifetime exhausted")
             if method not in self.methods or self.path_contains not in path:
                 return None
+            self.matching += 1
+            if self.storm_s > 0:
+                if self.storm_start is None and self.matching > self.storm_after:
+                    self.storm_start = time.time()
+                if self.storm_start is None or time.time() > self.storm_start + self.storm_s:
+                    return None
+                self.failed += 1
+                return "drop" if self.failed % 3 == 0 else "503"
             if self.permanent or self.count % self.every == 0:
                 self.failed += 1
                 return "drop" if (self.failed % 2 == 0 and not self.permanent) else "503"
@@ -154,3 +170,36 @@ def pids_with_title(fragment: str) -> list[int]:
             except OSError:
                 continue
     return out
+
+
+def check_exactly_once(out, expected_uris, reference_out=None, score_columns=("det_score", "serfiq_raw",
+                                                                               "mask_fraction", "dbcnn")):
+    """The committed output of the latest model version, row by row against the input: every input
+    URI in exactly one row of the committed data files (read raw, not de-duplicated), no other
+    row; with `reference_out`, every row's status and scores equal to that (undisturbed) run's."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from cafi import manifest
+
+    runs = manifest.committed_runs(str(out))
+    assert runs, "nothing committed"
+    version = runs[-1]["model_version"]
+    ids = manifest.committed_run_ids(str(out), version)
+    flt = pc.field("run_id").isin(ids) & (pc.field("model_version") == version)
+    table = manifest.dataset(str(out)).to_table(filter=flt)
+    uris = table.column("uri").to_pylist()
+    assert len(uris) == len(set(uris)), f"{len(uris) - len(set(uris))} URIs have more than one row"
+    missing, unexpected = set(expected_uris) - set(uris), set(uris) - set(expected_uris)
+    assert not missing and not unexpected, f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+    rows = {r["uri"]: r for r in table.to_pylist()}
+    if reference_out is not None:
+        ref = {r["uri"]: r for r in manifest.read(str(reference_out)).to_pylist()}
+        for uri, row in rows.items():
+            assert row["status"] == ref[uri]["status"], (uri, row["status"], ref[uri]["status"])
+            for col in score_columns:
+                a, b = row[col], ref[uri][col]
+                assert (a is None) == (b is None), (uri, col, a, b)
+                if a is not None:
+                    assert np.isclose(a, b, rtol=1e-4, atol=1e-5), (uri, col, a, b)
+    return rows

@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -24,7 +19,11 @@ import pytest
 from cafi import autoscale
 from cafi.config import load_config
 
-MARK = "CAFI-SCENARIO-RESULT "
+try:  # tests/ is a package under pytest; a scenario runs this file as a script
+    from .scenarios import emit, free_port, run_scenario, stop, wait_for_port
+except ImportError:
+    from scenarios import emit, free_port, run_scenario, stop, wait_for_port  # type: ignore[no-redef]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
@@ -56,17 +55,19 @@ def test_sized_starts_gpu_pools_at_full_size_capped_by_the_work(tmp_path):
     cfg = _cfg(tmp_path, *GPU_STAGES, "ray.scale_gpu_pools=always", "models.serfiq.batch_size=10")
     big = autoscale.sized(cfg, rows=10_000)
     assert (big.models.serfiq.min_actors, big.models.dbcnn.min_actors) == (8, 3)
+    assert (big.models.serfiq.max_actors, big.models.dbcnn.max_actors) == (8, 3)  # fixed: started once, kept
     assert (big.models.detector.min_actors, big.models.parser.min_actors) == (1, 1)  # CPU pools untouched
     assert cfg.models.serfiq.min_actors == 1  # the caller's config is not changed
     small = autoscale.sized(cfg, rows=25)  # serfiq: 3 batches of 10; dbcnn: 4 batches of 8, capped at 3
     assert (small.models.serfiq.min_actors, small.models.dbcnn.min_actors) == (3, 3)
+    assert (small.models.serfiq.max_actors, small.models.dbcnn.max_actors) == (3, 3)
 
     fused = autoscale.sized(_cfg(tmp_path, *GPU_STAGES, "ray.fuse_models=true", "ray.scale_gpu_pools=always"))
     assert {getattr(fused.models, k).min_actors for k in autoscale.MODEL_KEYS} == {8, 3, 1}
-    from cafi.stages import MODEL_STAGES, FusedModels
+    from cafi.stages import FusedModels, stage_classes
 
-    strategy = FusedModels.resources(fused, MODEL_STAGES)["compute"]
-    assert (strategy.min_size, strategy.max_size) == (8, 8)
+    strategy = FusedModels.resources(fused, stage_classes(fused))["compute"]
+    assert (strategy.min_size, strategy.max_size, strategy.initial_size) == (8, 8, 8)
 
 
 def test_sized_leaves_the_embedded_local_ray_and_never_alone(tmp_path):
@@ -88,49 +89,6 @@ def test_auto_is_off_on_the_embedded_local_ray(ray_local, tmp_path):
 
 # ---------------------------------------------------------------- scenarios (separate interpreter)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cluster_env(tmp: str) -> dict:
-    """Token auth on, a private temp dir: nothing of ours is found by other Ray users of this machine."""
-    env = dict(os.environ)
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(24), RAY_TMPDIR=tmp,
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _run_scenario(name: str, args: dict, timeout: int) -> dict:
-    """Run a scenario in its own interpreter and process group; whatever it leaves running is ended.
-
-    Its output goes to a file, not a pipe: Ray processes it starts inherit the descriptors, and a
-    pipe would stay open (and the test wait) for as long as any of them lives.
-    """
-    tmp = tempfile.mkdtemp(prefix="cafi-ray-", dir="/tmp")  # short: Ray's socket paths live under it
-    os.makedirs(os.path.join(tmp, "ray"))  # RAY_TMPDIR/ray: where Ray keeps this cluster's address file
-    log_path = os.path.join(tmp, f"{name}.log")
-    with open(log_path, "w") as log:
-        argv = [sys.executable, os.path.abspath(__file__), name, json.dumps({**args, "tmp": tmp})]
-        proc = subprocess.Popen(argv, env=_cluster_env(tmp), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            code = f"killed after {timeout}s"
-        finally:
-            _stop(proc)
-    with open(log_path) as fh:
-        output = fh.read()
-    shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs; the failure message carries the output
-    lines = [ln for ln in output.splitlines() if ln.startswith(MARK)]
-    if code != 0 or not lines:
-        raise AssertionError(f"scenario {name} failed ({code}):\n{output[-12000:]}")
-    return json.loads(lines[-1][len(MARK):])
-
-
 def test_model_stages_on_a_cpu_node_and_a_gpu_node(fast_config, tmp_path):
     """SER-FIQ and DBCNN actors run on the GPU node only; every other stage asks for CPUs only."""
     from cafi.samples import write_samples
@@ -139,7 +97,7 @@ def test_model_stages_on_a_cpu_node_and_a_gpu_node(fast_config, tmp_path):
     write_samples(str(inp), count=4, unusual=False, broken=True)
     n_files = sum(len(f) for _, _, f in os.walk(inp))
     out = tmp_path / "out"
-    seen = _run_scenario("placement", {"files": list(fast_config), "input": str(inp), "output": str(out)},
+    seen = run_scenario(__file__, "placement", {"files": list(fast_config), "input": str(inp), "output": str(out)},
                          timeout=400)
 
     by_stage: dict[str, list[dict]] = {}
@@ -172,7 +130,7 @@ def test_model_stages_on_a_cpu_node_and_a_gpu_node(fast_config, tmp_path):
 def test_pinned_gpu_pool_makes_the_autoscaler_add_gpu_workers_from_zero(tmp_path):
     """A cluster autoscaler (Ray's own, with its fake multi-node provider) whose GPU node type starts
     at zero: the pool cafi sizes for the GPU stage grows to max_actors on autoscaled GPU workers."""
-    seen = _run_scenario("autoscale", {"output": str(tmp_path / "out")}, timeout=300)
+    seen = run_scenario(__file__, "autoscale", {"output": str(tmp_path / "out")}, timeout=300)
     assert seen["gpus_before"] == 0
     assert seen["gpu_workers_added"] >= 2
     assert seen["pool"] == {"min_size": 2, "max_size": 2}
@@ -182,10 +140,6 @@ def test_pinned_gpu_pool_makes_the_autoscaler_add_gpu_workers_from_zero(tmp_path
 
 # ---------------------------------------------------------------- scenario bodies
 
-def _emit(obj: dict) -> None:
-    print(MARK + json.dumps(obj), flush=True)
-
-
 def _scenario_placement(args: dict) -> None:
     import ray
     from ray.cluster_utils import Cluster
@@ -193,7 +147,7 @@ def _scenario_placement(args: dict) -> None:
 
     from cafi import pipeline
 
-    dashboard = _free_port()
+    dashboard = free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": dashboard,
@@ -213,7 +167,7 @@ def _scenario_placement(args: dict) -> None:
         tasks = [{"name": t.name, "required_resources": t.required_resources or {}}
                  for t in list_tasks(address=api, detail=True, limit=10_000, raise_on_missing_output=False,
                                      filters=[("type", "=", "NORMAL_TASK")])]
-        _emit({"gpu_node": gpu.node_id, "head_node": cluster.head_node.node_id, "actors": actors,
+        emit({"gpu_node": gpu.node_id, "head_node": cluster.head_node.node_id, "actors": actors,
                "tasks": tasks, "counts": summary["counts"]})
     finally:
         ray.shutdown()
@@ -264,7 +218,7 @@ def _autoscaling_cluster_config(gcs_port: int) -> dict:
 def _scenario_autoscale(args: dict) -> None:
     import yaml
 
-    tmp, gcs = args["tmp"], _free_port()
+    tmp, gcs = args["tmp"], free_port()
     config_path = os.path.join(tmp, "autoscaler.yaml")
     with open(config_path, "w") as fh:
         yaml.safe_dump(_autoscaling_cluster_config(gcs), fh)
@@ -274,59 +228,32 @@ def _scenario_autoscale(args: dict) -> None:
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={tmp}/ray",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--autoscaling-config={config_path}"],
+         f"--dashboard-agent-listen-port={free_port()}", f"--autoscaling-config={config_path}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     import ray
 
     try:
-        _wait_for_port(gcs, 120)
+        wait_for_port(gcs, 120)
         ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False)
         gpus_before = ray.cluster_resources().get("GPU", 0)
         cfg = load_config([], ["input.uri=/unused", f"output.uri={args['output']}", "ray.progress_bars=false",
                                "models.serfiq.num_gpus=1", "models.serfiq.num_cpus=0.5",
                                "models.serfiq.max_actors=2", "models.serfiq.batch_size=2"])
-        from cafi.stages import SerFiqStage
+        from cafi.stages import FusedModels, SerFiqStage
 
-        resources = SerFiqStage.resources(autoscale.sized(cfg, rows=16))
+        resources = FusedModels.resources(autoscale.sized(cfg, rows=16), [SerFiqStage])
         import ray.data
 
         ds = ray.data.range(16, override_num_blocks=8).map_batches(_GpuStandIn, **resources)
         rows = ds.take_all()
         added = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))
         strategy = resources["compute"]
-        _emit({"gpus_before": gpus_before, "gpu_workers_added": added, "rows": len(rows),
+        emit({"gpus_before": gpus_before, "gpu_workers_added": added, "rows": len(rows),
                "pool": {"min_size": strategy.min_size, "max_size": strategy.max_size},
                "actor_nodes": sorted({r["node"] for r in rows})})
     finally:
         ray.shutdown()
-        _stop(head)
-
-
-def _wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a `ray start --block` we started, then anything left in its process group (ours)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)  # the fake provider's worker raylets outlive the head
-        except ProcessLookupError:
-            return
-        time.sleep(3)
+        stop(head)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 
 from cafi.faces.align import ARCFACE_TEMPLATE_112, align_faces, similarity_transform
 from cafi.models import arcface, bisenet, dbcnn, parsenet, serfiq
-from cafi.models.face_parsing import FaceMasker
+from cafi.models.face_parsing import FaceMasker, apply_mask
 from cafi.models.registry import PUBLISHED, published
 from cafi.models.retinaface import FaceDetector
 from cafi.models.runtime import autocast, pick_device, to_input
@@ -48,7 +48,7 @@ def test_serfiq_head_only_equals_t_full_forward_passes_under_the_same_masks(synt
     samples, p = 6, 0.5
     model = serfiq.SerFiq(_ck(synth_dir, "arcface_ir_se50", "serfiq"), "/tmp", CPU, samples=samples, dropout=p, seed=3)
     aligned = np.stack([cv2.resize(draw_face(384, s), (112, 112)) for s in range(2)])
-    raw, scaled = model(aligned)
+    raw, scaled, _ = model(aligned)
 
     # Reference: T complete forward passes of facexlib's Backbone, its Dropout replaced by each mask.
     net = model.net
@@ -74,8 +74,8 @@ def test_serfiq_is_deterministic_and_masks_follow_the_dropout_rate(synth_dir):
     aligned = np.stack([cv2.resize(draw_face(384, 7), (112, 112))] * 3)
     a = serfiq.SerFiq(ck, "/tmp", CPU, samples=10, seed=1)
     b = serfiq.SerFiq(ck, "/tmp", CPU, samples=10, seed=1)
-    ra, _ = a(aligned)
-    rb, _ = b(aligned)
+    ra, _, _ = a(aligned)
+    rb, _, plain = b(aligned, embeddings=True)
     assert np.array_equal(ra, rb)  # same seed, same score: re-scoring is reproducible
     assert ra[0] == ra[1] == ra[2]  # batch position does not matter
     masks = serfiq.dropout_masks(50, 0.3, seed=0)
@@ -87,6 +87,8 @@ def test_serfiq_is_deterministic_and_masks_follow_the_dropout_rate(synth_dir):
         ref = a.net(to_input(aligned[:1], CPU, a.record).contiguous())
     assert torch.allclose(emb, ref, atol=1e-5)
     assert emb.norm(dim=1).item() == pytest.approx(1.0, abs=1e-5)
+    # the embedding SER-FIQ returns comes from the same trunk pass, with dropout off: the same vector
+    np.testing.assert_allclose(plain[:1], emb.numpy(), atol=1e-5)
 
 
 def test_serfiq_quality_formula():
@@ -190,7 +192,9 @@ def test_face_masker_masks_the_background_with_the_fill(synth_dir, faces, arch):
     names = bisenet.LABELS if arch == "bisenet" else parsenet.LABELS
     assert masker.face_ids.tolist() == [names.index("skin"), names.index("nose")]
     mask = masker.masks(faces[:2])
-    masked, fraction = masker(faces[:2])
+    live, fraction = masker(faces[:2])
+    assert np.array_equal(live.numpy(), mask)
+    masked = apply_mask(faces[:2], live, [7, 8, 9], CPU).numpy()
     assert mask.shape == (2, 384, 384) and masked.shape == faces[:2].shape and masked.dtype == np.uint8
     np.testing.assert_allclose(fraction, mask.mean(axis=(1, 2)), atol=1e-6)
     assert np.all(masked[~mask] == np.array([7, 8, 9], np.uint8))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -20,11 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from cafi import manifest, report
-from cafi.config import load_config, to_dict
+from cafi import columns, fetch, manifest, report, runs
+from cafi.config import DecisionConfig, load_config, to_dict
+from cafi.decision import ERROR, NO_FACE, OK, REASONS, SCORED, reject_reasons
 from cafi.errors import CafiError
 from cafi.samples import broken_inputs, degrade, draw_face, encode
-from cafi.stages import ERROR, NO_FACE, OK
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
@@ -32,47 +33,57 @@ ARTIFACTS = os.path.join(REPO, "test-artifacts")
 # ---------------------------------------------------------------- building committed runs without models
 
 
-def decision_cfg(**decision) -> dict:
+def decision_cfg(fiqa: str | None = None, iqa: str | None = None, **decision) -> dict:
+    """A job config as a run summary holds it; `fiqa`/`iqa` set models.<fiqa|iqa>.kind in the dict."""
     over = ["input.uri=unused", "output.uri=unused"] + [f"decision.{k}={'null' if v is None else v}"
                                                          for k, v in decision.items()]
-    return to_dict(load_config([], over))
+    cfg = to_dict(load_config([], over))
+    for role, kind in (("fiqa", fiqa), ("iqa", iqa)):
+        if kind is not None:
+            cfg["models"].setdefault(role, {})["kind"] = kind
+    return cfg
 
 
-def scored_table(columns: dict, cfg: dict, run_id: str, version: str) -> pa.Table:
-    """Fabricated rows with the CAFI decision applied (the rule of `cafi.stages.decide`: error and no_face
-    by status, then unrecognisable, face_too_small, low_quality), as the manifest schema. Columns of the
-    schema not given here are null, so the helper keeps up with the schema."""
-    d = cfg["decision"]
-    n = len(columns["uri"])
-    status = np.asarray(columns.get("status", [OK] * n), dtype=object)
-    serfiq = np.asarray(columns["serfiq"], dtype=np.float32)
-    dbcnn = np.asarray(columns["dbcnn"], dtype=np.float32)
-    frac = np.asarray(columns.get("mask_fraction", [0.4] * n), dtype=np.float32)
-    reason = np.full(n, None, dtype=object)
-    reason[status == ERROR] = "error"
-    reason[status == NO_FACE] = "no_face"
-    with np.errstate(invalid="ignore"):
-        checks = [(serfiq < np.float32(d["min_serfiq"]), "unrecognisable"),
-                  (frac < np.float32(d["min_mask_fraction"]), "face_too_small")]
-        if d.get("min_dbcnn") is not None:
-            checks.append((dbcnn < np.float32(d["min_dbcnn"]), "low_quality"))
+def embedding_array(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    """(n, 512) floats -> the manifest's fixed_size_list<float16, 512>; rows where `valid` is False are null."""
+    vectors = np.asarray(vectors, np.float16)
+    mask = None if valid is None else pa.array(~np.asarray(valid, bool))
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), columns.EMBEDDING_DIM, mask=mask)
+
+
+def scored_table(values: dict, cfg: dict, run_id: str, version: str) -> pa.Table:
+    """Fabricated rows as the manifest holds them, with the real decision (`cafi.decision`) applied to
+    the rows whose status is OK. `values` may hold any column of `cafi.columns.SCHEMA` (a float
+    column as a list or array, `embedding` as an Arrow array); every other column is null, so the
+    helper keeps up with the schema. `mask_fraction` defaults to 0.4."""
+    n = len(values["uri"])
+    status = np.asarray(values.get("status", [OK] * n), dtype=object)
+    floats = {c: np.asarray(v, np.float32) for c, v in values.items()
+              if c in columns.BY_NAME and pa.types.is_floating(columns.BY_NAME[c].type)}
+    floats.setdefault("mask_fraction", np.full(n, 0.4, np.float32))
+    if "serfiq" in floats:
+        floats.setdefault("serfiq_raw", floats["serfiq"])
+    fiqa, iqa = runs.scorers({"config": cfg})
+    reason = reject_reasons({"status": status, **floats}, DecisionConfig(**cfg["decision"]), fiqa, iqa)
     ok = status == OK
-    for failed, why in checks:
-        reason[ok & failed & np.equal(reason, None)] = why
-    status[ok] = "scored"
+    status[ok] = SCORED
     accepted = ok & np.equal(reason, None)
+    iqa_values = floats.get(iqa, np.full(n, np.nan, np.float32))
     cols = {
-        "uri": list(columns["uri"]), "status": status.tolist(), "error": list(columns.get("error", [None] * n)),
+        **{c: v for c, v in values.items() if c in columns.BY_NAME}, **floats,
+        "status": status.tolist(), "error": list(values.get("error", [None] * n)),
         "width": [384] * n, "height": [384] * n, "det_score": np.where(ok, 0.99, np.nan).astype(np.float32),
-        "mask_fraction": frac, "serfiq": serfiq, "serfiq_raw": serfiq, "dbcnn": dbcnn,
-        "cafi": np.where(accepted, dbcnn, np.nan).astype(np.float32), "accepted": accepted,
+        "cafi": np.where(accepted, iqa_values, np.nan).astype(np.float32), "accepted": accepted,
         "decision": np.where(accepted, "accepted", "rejected").tolist(), "reject_reason": reason.tolist(),
         "model_version": [version] * n, "run_id": [run_id] * n,
         "scored_at": np.full(n, np.datetime64("2025-01-01T00:00:00", "us")),
     }
-    return pa.table({f.name: pa.array(cols[f.name], type=f.type) if f.name in cols else pa.nulls(n, f.type)
-                     for f in manifest.SCHEMA})
 
+    def arrow(f: pa.Field) -> pa.Array:
+        v = cols[f.name]
+        return v if isinstance(v, pa.Array) else pa.array(v, type=f.type)
+
+    return pa.table({f.name: arrow(f) if f.name in cols else pa.nulls(n, f.type) for f in columns.SCHEMA})
 
 def write_run(output: str, table: pa.Table, run_id: str, cfg: dict, files: int = 1, summary: dict | None = None,
               commit: bool = True) -> str:
@@ -113,45 +124,63 @@ def write_run(output: str, table: pa.Table, run_id: str, cfg: dict, files: int =
     return manifest.run_uri(output, run_id)
 
 
+# Thresholds for the component rules, and rows built to fail exactly one of them (by i % 10).
+COMPONENT_RULES = {"max_yaw": 30, "max_pitch": 25, "min_inter_eye_px": 20, "min_sharpness": 50,
+                   "min_luma_mean": 0.15, "max_luma_mean": 0.85, "max_over_exposed": 0.2}
+
+
+def component_values(i: int, rng: np.random.Generator) -> dict:
+    """Plausible quality components of a scored row; i % 10 in 1..4 fails pose, low_resolution, blur, exposure."""
+    v = {"yaw": rng.uniform(-20, 20), "pitch": rng.uniform(-15, 15), "roll": rng.uniform(-10, 10),
+         "inter_eye_px": rng.uniform(30, 90), "face_fraction": rng.uniform(0.3, 0.8),
+         "sharpness": rng.uniform(80, 400), "luma_mean": rng.uniform(0.35, 0.65), "luma_std": rng.uniform(0.1, 0.25),
+         "under_exposed": rng.uniform(0, 0.05), "over_exposed": rng.uniform(0, 0.05),
+         "dynamic_range": rng.uniform(5, 7.5)}
+    fail = {1: ("yaw", rng.choice([-1, 1]) * rng.uniform(40, 70)), 2: ("inter_eye_px", rng.uniform(8, 18)),
+            3: ("sharpness", rng.uniform(5, 40)), 4: ("luma_mean", rng.uniform(0.02, 0.12))}.get(i % 10)
+    if fail:
+        v[fail[0]] = fail[1]
+    return {k: float(x) for k, x in v.items()}
+
+
 def face_run(tmp_path, n: int = 40, seed: int = 0, run_id: str = "20250101T000000Z-aaaaaa", version: str = "v1",
-             **decision) -> tuple[str, str, pa.Table]:
-    """A committed run over real image files: scored, rejected for each reason, no_face and error rows."""
+             components: bool = False, **decision) -> tuple[str, str, pa.Table]:
+    """A committed run over real image files: scored, rejected for each reason, no_face and error rows.
+    With `components`, the rows also carry quality components, the component rules are on, and
+    SER-FIQ falls with |yaw| (as it does on real side faces)."""
     rng = np.random.default_rng(seed)
     img_dir = tmp_path / "crops"
     img_dir.mkdir(exist_ok=True)
     kinds = ("clean", "blur", "downscale", "noise", "jpeg", "dark")
-    uris, status, error, serfiq, dbcnn, frac = [], [], [], [], [], []
+    rows = []
     broken = list(broken_inputs(seed).items())
+    unscored = dict.fromkeys(["serfiq", "dbcnn", "mask_fraction", *(columns.COMPONENTS if components else ())],
+                             np.nan)
     for i in range(n):
         if i % 10 == 9:  # an undecodable file: an error row, no preview possible
             name, data = broken[i // 10 % len(broken)]
             path = img_dir / f"err_{i:03d}_{name}"
             path.write_bytes(data)
-            uris.append(str(path))
-            status.append(ERROR)
-            error.append(f"cannot decode image: {name}")
-            serfiq.append(np.nan)
-            dbcnn.append(np.nan)
-            frac.append(np.nan)
+            rows.append({"uri": str(path), "status": ERROR, "error": f"cannot decode image: {name}", **unscored})
             continue
         kind = kinds[i % len(kinds)]
         path = img_dir / f"face_{i:03d}_{kind}.jpg"
         path.write_bytes(encode(degrade(draw_face(160, seed + i), kind, seed + i), "JPEG"))
-        uris.append(str(path))
-        error.append(None)
         if i % 10 == 8:
-            status.append(NO_FACE)
-            serfiq.append(np.nan)
-            dbcnn.append(np.nan)
-            frac.append(np.nan)
+            rows.append({"uri": str(path), "status": NO_FACE, "error": None, **unscored})
             continue
-        status.append(OK)
-        serfiq.append(0.2 if i % 10 == 5 else 0.8 if i % 10 == 6 else float(rng.uniform(0.05, 0.95)))
-        dbcnn.append(0.1 if i % 10 == 6 else float(rng.normal(0.5, 0.15)))
-        frac.append(0.01 if i % 10 == 7 else float(rng.uniform(0.15, 0.6)))
-    cfg = decision_cfg(**({"min_serfiq": 0.4, "min_dbcnn": 0.3} | decision))
-    table = scored_table({"uri": uris, "status": status, "error": error, "serfiq": serfiq, "dbcnn": dbcnn,
-                          "mask_fraction": frac}, cfg, run_id, version)
+        row = {"uri": str(path), "status": OK, "error": None,
+               "serfiq": 0.2 if i % 10 == 5 else 0.8 if i % 10 == 6 else float(rng.uniform(0.05, 0.95)),
+               "dbcnn": 0.1 if i % 10 == 6 else float(rng.normal(0.5, 0.15)),
+               "mask_fraction": 0.01 if i % 10 == 7 else float(rng.uniform(0.15, 0.6))}
+        if components:
+            row.update(component_values(i, rng))
+            if i % 10 != 5:
+                row["serfiq"] = float(np.clip(0.95 - 0.012 * abs(row["yaw"]) + rng.normal(0, 0.03), 0, 1))
+        rows.append(row)
+    cfg = decision_cfg(**({"min_serfiq": 0.4, "min_dbcnn": 0.3} | (COMPONENT_RULES if components else {})
+                          | decision))
+    table = scored_table({k: [r[k] for r in rows] for k in rows[0]}, cfg, run_id, version)
     out = str(tmp_path / "out")
     return out, write_run(out, table, run_id, cfg, files=2), table
 
@@ -161,7 +190,7 @@ def face_run(tmp_path, n: int = 40, seed: int = 0, run_id: str = "20250101T00000
 
 def test_aggregates_match_brute_force(tmp_path):
     out, run, table = face_run(tmp_path, n=60)
-    ref = report.resolve_run(run)
+    ref = runs.resolve_run(run)
     agg = report.aggregate(ref, top_k=5, per_reason=3)
     rows = table.to_pylist()
     assert agg.rows == len(rows) == 60
@@ -178,9 +207,12 @@ def test_aggregates_match_brute_force(tmp_path):
             vals = [r[col] for r in rows if r["decision"] == dec and r[col] is not None and np.isfinite(r[col])]
             assert hist.counts[dec].sum() == len(vals), (col, dec)
             assert np.array_equal(hist.counts[dec], np.histogram(vals, bins=hist.edges)[0])
-    assert agg.hists["serfiq"].threshold == 0.4
-    assert agg.hists["dbcnn"].threshold == 0.3
-    assert agg.hists["mask_fraction"].threshold == 0.05
+    assert [t.value for t in agg.hists["serfiq"].thresholds] == [0.4]
+    assert [t.value for t in agg.hists["dbcnn"].thresholds] == [0.3]
+    assert [t.value for t in agg.hists["cafi"].thresholds] == [0.3]
+    assert [t.value for t in agg.hists["mask_fraction"].thresholds] == [0.05]
+    # A run without components or other scorers draws no chart for them.
+    assert set(agg.hists) == {"serfiq", "dbcnn", "cafi", "mask_fraction"} and set(agg.scatters) == {"decision"}
     assert agg.hists["serfiq"].edges[0] == 0.0 and agg.hists["serfiq"].edges[-1] == 1.0
 
     accepted = sorted((r for r in rows if r["accepted"]), key=lambda r: (-r["cafi"], r["uri"]))
@@ -190,11 +222,13 @@ def test_aggregates_match_brute_force(tmp_path):
     for reason, sample in agg.samples.items():
         assert sample.num_rows == min(3, agg.reason[reason])
         assert set(sample.column("reject_reason").to_pylist()) == {reason}
-    assert list(agg.samples) == ["unrecognisable", "face_too_small", "low_quality", "no_face", "error"]
+    assert list(agg.samples) == ["error", "no_face", "unrecognisable", "face_too_small", "low_quality"]
     scored = [r for r in rows if r["status"] == "scored"]
-    assert agg.scored_points == agg.scatter.num_rows == len(scored)
-    assert sorted(agg.scatter.column("group").to_pylist()) == sorted(r["reject_reason"] or "accepted"
-                                                                     for r in scored)
+    scatter = agg.scatters["decision"]
+    assert (scatter.x, scatter.y) == ("serfiq", "dbcnn")
+    assert scatter.total == scatter.points.num_rows == len(scored)
+    assert sorted(scatter.points.column("group").to_pylist()) == sorted(r["reject_reason"] or "accepted"
+                                                                       for r in scored)
 
 
 def test_uri_hash_is_stable_and_spread():
@@ -221,29 +255,29 @@ def test_uri_hash_is_stable_and_spread():
 
 def test_resolve_run_and_root(tmp_path):
     out, run, _ = face_run(tmp_path, n=10, run_id="20250101T000000Z-aaaaaa")
-    ref = report.resolve_run(run)
+    ref = runs.resolve_run(run)
     assert (ref.output, ref.run_id, ref.uri) == (out, "20250101T000000Z-aaaaaa", run)
-    assert report.resolve_run(run + "/").run_id == ref.run_id
+    assert runs.resolve_run(run + "/").run_id == ref.run_id
     # A later run: the output root resolves to it.
     cfg = decision_cfg()
     t2 = scored_table({"uri": ["x1", "x2"], "serfiq": [0.9, 0.1], "dbcnn": [0.5, 0.5]}, cfg,
                       "20250102T000000Z-bbbbbb", "v2")
     write_run(out, t2, "20250102T000000Z-bbbbbb", cfg, summary={"finished_at": "2025-01-02T00:00:00+00:00"})
-    assert report.resolve_run(out).run_id == "20250102T000000Z-bbbbbb"
+    assert runs.resolve_run(out).run_id == "20250102T000000Z-bbbbbb"
     # An uncommitted run is refused, with the reason.
     t3 = scored_table({"uri": ["y"], "serfiq": [0.9], "dbcnn": [0.5]}, cfg, "20250103T000000Z-cccccc", "v2")
     uncommitted = write_run(out, t3, "20250103T000000Z-cccccc", cfg, commit=False)
     os.makedirs(uncommitted)
     with pytest.raises(CafiError, match="not committed"):
-        report.resolve_run(uncommitted)
+        runs.resolve_run(uncommitted)
     with pytest.raises(CafiError, match="does not exist"):
-        report.resolve_run(str(tmp_path / "nowhere"))
+        runs.resolve_run(str(tmp_path / "nowhere"))
     with pytest.raises(CafiError, match="neither a run"):
-        report.resolve_run(str(tmp_path / "crops"))
+        runs.resolve_run(str(tmp_path / "crops"))
     empty = tmp_path / "empty"
     (empty / "runs").mkdir(parents=True)
     with pytest.raises(CafiError, match="no committed run"):
-        report.resolve_run(str(empty))
+        runs.resolve_run(str(empty))
 
 
 def test_report_only_counts_its_own_run(tmp_path):
@@ -252,30 +286,28 @@ def test_report_only_counts_its_own_run(tmp_path):
     other = scored_table({"uri": [f"/other/{i}.jpg" for i in range(7)], "serfiq": [0.9] * 7, "dbcnn": [0.5] * 7},
                          cfg, "20250102T000000Z-bbbbbb", "v1")
     write_run(out, other, "20250102T000000Z-bbbbbb", cfg)
-    agg = report.aggregate(report.resolve_run(run))
+    agg = report.aggregate(runs.resolve_run(run))
     assert agg.rows == 20
-    assert report.aggregate(report.resolve_run(manifest.run_uri(out, "20250102T000000Z-bbbbbb"))).rows == 7
+    assert report.aggregate(runs.resolve_run(manifest.run_uri(out, "20250102T000000Z-bbbbbb"))).rows == 7
 
 
 # ---------------------------------------------------------------- the page
 
 
 def test_report_is_self_contained_and_fetches_shown_rows_only(tmp_path, monkeypatch):
-    from cafi import stages
-
     out, run, table = face_run(tmp_path, n=80)
     fetched: list[str] = []
-    real = stages.read_bytes
+    real = fetch.read_bytes
 
-    def counting(uris, storage):
+    def counting(uris, storage, counts=None):
         fetched.extend(uris)
-        return real(uris, storage)
+        return real(uris, storage, counts)
 
-    monkeypatch.setattr(stages, "read_bytes", counting)
+    monkeypatch.setattr(fetch, "read_bytes", counting)
     path = report.write_report(run)
     assert path == os.path.join(run, "report.html")
     page = open(path, encoding="utf-8").read()
-    ref = report.resolve_run(run)
+    ref = runs.resolve_run(run)
     agg = report.aggregate(ref)
     shown = {u for t in (agg.best, agg.worst, *agg.samples.values()) for u in t.column("uri").to_pylist()}
     assert set(fetched) == shown and len(fetched) == len(shown) < table.num_rows
@@ -295,7 +327,7 @@ def test_report_is_self_contained_and_fetches_shown_rows_only(tmp_path, monkeypa
         assert f"Rejected: {reason}" in page
     # Every decodable shown crop is an inline thumbnail; the undecodable (error rows) get a placeholder.
     figure_uris = [u for t in (agg.best, agg.worst, *agg.samples.values()) for u in t.column("uri").to_pylist()]
-    thumbs = report.thumbnails(figure_uris, None)
+    thumbs = report.thumbnails([{"uri": u} for u in figure_uris], None)
     assert page.count('<figure class="thumb">') == len(figure_uris)
     assert page.count('<img class="thumb"') == sum(isinstance(thumbs[u], str) for u in figure_uris)
     assert page.count('class="noimg"') == sum(isinstance(thumbs[u], Exception) for u in figure_uris)
@@ -324,6 +356,74 @@ def test_report_of_run_without_scored_rows(tmp_path):
     assert page.count('class="noimg"') == 2
 
 
+def test_report_of_quality_components_and_their_reasons(tmp_path):
+    out, run, table = face_run(tmp_path, n=60, components=True)
+    rows = table.to_pylist()
+    agg = report.aggregate(runs.resolve_run(run), per_reason=3)
+    # Every component has values here, so every one has a histogram, with the rows of its decision in it.
+    assert set(agg.hists) == {"serfiq", "dbcnn", "cafi", "mask_fraction", *columns.COMPONENTS}
+    for col in columns.COMPONENTS:
+        hist = agg.hists[col]
+        for dec in ("accepted", "rejected"):
+            vals = [r[col] for r in rows if r["decision"] == dec and r[col] is not None and np.isfinite(r[col])]
+            assert np.array_equal(hist.counts[dec], np.histogram(vals, bins=hist.edges)[0]), col
+    # Thresholds as configured: yaw and pitch at +-, luminance at both ends, one-sided limits once.
+    lines = {c: sorted(t.value for t in h.thresholds) for c, h in agg.hists.items()}
+    assert lines["yaw"] == [-30, 30] and lines["pitch"] == [-25, 25]
+    assert lines["luma_mean"] == [0.15, 0.85] and lines["inter_eye_px"] == [20] and lines["sharpness"] == [50]
+    assert lines["over_exposed"] == [0.2] and lines["under_exposed"] == [] and lines["roll"] == []
+    # Signed angles are drawn symmetric about frontal.
+    assert agg.hists["yaw"].edges[0] == pytest.approx(-agg.hists["yaw"].edges[-1])
+    # The new reasons have their thumbnails, in the decision's precedence order.
+    assert {"pose", "low_resolution", "blur", "exposure"} <= set(agg.samples)
+    assert list(agg.samples) == [r for r in REASONS if r in agg.reason]
+    # Yaw against the FIQA score the run decided with, every scored row with a yaw.
+    pose = agg.scatters["pose"]
+    assert (pose.x, pose.y) == ("yaw", "serfiq")
+    assert pose.total == pose.points.num_rows == sum(r["status"] == "scored" for r in rows)
+    page = report.render(runs.resolve_run(run), agg, {})
+    for chart in ("hist-yaw", "hist-pitch", "hist-inter_eye_px", "hist-luma_mean", "scatter-pose"):
+        assert f'data-chart="{chart}"' in page
+    assert "decision.max_yaw = ±30" in page and "decision.min_luma_mean = 0.15" in page
+    assert "Rejected: pose" in page and "Rejected: exposure" in page
+    assert page.index("Rejected: pose") < page.index("Rejected: low_resolution") < page.index("Rejected: blur")
+    pose_row = agg.samples["pose"].to_pylist()[0]
+    assert f"yaw {pose_row['yaw']:.2f}" in page  # the caption shows the measure behind the reason
+
+
+def test_report_follows_the_runs_scorers(tmp_path):
+    """A run that decided with MagFace and TOPIQ-face: its histograms, thresholds and axes are theirs."""
+    rng = np.random.default_rng(4)
+    n = 30
+    cfg = decision_cfg(fiqa="magface", iqa="topiq_face", min_magface=22, min_topiq_face=0.4)
+    table = scored_table({"uri": [f"/no/such/{i}.jpg" for i in range(n)], "magface": rng.uniform(15, 35, n),
+                          "topiq_face": rng.uniform(0.1, 0.9, n)}, cfg, "20250101T000000Z-777777", "v1")
+    out = str(tmp_path / "out")
+    run = write_run(out, table, "20250101T000000Z-777777", cfg)
+    assert set(table["reject_reason"].to_pylist()) == {None, "unrecognisable", "low_quality"}
+    agg = report.aggregate(runs.resolve_run(run))
+    assert (agg.fiqa, agg.iqa) == ("magface", "topiq_face")
+    assert set(agg.hists) == {"magface", "topiq_face", "cafi", "mask_fraction"}  # no SER-FIQ, no DBCNN
+    assert [t.value for t in agg.hists["magface"].thresholds] == [22]
+    assert [t.value for t in agg.hists["cafi"].thresholds] == [0.4]
+    assert (agg.scatters["decision"].x, agg.scatters["decision"].y) == ("magface", "topiq_face")
+    page = report.render(runs.resolve_run(run), agg, {})
+    assert "magface vs topiq_face" in page and "decision.min_magface = 22" in page
+    assert "FIQA magface, IQA topiq_face" in page
+
+
+def test_decision_config_reads_every_threshold():
+    every = {f.name: 0.5 + i for i, f in enumerate(dataclasses.fields(DecisionConfig))}
+    summary = {"config": {"decision": {**every, "min_something_newer": 3}}}
+    assert dataclasses.asdict(runs.decision_config(summary)) == every
+    old = runs.decision_config({"config": {"decision": {"min_serfiq": 0.6, "min_mask_fraction": 0.1,
+                                                          "min_dbcnn": None}}})
+    assert old == DecisionConfig(min_serfiq=0.6, min_mask_fraction=0.1)
+    assert runs.decision_config({}) == DecisionConfig()
+    assert runs.scorers({}) == ("serfiq", "dbcnn")
+    assert runs.scorers({"config": {"models": {"fiqa": {"kind": "magface"}}}}) == ("magface", "dbcnn")
+
+
 def test_report_of_a_run_in_object_storage(tmp_path, s3):
     """Manifest, summary and crops in S3 (a real S3 server on loopback); the report is written there too."""
     s3.mkdir("cafi-bucket")
@@ -340,7 +440,7 @@ def test_report_of_a_run_in_object_storage(tmp_path, s3):
     write_run(local, table, run_id, cfg)
     s3.put(local + "/", "cafi-bucket/out", recursive=True)
     run = f"s3://cafi-bucket/out/runs/{run_id}"
-    assert report.resolve_run("s3://cafi-bucket/out").run_id == run_id
+    assert runs.resolve_run("s3://cafi-bucket/out").run_id == run_id
     dest = report.write_report(run)
     assert dest == f"{run}/report.html"
     page = s3.cat(dest[len("s3://"):]).decode("utf-8")
@@ -353,10 +453,11 @@ def test_report_of_a_run_in_object_storage(tmp_path, s3):
 SCALE_SCRIPT = textwrap.dedent("""
     import json, resource, sys, time
     import pyarrow as pa
-    from cafi import report, stages
+    from cafi import fetch, report
     calls = []
-    real = stages.read_bytes
-    stages.read_bytes = lambda uris, storage: calls.append(list(uris)) or real(uris, storage)
+    real = fetch.read_bytes
+    fetch.read_bytes = lambda uris, storage, counts=None, max_bytes=None: calls.append(list(uris)) or real(
+        uris, storage, counts, max_bytes)
     pool = pa.default_memory_pool()
     t0 = time.time()
     ref, page = report.build(sys.argv[1])
@@ -370,7 +471,10 @@ SCALE_SCRIPT = textwrap.dedent("""
 def big_run(output: str, rows: int, run_id: str = "20250101T000000Z-eeeeee") -> int:
     """A committed run of `rows` synthetic rows (URIs of files that do not exist), written in chunks
     with vectorised Arrow compute (the decision rule of `decide`, without its per-row Python).
-    Returns the bytes the run's rows would take as one in-memory table."""
+    Returns the bytes the run's rows would take as one in-memory table.
+
+    The files have every column but `embedding` (as a run without output.embeddings may write them;
+    readers see nulls): a null fixed-size list still holds its 512 zeros per row in memory."""
     rng = np.random.default_rng(1)
     cfg = decision_cfg(min_serfiq=0.5, min_dbcnn=0.2)
     chunk, nbytes = 250_000, 0
@@ -399,7 +503,7 @@ def big_run(output: str, rows: int, run_id: str = "20250101T000000Z-eeeeee") -> 
             "scored_at": pa.array(np.full(n, np.datetime64("2025-01-01T00:00:00", "us"))),
         })
         t = pa.table({f.name: t[f.name].cast(f.type) if f.name in t.column_names else pa.nulls(n, f.type)
-                      for f in manifest.SCHEMA})
+                      for f in columns.SCHEMA if f.name != "embedding"})
         nbytes += t.nbytes
         for dec in ("accepted", "rejected"):
             d = os.path.join(manifest.manifest_uri(output), "model_version=v1", f"decision={dec}")
@@ -446,28 +550,40 @@ def _chromium(binary: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.skipif(chromium_binary() is None, reason="no chromium binary on PATH (apt-get install -y chromium)")
-def test_report_renders_in_headless_chromium(tmp_path):
-    binary = chromium_binary()
-    out, run, _ = face_run(tmp_path, n=50)
-    path = report.write_report(run)
-    url = "file://" + os.path.abspath(path)
-    ref = report.resolve_run(run)
-    agg = report.aggregate(ref)
-    n_thumbs = open(path, encoding="utf-8").read().count('<img class="thumb"')
-    assert n_thumbs > 0
-
-    dom = _chromium(binary, tmp_path, "--virtual-time-budget=5000", "--dump-dom", url)
+def load_in_chromium(binary: str, tmp_path, path: str) -> tuple[str, dict]:
+    """The DOM of a page after load, and its body's attributes (set by the page script)."""
+    dom = _chromium(binary, tmp_path, "--virtual-time-budget=5000", "--dump-dom", "file://" + os.path.abspath(path))
     assert dom.returncode == 0, dom.stderr[-2000:]
-    html = dom.stdout
-    body = re.search(r"<body([^>]*)>", html)
-    assert body, html[:2000]
+    body = re.search(r"<body([^>]*)>", dom.stdout)
+    assert body, dom.stdout[:2000]
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
     assert attrs.get("data-report-ready") == "1", attrs
+    return dom.stdout, attrs
+
+
+needs_chromium = pytest.mark.skipif(chromium_binary() is None,
+                                    reason="no chromium binary on PATH (apt-get install -y chromium)")
+
+
+@needs_chromium
+def test_report_renders_in_headless_chromium(tmp_path):
+    binary = chromium_binary()
+    out, run, _ = face_run(tmp_path, n=50, components=True)
+    path = report.write_report(run)
+    url = "file://" + os.path.abspath(path)
+    ref = runs.resolve_run(run)
+    agg = report.aggregate(ref)
+    source = open(path, encoding="utf-8").read()
+    n_thumbs = source.count('<img class="thumb"')
+    assert n_thumbs > 0
+
+    html, attrs = load_in_chromium(binary, tmp_path, path)
     assert attrs["data-broken-images"] == "0", attrs
     assert int(attrs["data-images-loaded"]) == int(attrs["data-images-total"]) == n_thumbs
-    assert int(attrs["data-charts"]) == 6
-    for chart in ("hist-serfiq", "hist-dbcnn", "hist-cafi", "hist-mask_fraction", "scatter", "stages"):
+    # 4 score histograms, 11 components, 2 scatters, the stage bars.
+    assert int(attrs["data-charts"]) == source.count('<svg class="chart"') == 18
+    for chart in ("hist-serfiq", "hist-dbcnn", "hist-cafi", "hist-mask_fraction", "hist-yaw", "hist-sharpness",
+                  "scatter", "scatter-pose", "stages"):
         assert re.search(rf'<svg[^>]*data-chart="{chart}"', html), chart
     # The bars and points were rendered into the DOM.
     assert len(re.findall(r"<rect [^>]*fill=\"#2e9d5b\"", html)) > 3
@@ -478,22 +594,23 @@ def test_report_renders_in_headless_chromium(tmp_path):
     shot = os.path.join(ARTIFACTS, "report.png")
     if os.path.exists(shot):
         os.remove(shot)
-    proc = _chromium(binary, tmp_path, f"--screenshot={shot}", "--window-size=1400,4000", "--hide-scrollbars",
+    proc = _chromium(binary, tmp_path, f"--screenshot={shot}", "--window-size=1400,6000", "--hide-scrollbars",
                      "--virtual-time-budget=5000", url)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert os.path.getsize(shot) > 20_000
     from PIL import Image
 
     with Image.open(shot) as im:
-        assert im.size == (1400, 4000)
+        assert im.size == (1400, 6000)
         # Not a blank page: the screenshot has real variety of colour.
-        small = np.asarray(im.convert("RGB").resize((140, 400)))
+        small = np.asarray(im.convert("RGB").resize((140, 600)))
         assert small.std() > 10
     shutil.copy(path, os.path.join(ARTIFACTS, "report.html"))
 
 
 # ---------------------------------------------------------------- the real pipeline writes it
 
+@pytest.mark.slow  # a real Ray pipeline run (about 2 minutes on the reference box)
 def test_pipeline_run_writes_report(tmp_path, fast_config, ray_local, monkeypatch, caplog):
     from cafi import pipeline
     from cafi.samples import good_crops

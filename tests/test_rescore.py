@@ -42,7 +42,7 @@ def test_threshold_change_is_a_new_version_that_runs_no_model(first, fast_config
     new = pipeline.run(cfg)
     assert new["model_version"] != summary["model_version"]
     assert new["stages_run"] == []  # no model loaded, no image read
-    assert set(new["reuse"]["reused_stages"]) == {"detect", "parse", "serfiq", "dbcnn"}
+    assert set(new["reuse"]["reused_stages"]) == {"detect", "parse", "components", "serfiq", "dbcnn"}
     assert new["reuse"]["source_version"] == summary["model_version"]
     old, cur = _rows(tmp / "out", summary["model_version"]), _rows(tmp / "out", new["model_version"])
     assert old.keys() == cur.keys() and len(cur) == summary["inputs"]
@@ -77,3 +77,96 @@ def test_new_dbcnn_weights_rerun_only_parsing_and_dbcnn(first, fast_config, tmp_
         assert cur[uri]["det_score"] == old[uri]["det_score"]
         assert cur[uri]["mask_fraction"] == pytest.approx(old[uri]["mask_fraction"])  # same parser, recomputed
         assert cur[uri]["dbcnn"] != old[uri]["dbcnn"]  # new weights
+
+
+@pytest.fixture(scope="module")
+def by_manifest(tmp_path_factory, fast_config, ray_local):
+    """A committed run over a manifest of URIs (so the images can be taken away afterwards)."""
+    import pandas as pd
+
+    tmp = tmp_path_factory.mktemp("components")
+    paths = write_samples(str(tmp / "in"), count=3, seed=33, unusual=False, broken=True)
+    pd.DataFrame({"uri": paths}).to_csv(tmp / "list.csv", index=False)
+    base = [f"input.manifest={tmp / 'list.csv'}", f"output.uri={tmp / 'out'}"]
+    summary = pipeline.run(load_config(fast_config, base))
+    return tmp, base, summary, paths
+
+
+def test_component_rules_are_a_threshold_only_rescore_that_reads_no_image(by_manifest, fast_config):
+    tmp, base, summary, paths = by_manifest
+    old = _rows(tmp / "out", summary["model_version"])
+    scored = {r["uri"]: r for r in manifest.read(str(tmp / "out")).to_pylist() if r["status"] == "scored"}
+    assert scored and all(r["yaw"] is not None and r["sharpness"] is not None for r in scored.values())
+    # thresholds between the rows' own values: some rows must fail each new rule
+    yaws = sorted(abs(r["yaw"]) for r in scored.values())
+    sharp = sorted(r["sharpness"] for r in scored.values())
+    os.rename(tmp / "in", tmp / "gone")  # any image read now would be an error row
+    try:
+        rules = [f"decision.max_yaw={(yaws[0] + yaws[-1]) / 2}", f"decision.min_sharpness={sharp[-1] + 1}",
+                 "decision.min_serfiq=0.0", "decision.min_mask_fraction=0.0"]
+        new = pipeline.run(load_config(fast_config, base + rules))
+    finally:
+        os.rename(tmp / "gone", tmp / "in")
+    assert new["stages_run"] == [] and "components" in new["reuse"]["reused_stages"]
+    cur = {r["uri"]: r for r in manifest.read(str(tmp / "out"), version=new["model_version"]).to_pylist()}
+    assert cur.keys() == old.keys()
+    for uri, row in cur.items():
+        assert row["status"] == old[uri]["status"]  # no read failure: nothing was read
+        if row["status"] != "scored":
+            continue
+        assert row["yaw"] == scored[uri]["yaw"] and row["sharpness"] == scored[uri]["sharpness"]
+        want = "pose" if abs(row["yaw"]) > (yaws[0] + yaws[-1]) / 2 else "blur"
+        assert row["reject_reason"] == want, (uri, row["reject_reason"], row["yaw"], row["sharpness"])
+    assert {"pose", "blur"} <= set(new["counts"]["reject_reason"])
+
+
+def test_adding_components_to_a_version_without_them_reruns_only_parsing_and_components(by_manifest,
+                                                                                      fast_config):
+    """A version scored before the components existed: its summary has no components fingerprint.
+    Adding them re-runs the parser (the measures read its live mask) and the measures, nothing else."""
+    import json
+
+    tmp, base, _, paths = by_manifest
+    latest = manifest.committed_runs(str(tmp / "out"))[-1]  # the version a new one takes results from
+    path = tmp / "out" / "runs" / latest["run_id"] / "summary.json"
+    record = json.loads(path.read_text())
+    del record["stage_fingerprints"]["components"]  # as written by a cafi without components
+    path.write_text(json.dumps(record))
+    new = pipeline.run(load_config(fast_config, base + ["decision.min_serfiq=0.45"]))
+    assert new["stages_run"] == ["Mask", "Components"]
+    assert set(new["reuse"]["reused_stages"]) == {"detect", "serfiq", "dbcnn"}
+    old = _rows(tmp / "out", latest["model_version"])
+    cur = {r["uri"]: r for r in manifest.read(str(tmp / "out"), version=new["model_version"]).to_pylist()}
+    for uri, row in cur.items():
+        if row["status"] == "scored":
+            assert row["dbcnn"] == old[uri]["dbcnn"] and row["serfiq_raw"] == old[uri]["serfiq_raw"]
+            assert row["sharpness"] is not None
+
+
+def test_switching_scorers_reruns_only_the_new_scorer(first, fast_config):
+    """DBCNN -> TOPIQ-face: detection, alignment, mask, components and SER-FIQ are taken over and
+    only the IQA scorer runs (TOPIQ-face reads the unmasked, FFHQ-aligned face). SER-FIQ -> MagFace:
+    only MagFace runs, on faces aligned from the stored landmarks."""
+    tmp, base, summary = first
+    before = _rows(tmp / "out", summary["model_version"])
+    topiq = pipeline.run(load_config(fast_config, base + ["models.iqa.kind=topiq_face"]))
+    assert topiq["stages_run"] == ["TopiqFaceStage"]
+    assert set(topiq["reuse"]["reused_stages"]) == {"detect", "parse", "components", "serfiq"}
+    rows = {r["uri"]: r for r in manifest.read(str(tmp / "out"), version=topiq["model_version"]).to_pylist()}
+    for uri, row in rows.items():
+        assert row["status"] == before[uri]["status"]
+        if row["status"] == "scored":
+            assert row["serfiq_raw"] == before[uri]["serfiq_raw"] and row["dbcnn"] is None
+            assert np.isfinite(row["topiq_face"]) and row["cafi"] in (None, row["topiq_face"])
+
+    magface = pipeline.run(load_config(fast_config, base + ["models.iqa.kind=topiq_face",
+                                                            "models.fiqa.kind=magface"]))
+    assert magface["stages_run"] == ["MagFaceStage"]
+    assert set(magface["reuse"]["reused_stages"]) == {"detect", "parse", "components", "topiq_face"}
+    assert magface["reuse"]["source_version"] == topiq["model_version"]
+    rows = {r["uri"]: r for r in manifest.read(str(tmp / "out"), version=magface["model_version"]).to_pylist()}
+    scored = [r for r in rows.values() if r["status"] == "scored"]
+    assert scored and all(r["magface_raw"] > 0 and r["magface"] == r["magface_raw"] and r["serfiq"] is None
+                          for r in scored)
+    # the versions stay side by side: three committed model versions of the same inputs
+    assert len({r["model_version"] for r in manifest.committed_runs(str(tmp / "out"))}) >= 3

@@ -8,10 +8,11 @@ import socket
 import pytest
 import torch
 
-from cafi.errors import WeightsError
+from cafi.config import WeightsConfig
+from cafi.errors import ConfigError, WeightsError
 from cafi.models import arcface, dbcnn, face_parsing, retinaface
 from cafi.models.registry import PUBLISHED, checkpoint
-from cafi.weights import Checkpoint, fetch, load_into, read_state_dict, sha256_of
+from cafi.weights import Checkpoint, fetch, fetch_unpinned, load_into, read_state_dict, sha256_of
 
 
 def _ckpt(path, model="dbcnn", state_key="params", sha=None):
@@ -36,6 +37,37 @@ def test_synthetic_checkpoints_have_the_published_names_keys_and_wrapping(synth_
         elif arch == "arcface_ir_se50":
             assert raw["output_layer.3.weight"].shape == (512, 512 * 7 * 7)
             assert raw["body.23.res_layer.5.fc1.weight"].shape == (32, 512, 1, 1)
+        elif arch == "magface_iresnet100":
+            # MagFace's training checkpoint: DDP-wrapped backbone + rank 0's shard of the margin head
+            assert set(raw) == {"epoch", "arch", "state_dict", "optimizer"} and raw["arch"] == "iresnet100"
+            state = raw["state_dict"]
+            assert len(state) == 925 + 1
+            assert state["parallel_fc.weight"].shape == (85744 // 8, 512)
+            assert all(k.startswith("features.module.") for k in state if k != "parallel_fc.weight")
+            assert state["features.module.conv1.weight"].shape == (64, 3, 3, 3)
+            assert state["features.module.layer1.0.downsample.0.weight"].shape == (64, 64, 1, 1)
+            assert state["features.module.layer3.29.conv2.weight"].shape == (256, 256, 3, 3)
+            assert state["features.module.layer4.2.prelu.weight"].shape == (512,)
+            assert state["features.module.fc.weight"].shape == (512, 512 * 7 * 7)
+            assert state["features.module.features.running_var"].shape == (512,)
+        elif arch == "topiq_nr_face":
+            assert list(raw) == ["params"]  # pyiqa's wrapping; the whole CFANet, backbone included
+            state = raw["params"]
+            assert len(state) == 524 and list(state)[:2] == ["h_emb", "w_emb"]
+            assert state["h_emb"].shape == (1, 128, 32, 1) and state["w_emb"].shape == (1, 128, 1, 32)
+            assert state["semantic_model.conv1.weight"].shape == (64, 3, 7, 7)
+            assert state["semantic_model.layer4.0.downsample.0.weight"].shape == (2048, 1024, 1, 1)
+            assert "semantic_model.fc.weight" not in state  # timm's features_only drops the head
+            assert state["weight_pool.4.splitconv.weight"].shape == (4096, 2048, 1, 1)
+            assert state["weight_pool.0.weight_blk.4.weight"].shape == (1, 64, 3, 3)
+            assert state["dim_reduce.1.0.weight"].shape == (256, 256, 1, 1)
+            assert state["sa_attn_blks.4.layers.0.self_attn.in_proj_weight"].shape == (768, 256)
+            assert state["attn_blks.3.layers.0.self_attn.in_proj_weight"].shape == (768, 256)  # unused, kept
+            assert state["attn_blks.3.layers.0.multihead_attn.out_proj.weight"].shape == (256, 256)
+            assert state["attn_blks.0.layers.0.norm3.bias"].shape == (256,)
+            assert state["attn_pool.linear1.weight"].shape == (1024, 256)
+            assert state["score_linear.6.weight"].shape == (1, 256)
+            assert sum(v.numel() for k, v in state.items() if "running" not in k and "batches" not in k) == 45196934
         else:
             assert "module." not in next(iter(raw))
 
@@ -140,3 +172,101 @@ def test_published_records_are_the_config_defaults():
     assert ck.uri.endswith("DBCNN_KonIQ10k-2de81c0a.pth") and ck.state_key == "params"
     assert ck.sha256.startswith("2de81c0a")  # pyiqa names files by their hash prefix
     assert arcface.build().output_layer[1].p == 0.5
+
+
+def test_magface_record_renames_both_training_layouts_and_drops_the_margin_head():
+    ck = checkpoint("magface", "magface_iresnet100", None)
+    assert ck.sha256 == "cfeba792dada6f1f30d1e118aff077d493dd95dd76c77c30f57f90fd0164ad58"
+    assert ck.state_key == "state_dict" and "1Bd87admxOZvbIOAyTkGEntsEz3fyMt7H" in ck.uri
+    assert ck.strip_prefixes == ("features.module.", "module.features.")
+    assert ck.drop_prefixes == ("parallel_fc.", "module.fc.")
+    # configured weights keep the record's layout and renaming
+    w = WeightsConfig(uri="/w/magface.pth", sha256="A" * 64)
+    assert checkpoint("magface", "magface_iresnet100", w).drop_prefixes == ck.drop_prefixes
+
+
+def test_a_record_without_a_published_digest_needs_the_config_to_name_one():
+    with pytest.raises(ConfigError) as err:
+        checkpoint("topiq_face", "topiq_nr_face", None)
+    msg = str(err.value)
+    assert "models.topiq_face.weights" in msg and "topiq_nr_cgfiqa_res50-0a8b8e4f.pth" in msg
+    assert "cafi weights fetch" in msg and "0a8b8e4f" in msg
+    ck = checkpoint("topiq_face", "topiq_nr_face", WeightsConfig(uri="/w/t.pth", sha256="0a8b8e4f" + "0" * 56))
+    assert ck.state_key == "params" and ck.strip_prefixes == ("module.",)
+
+
+def test_duplicate_keys_after_renaming_are_refused(tmp_path):
+    t = torch.zeros(1)
+    torch.save({"state_dict": {"features.module.bn2.weight": t, "module.features.bn2.weight": t}}, tmp_path / "m.pth")
+    ck = Checkpoint("magface", str(tmp_path / "m.pth"), "0" * 64, "state_dict",
+                    strip_prefixes=("features.module.", "module.features."))
+    with pytest.raises(WeightsError, match="twice"):
+        read_state_dict(ck, str(tmp_path / "m.pth"))
+
+
+def test_fetch_unpinned_returns_the_digest_and_checks_the_name_prefix(tmp_path):
+    src = tmp_path / "src.pth"
+    torch.save({"params": {"w": torch.ones(3)}}, src)
+    sha = sha256_of(str(src))
+    path, digest = fetch_unpinned("topiq_face", str(src), "t.pth", str(tmp_path / "cache"), expect_prefix=sha[:8])
+    assert digest == sha and sha256_of(path) == sha and path.endswith(os.path.join(sha, "t.pth"))
+    with pytest.raises(WeightsError, match="its name says it starts with 00000000"):
+        fetch_unpinned("topiq_face", str(src), "t.pth", str(tmp_path / "cache"), expect_prefix="00000000")
+    assert not os.listdir(tmp_path / "cache" / "unpinned")  # nothing half-written stays
+
+
+def test_a_web_page_instead_of_the_file_is_named_as_such(tmp_path):
+    page = tmp_path / "drive.html"
+    page.write_text("<!DOCTYPE html><html><title>Google Drive - Virus scan warning</title></html>")
+    with pytest.raises(WeightsError, match="sent a web page"):
+        fetch(Checkpoint("magface", f"file://{page}", "0" * 64), str(tmp_path / "c"))
+
+
+def _fake_cfg(fiqa, iqa, **weights):
+    """Just what preflight reads of a config, with any scorer kinds (the schema's own checks aside)."""
+    from types import SimpleNamespace as NS
+
+    stage = {k: NS(weights=weights.get(k)) for k in ("serfiq", "magface", "dbcnn", "topiq_face")}
+    models = NS(detector=NS(align="retinaface", arch="retinaface_resnet50", weights=None),
+                parser=NS(arch="bisenet", weights=None), fiqa=NS(kind=fiqa[0], also=fiqa[1:]),
+                iqa=NS(kind=iqa[0], also=iqa[1:]), **stage)
+    return NS(models=models)
+
+
+def test_preflight_lists_the_checkpoints_of_the_configured_scorers_only():
+    from cafi import preflight
+
+    names = [c.model for c in preflight.checkpoints(_fake_cfg(["serfiq"], ["dbcnn"]))]
+    assert names == ["detector", "parser", "serfiq", "dbcnn"]
+    w = WeightsConfig(uri="/w/topiq.pth", sha256="0a8b8e4f" + "0" * 56)
+    cks = preflight.checkpoints(_fake_cfg(["magface", "serfiq"], ["topiq_face"], topiq_face=w))
+    assert [(c.model, c.uri.rsplit("/", 1)[-1]) for c in cks][2:] == [
+        ("magface", "download?id=1Bd87admxOZvbIOAyTkGEntsEz3fyMt7H&export=download&confirm=t"),
+        ("serfiq", "recognition_arcface_ir_se50.pth"), ("topiq_face", "topiq.pth")]
+    with pytest.raises(ConfigError, match="models.topiq_face.weights"):
+        preflight.checkpoints(_fake_cfg(["serfiq"], ["dbcnn", "topiq_face"]))
+
+
+def test_weights_fetch_copies_the_published_files_and_pins_a_missing_digest(synth_config, synth_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """`cafi weights fetch` on records pointed at local copies; DBCNN's digest withheld as TOPIQ's is."""
+    import dataclasses
+
+    from cafi.cli import main
+    from cafi.models import registry
+
+    for arch in ("retinaface_resnet50", "bisenet", "arcface_ir_se50", "dbcnn"):
+        rec = registry.PUBLISHED[arch]
+        path = os.path.join(synth_dir, rec.file_name)
+        sha = sha256_of(path)
+        pinned = arch != "dbcnn"
+        monkeypatch.setitem(registry.PUBLISHED, arch, dataclasses.replace(
+            rec, uri=path, sha256=sha if pinned else "", sha256_prefix="" if pinned else sha[:8]))
+    dest = tmp_path / "dest"
+    assert main(["weights", "fetch", str(dest), f"models.cache_dir={tmp_path / 'c'}", "--config", synth_config]) == 0
+    out = capsys.readouterr().out
+    dbcnn_sha = sha256_of(os.path.join(synth_dir, PUBLISHED["dbcnn"].file_name))
+    assert f"sha256: {dbcnn_sha}  # computed from the copy fetched now" in out
+    assert sorted(os.listdir(dest)) == sorted(registry.PUBLISHED[a].file_name for a in
+                                              ("retinaface_resnet50", "bisenet", "arcface_ir_se50", "dbcnn"))
+    assert sha256_of(str(dest / PUBLISHED["dbcnn"].file_name)) == dbcnn_sha

@@ -5,22 +5,23 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from facexlib.parsing.bisenet import BiSeNet
-
 LABELS = (
     "background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear", "ear_r",
     "nose", "mouth", "u_lip", "l_lip", "neck", "neck_l", "cloth", "hair", "hat",
 )
 
 
-def build() -> BiSeNet:
+def build():
+    from facexlib.parsing.bisenet import BiSeNet  # torch and facexlib only where a model is built
+
     return BiSeNet(num_class=len(LABELS)).eval()
 
 
-def logits(net: BiSeNet, x):
+def logits(net, x):
     """Per-pixel class logits (N, 19, H, W) at the input resolution: facexlib's forward without
     its two auxiliary (training-only) heads, which it would also upsample to full size."""
+    import torch.nn.functional as F
+
     h, w = x.shape[2:]
     feat_res8, feat_cp8, _ = net.cp(x)
     out, _ = net.conv_out(net.ffm(feat_res8, feat_cp8))

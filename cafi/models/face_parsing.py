@@ -35,7 +35,7 @@ class FaceMasker:
         self.logits = maybe_compile(lambda x: self.arch.logits(self.net, x), compile)
         names = label_names(arch)
         self.face_ids = torch.tensor([names.index(n) for n in face_labels], device=device)
-        self.fill = torch.tensor(fill, dtype=torch.uint8, device=device)
+        self.fill = list(fill)
 
     def _masks(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (N,H,W,3) on device -> bool (N,H,W) on device: pixels whose most likely class is a face label."""
@@ -51,16 +51,20 @@ class FaceMasker:
         return torch.isin(out.argmax(dim=1), self.face_ids)
 
     @torch.inference_mode()
-    def masks(self, images: np.ndarray) -> np.ndarray:
+    def masks(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """bool (N,H,W): pixels whose most likely class is a face label."""
         return self._masks(upload(images, self.device)).cpu().numpy()
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(masked images uint8 (N,H,W,3), face area fraction (N,)). The masking runs where the
-        model ran: on a GPU, numpy's masking of 384x384 crops would cost more than the model."""
-        pixels = upload(images, self.device)
-        mask = self._masks(pixels)
-        masked = torch.where(mask[..., None], pixels, self.fill)
-        fraction = mask.float().mean(dim=(1, 2))
-        return masked.cpu().numpy(), fraction.cpu().numpy()  # float32 already
+    def __call__(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """(face mask, bool (N,H,W) on the model's device; face area fraction (N,))."""
+        mask = self._masks(upload(images, self.device))
+        return mask, mask.float().mean(dim=(1, 2)).cpu().numpy()  # float32 already
+
+
+def apply_mask(pixels: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor, fill: list[int],
+               device: torch.device) -> torch.Tensor:
+    """uint8 (N,H,W,3) with every non-face pixel replaced by `fill`, on `device`. Done where the
+    IQA model runs: on a GPU, numpy's masking of 384x384 crops would cost more than the model."""
+    pixels, mask = upload(pixels, device), upload(mask, device).bool()  # uint8 between actors
+    return torch.where(mask[..., None], pixels, torch.tensor(fill, dtype=torch.uint8, device=device))

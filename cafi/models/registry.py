@@ -1,11 +1,26 @@
-"""Typed records of the published checkpoints (as timm and pyiqa keep them)."""
+"""Typed records of the published checkpoints (as facexlib, pyiqa and MagFace publish them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cafi.errors import ConfigError
+
 FACEXLIB = "https://github.com/xinntao/facexlib/releases/download"
 PYIQA_HF = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
+# MagFace publishes its models on Google Drive and Baidu only (README "Model Zoo",
+# IrvingMeng/MagFace@99bae61); no mirror with a manifest exists. This is Drive's direct-download
+# form of the iResNet100 file's share link (confirm=t skips the page Drive shows for large files).
+MAGFACE_IR100_DRIVE = ("https://drive.usercontent.google.com/download"
+                       "?id=1Bd87admxOZvbIOAyTkGEntsEz3fyMt7H&export=download&confirm=t")
+
+# The scorer kinds a config can choose (models.fiqa / models.iqa) and the arch each one loads.
+SCORER_ARCHS = {
+    "serfiq": "arcface_ir_se50",
+    "magface": "magface_iresnet100",
+    "dbcnn": "dbcnn",
+    "topiq_face": "topiq_nr_face",
+}
 
 
 @dataclass(frozen=True)
@@ -21,6 +36,13 @@ class Pretrained:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     score_range: tuple[float, float] | None = None
     higher_is_better: bool = True
+    # Key renaming on load (cafi.weights.read_state_dict): keys starting with a drop prefix are
+    # removed (training-only heads the scorer never runs), then the first matching strip prefix.
+    strip_prefixes: tuple[str, ...] = ("module.",)  # DataParallel's wrapper
+    drop_prefixes: tuple[str, ...] = ()
+    # sha256 is "" when no public manifest gives the file's digest: the config must then name it.
+    # What the file name promises about the digest (pyiqa: its first 8 hex digits); checked on fetch.
+    sha256_prefix: str = ""
 
 
 PUBLISHED: dict[str, Pretrained] = {
@@ -84,6 +106,42 @@ PUBLISHED: dict[str, Pretrained] = {
             std=(0.229, 0.224, 0.225),
             score_range=(0.0, 100.0),  # KonIQ-10k MOS scale
         ),
+        Pretrained(
+            # MagFace iResNet100 / MS1MV2, DDP with split FC ("trained by original codes"), the
+            # file MagFace's inference examples load. MagFace publishes no digest; this is the one
+            # fiqat's documentation records for this 283 MB file, and two other public model
+            # manifests on GitHub list the same digest (one with the size: 283,040,192 bytes).
+            arch="magface_iresnet100",
+            uri=MAGFACE_IR100_DRIVE,
+            file_name="magface_epoch_00025.pth",
+            sha256="cfeba792dada6f1f30d1e118aff077d493dd95dd76c77c30f57f90fd0164ad58",
+            state_key="state_dict",
+            # DDP training saved `features.module.<k>` (the DataParallel trainer `module.features.<k>`);
+            # MagFace's own loader (inference/network_inf.py clean_dict_inf) accepts both. The margin
+            # head is dropped, as that loader drops it: `parallel_fc.weight` (the split-FC shard) or
+            # `module.fc.weight` (DataParallel). Anything else must match the iResNet exactly.
+            strip_prefixes=("features.module.", "module.features."),
+            drop_prefixes=("parallel_fc.", "module.fc."),
+            input_size=112,
+            channel_order="bgr",  # cv2.imread -> ToTensor (/255), Normalize(0, 1) in gen_feat.py
+            # Embedding norm: training clamps it to [l_a, u_a] = [10, 110] (run/run_dist.sh); real
+            # aligned faces give about 15..35 with this model (toy images 21.8..30.3).
+            score_range=(10.0, 110.0),
+        ),
+        Pretrained(
+            # pyiqa `topiq_nr-face` (CFANet, ResNet-50, trained on CGFIQA-40k; since pyiqa 4d382cb).
+            # No public manifest gives the full sha256: the config must supply it (see checkpoint()).
+            arch="topiq_nr_face",
+            uri=f"{PYIQA_HF}/topiq_nr_cgfiqa_res50-0a8b8e4f.pth",
+            file_name="topiq_nr_cgfiqa_res50-0a8b8e4f.pth",
+            sha256="",
+            sha256_prefix="0a8b8e4f",
+            state_key="params",
+            input_size=512,  # FFHQ-aligned face (cafi.faces.align.align_ffhq)
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            score_range=(0.0, 1.0),  # CGFIQA MOS normalised to [0, 1]; outputs may overshoot slightly
+        ),
     )
 }
 
@@ -96,11 +154,24 @@ def published(arch: str) -> Pretrained:
 
 
 def checkpoint(model: str, arch: str, weights):
-    """The checkpoint (cafi.weights.Checkpoint) a stage loads: the configured one, else the published one."""
+    """The checkpoint (cafi.weights.Checkpoint) a stage loads: the configured one, else the published
+    one. `model` is the stage's config key (models.<model>); the record's file layout and key
+    renaming apply either way."""
     from cafi.weights import Checkpoint
 
     record = published(arch)
+    layout = {"state_key": record.state_key, "strip_prefixes": record.strip_prefixes,
+              "drop_prefixes": record.drop_prefixes}
     if weights is None:
-        return Checkpoint(model=model, uri=record.uri, sha256=record.sha256, state_key=record.state_key)
-    return Checkpoint(model=model, uri=weights.uri, sha256=weights.sha256.lower(), state_key=record.state_key,
-                      synthetic=weights.synthetic)
+        if not record.sha256:
+            hint = (f" (pyiqa names the file by its digest: it starts with {record.sha256_prefix})"
+                    if record.sha256_prefix else "")
+            raise ConfigError(
+                f"models.{model}.weights: no public manifest gives the sha256 of the published "
+                f"{record.file_name}, so cafi cannot verify it by itself; set models.{model}.weights.uri "
+                f"and models.{model}.weights.sha256 (`cafi weights fetch DEST` copies {record.uri} and "
+                f"prints both; or download it and run sha256sum{hint})"
+            )
+        return Checkpoint(model=model, uri=record.uri, sha256=record.sha256, **layout)
+    return Checkpoint(model=model, uri=weights.uri, sha256=weights.sha256.lower(), synthetic=weights.synthetic,
+                      **layout)

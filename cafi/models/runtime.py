@@ -54,13 +54,21 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def upload(images: np.ndarray, device: torch.device) -> torch.Tensor:
+def upload(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (N,H,W,3) -> the same uint8 tensor on device: a quarter of the bytes of a float copy,
-    through pinned memory (PyTorch caches the pinned blocks) on CUDA."""
+    through pinned memory on CUDA (PyTorch's caching host allocator hands the same pinned blocks
+    back batch after batch), copied without blocking the host. A tensor already there stays."""
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True)
     tensor = torch.from_numpy(np.ascontiguousarray(images))
     if device.type == "cuda":
         tensor = tensor.pin_memory().to(device, non_blocking=True)
     return tensor
+
+
+def to_host(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    """numpy on the host, whatever device the values are on."""
+    return values.cpu().numpy() if isinstance(values, torch.Tensor) else values
 
 
 def to_input(images: np.ndarray | torch.Tensor, device: torch.device, record: Pretrained) -> torch.Tensor:

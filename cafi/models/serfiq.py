@@ -66,11 +66,13 @@ class SerFiq:
             return arcface.head(self.net, arcface.trunk(self.net, x), None, self.dropout).float()
 
     @torch.inference_mode()
-    def __call__(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """aligned uint8 RGB (N,112,112,3) -> (raw quality, rescaled quality), each (N,)."""
+    def __call__(self, faces: np.ndarray, embeddings: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """aligned uint8 RGB (N,112,112,3) -> (raw quality, rescaled quality), each (N,), and with
+        `embeddings` the plain (dropout off) L2-normalised embedding (N, 512) from the same trunk pass."""
         x = to_input(faces, self.device, self.record)
         t = self.masks.shape[0]
-        out = []
+        out, plain = [], None
         with autocast(self.device, self.precision):
             feats = self.trunk(x)
             for start in range(0, len(feats), self.chunk):
@@ -78,5 +80,8 @@ class SerFiq:
                 rep = (f[:, None, :] * self.scaled_masks[None]).reshape(-1, FEATURES)
                 emb = arcface.head(self.net, rep, None, self.dropout)
                 out.append(quality_from_embeddings(emb.float().view(len(f), t, -1)))
+            if embeddings:
+                plain = arcface.head(self.net, feats, None, self.dropout).float().cpu().numpy()
         raw = torch.cat(out).float() if out else torch.zeros(0, device=self.device)  # bf16 has no numpy dtype
-        return raw.cpu().numpy().astype(np.float32), rescale(raw, self.alpha, self.r).cpu().numpy().astype(np.float32)
+        return (raw.cpu().numpy().astype(np.float32), rescale(raw, self.alpha, self.r).cpu().numpy().astype(np.float32),
+                plain)

@@ -1,0 +1,141 @@
+"""The bytes of a few samples without reading their shards: what the report's thumbnails and
+`cafi export` need.
+
+A tar sample is one ranged GET of its image member (`shard_offset`, `shard_size` from the
+manifest); samples close together in one shard share a GET (ranges less than `MERGE_GAP` apart are
+fetched as one, up to `MAX_SPAN` bytes), so exporting most of a shard costs a few GETs, not one per
+sample. A Parquet sample is read with its row group's image column (the file's footer, then that
+column chunk). A plain object (files input) is fetched whole; a shard's own error row has no image
+(its uri is the whole shard, which is never downloaded for it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from cafi import fetch
+from cafi.config import StorageConfig
+from cafi.fetch import Backoff, is_final, with_retries
+from cafi.inputs.uris import split_sample_uri
+from cafi.storage import filesystem
+
+MERGE_GAP = 1 * 2**20
+SHARD_NAMES = (".tar", ".parquet")
+MAX_SPAN = 64 * 2**20
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def read_samples(uris: list[str], shard_offsets: list, shard_sizes: list, storage: StorageConfig | None,
+                 image_column: str = "jpg") -> list[bytes | Exception]:
+    """Each sample's encoded bytes, or the exception that prevented reading them.
+
+    `shard_offsets` / `shard_sizes` are the manifest columns (null for files inputs). `image_column`
+    is the Parquet image column the run read (`config.input.image_column` in its summary).
+    """
+    storage = storage if storage is not None else StorageConfig()
+    out: list[bytes | Exception] = [b""] * len(uris)
+    whole, tar_parts, parquet_parts = [], defaultdict(list), defaultdict(list)
+    for i, (uri, offset, size) in enumerate(zip(uris, shard_offsets, shard_sizes, strict=True)):
+        split = split_sample_uri(uri) if not _missing(offset) else None
+        if split is None and uri.lower().endswith(SHARD_NAMES):  # a shard's own (error) row: no image to show
+            out[i] = ValueError(f"{uri} is a whole shard (its row says why it could not be read), not one image")
+        elif split is None:
+            whole.append(i)
+        elif not _missing(size):
+            tar_parts[split[0]].append((int(offset), int(size), i))
+        else:
+            parquet_parts[split[0]].append((int(offset), i))
+    for i, got in zip(whole, fetch.read_bytes([uris[i] for i in whole], storage), strict=True):
+        out[i] = got
+    for shard, parts in tar_parts.items():
+        _tar_members(shard, parts, storage, out)
+    for shard, parts in parquet_parts.items():
+        _parquet_rows(shard, parts, storage, image_column, out)
+    return out
+
+
+def spans(parts: list[tuple[int, int, int]], gap: int = MERGE_GAP, limit: int = MAX_SPAN
+          ) -> list[tuple[int, int, list]]:
+    """(start, end, parts) byte ranges to GET: members sorted by offset, neighbours merged."""
+    merged: list[tuple[int, int, list]] = []
+    for offset, size, i in sorted(parts):
+        if merged and offset - merged[-1][1] <= gap and offset + size - merged[-1][0] <= limit:
+            start, end, members = merged[-1]
+            merged[-1] = (start, max(end, offset + size), [*members, (offset, size, i)])
+        else:
+            merged.append((offset, offset + size, [(offset, size, i)]))
+    return merged
+
+
+def fetch_ranges(fs, path: str, ranges: list[tuple[int, int]], budget_s: float) -> list[bytes | Exception]:
+    """Byte ranges of one object, fetched concurrently; failed ones again within the retry budget."""
+    got: list[bytes | Exception] = [b""] * len(ranges)
+    pending = list(range(len(ranges)))
+    backoff = Backoff(budget_s)
+    while pending:
+        try:
+            answers = fs.cat_ranges([path] * len(pending), [ranges[i][0] for i in pending],
+                                    [ranges[i][1] for i in pending], on_error="return")
+        except Exception as exc:  # noqa: BLE001 - the whole call failed: every range gets the reason
+            answers = [exc] * len(pending)
+        for i, answer in zip(pending, answers, strict=True):
+            got[i] = answer
+        pending = [i for i in pending if isinstance(got[i], Exception) and not is_final(got[i])]
+        if pending and not backoff.wait():
+            break
+    return got
+
+
+def _tar_members(shard: str, parts: list, storage: StorageConfig, out: list) -> None:
+    fs, path = filesystem(shard, storage)
+    ranges = spans(parts)
+    got = fetch_ranges(fs, path, [(r[0], r[1]) for r in ranges], storage.retry_budget_s)
+    for (start, end, members), data in zip(ranges, got, strict=True):
+        for offset, size, i in members:
+            if isinstance(data, Exception):
+                out[i] = data
+            elif len(data) < end - start:
+                out[i] = EOFError(f"{shard}: the shard ends before byte {offset + size} (changed since the run?)")
+            else:
+                out[i] = data[offset - start:offset - start + size]
+
+
+def _parquet_rows(shard: str, parts: list, storage: StorageConfig, image_column: str, out: list) -> None:
+    import pyarrow.parquet as pq
+
+    from cafi.inputs.parquet import image_values
+
+    fs, path = filesystem(shard, storage)
+
+    def read() -> dict[int, bytes | None]:
+        with fs.open(path, "rb", cache_type="none") as fh:
+            pf = pq.ParquetFile(fh)
+            starts, row = [], 0
+            for g in range(pf.num_row_groups):
+                starts.append(row)
+                row += pf.metadata.row_group(g).num_rows
+            wanted: dict[int, list[int]] = defaultdict(list)
+            for index, _ in parts:
+                group = max(g for g, s in enumerate(starts) if s <= index) if starts else 0
+                wanted[group].append(index)
+            values: dict[int, bytes | None] = {}
+            for group, rows in wanted.items():
+                column = image_values(pf.read_row_group(group, columns=[image_column]).column(image_column),
+                                      image_column)
+                for index in rows:
+                    values[index] = column[index - starts[group]] if index - starts[group] < len(column) else None
+            return values
+
+    try:
+        values = with_retries(read, storage.retry_budget_s)
+    except Exception as exc:  # noqa: BLE001 - every sample of the file gets the reason
+        for _, i in parts:
+            out[i] = exc
+        return
+    for index, i in parts:
+        value = values.get(index)
+        out[i] = value if value is not None else LookupError(f"{shard}: row {index} has no image bytes")

@@ -1,0 +1,155 @@
+"""WebDataset samples from tar members, as img2dataset and NeMo Curator write them.
+
+A sample is a run of consecutive members sharing a key: the member path up to the first '.' of its
+file name (`images/000123.face.jpg` -> key `images/000123`, suffix `face.jpg`). Its image is the
+member whose suffix comes first in `input.image_extensions`; `<key>.json` holds the fields that
+`input.keep_columns` copies. Members whose name has no suffix and directories are not samples.
+
+Every sample leaves one row. Error rows, each with its reason: no image member; an image member that
+is empty, not an image, or over the limits (header check); a key seen earlier in the shard (its
+uri gets `#2`, `#3`, ... so it stays unique; the first one is scored); a sample whose image member is
+cut off by the end of a truncated shard. A shard that ends early or has a corrupt header also gets a
+row of its own (uri = the shard uri) saying from where on nothing could be read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from cafi.config import ImageConfig
+from cafi.inputs import keep, tar
+from cafi.inputs.rows import Sample
+from cafi.inputs.uris import sample_uri
+
+MAX_JSON_BYTES = 16 * 2**20
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """(key, suffix) of a member name; None for a name without a suffix."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, suffix = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{folder}/{stem}" if folder else stem), suffix
+
+
+class Keys:
+    """Uris unique within a shard: a repeated key gets `#2`, `#3`, ... and an error."""
+
+    def __init__(self, shard: str):
+        self.shard, self.seen = shard, set()
+
+    def uri(self, key: str) -> tuple[str, str | None]:
+        if key not in self.seen:
+            self.seen.add(key)
+            return sample_uri(self.shard, key), None
+        n = 2
+        while f"{key}#{n}" in self.seen:
+            n += 1
+        self.seen.add(f"{key}#{n}")
+        return (sample_uri(self.shard, f"{key}#{n}"),
+                f"duplicate key in shard: {key!r} appears again (occurrence {n}); only the first one is scored")
+
+
+class _Group:
+    def __init__(self, key: str):
+        self.key = key
+        self.members: dict[str, tar.Member] = {}
+        self.repeated: list[str] = []
+        self.cut: tar.Truncated | None = None
+
+
+def samples(stream, shard: str, image_cfg: ImageConfig, image_extensions: list[str], kept: list[str]
+            ) -> Iterator[Sample]:
+    """Every sample of a tar shard, in archive order, then (if it ends early or breaks) the shard's own row."""
+    exts = [e.lstrip(".").lower() for e in image_extensions]
+    keys = Keys(shard)
+
+    def want(name: str, size: int) -> bool:
+        split = split_name(name)
+        if split is None:
+            return False
+        suffix = split[1].lower()
+        return (suffix in exts and size <= image_cfg.max_bytes) or (suffix == "json" and bool(kept)
+                                                                    and size <= MAX_JSON_BYTES)
+
+    def finish(group: _Group) -> Sample:
+        uri, dup = keys.uri(group.key)
+        return _sample(group, uri, dup, exts, kept, image_cfg)
+
+    group: _Group | None = None
+    try:
+        for member in tar.members(stream, want):
+            split = split_name(member.name)
+            if split is None:
+                continue
+            key, suffix = split
+            if group is not None and key != group.key:
+                yield finish(group)
+                group = None
+            if group is None:
+                group = _Group(key)
+            if suffix.lower() in group.members:
+                group.repeated.append(suffix)
+            group.members.setdefault(suffix.lower(), member)
+    except tar.Truncated as cut:
+        split = split_name(cut.member.name) if cut.member is not None else None
+        if split is not None:  # a member's data is cut off: its sample is an error row
+            if group is not None and group.key != split[0]:
+                yield finish(group)
+                group = None
+            if group is None:
+                group = _Group(split[0])
+            group.cut = cut
+            yield finish(group)
+            return
+        if group is not None:
+            yield finish(group)
+        yield Sample(shard, None, error=str(cut))
+        return
+    except tar.TarError as bad:
+        if group is not None:
+            yield finish(group)
+        yield Sample(shard, None, error=str(bad))
+        return
+    if group is not None:
+        yield finish(group)
+
+
+def _sample(group: _Group, uri: str, dup: str | None, exts: list[str], kept: list[str],
+            image_cfg: ImageConfig) -> Sample:
+    image = next((group.members[e] for e in exts if e in group.members), None)
+    sample = Sample(uri, group.key, error=dup)
+    if image is not None:
+        sample.offset, sample.size = image.offset, image.size
+    if sample.error is None and group.cut is not None:
+        sample.error = str(group.cut)
+    elif sample.error is None and group.repeated:
+        sample.error = f"duplicate member in shard: {group.key}.{group.repeated[0]} appears twice in a row"
+    elif sample.error is None and image is None:
+        present = ", ".join("." + s for s in sorted(group.members)) or "none"
+        sample.error = (f"no image member: the sample's members are {present}; input.image_extensions: "
+                        f"{', '.join(exts)}")
+    elif sample.error is None and image.data is None:
+        sample.error = (f"file too large: {image.size} bytes > image.max_bytes={image_cfg.max_bytes}" if image.regular
+                        else f"the image member {image.name} is not a regular file")
+    elif sample.error is None:
+        sample.data = image.data
+    if kept:
+        sample.kept, sample.bad_json = _kept(group.members.get("json"), kept)
+    return sample.check(image_cfg)
+
+
+def _kept(member: tar.Member | None, names: list[str]) -> tuple[dict, bool]:
+    """The named fields of the sample's .json (a missing member or field: null), and whether the
+    member is there but not a JSON object (its fields are null too; the shard index counts it)."""
+    if member is None:
+        return {}, False
+    try:
+        doc = json.loads(member.data) if member.data is not None else None
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        return {}, True
+    return {n: keep.json_text(doc.get(n)) for n in names}, False

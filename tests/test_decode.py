@@ -1,0 +1,123 @@
+"""Encoded bytes to the model actor: header checks in the read task, decoding in the actor (host
+threads, or batched JPEG decoding on the device), host work overlapped with the models."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import ImageFile
+
+from cafi import imaging
+from cafi.config import ImageConfig, load_config, to_dict
+from cafi.samples import broken_inputs, draw_face, encode, good_crops, unusual_inputs, write_samples
+from cafi.stages import OK, FusedModels, read_objects
+from cafi.stages.decode import Decode, square_resize_tensor
+
+CPU = torch.device("cpu")
+
+
+def _byte_batch(files: dict[str, bytes]) -> dict:
+    n = len(files)
+    return {"uri": np.array(list(files), dtype=object), "status": np.full(n, OK, dtype=object),
+            "error": np.full(n, "", dtype=object), "width": np.zeros(n, np.int32),
+            "height": np.zeros(n, np.int32), "data": np.array(list(files.values()), dtype=object)}
+
+
+def test_read_tasks_carry_the_file_bytes_and_refuse_what_the_header_refuses(tmp_path, monkeypatch):
+    paths = write_samples(str(tmp_path), count=2, seed=3)
+    cfg = to_dict(load_config([], [f"input.uri={tmp_path}", "output.uri=unused"]))
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1))  # no pixel may be decoded
+    out = read_objects({"uri": np.array(paths, dtype=object)}, cfg)
+    assert not loads
+    refused = {"empty.jpg": "empty file", "text.jpg": "not an image", "tiny.png": "image too small",
+               "bomb.png": "image too large"}
+    for i, path in enumerate(paths):
+        name = path.rsplit("/", 1)[1]
+        if name in refused:
+            assert out["status"][i] == "error" and refused[name] in out["error"][i]
+            assert out["data"][i] == b""  # nothing travels for a refused file
+        else:  # everything else travels encoded, as the file is: decoded only in the model actor
+            assert out["status"][i] == OK, (name, out["error"][i])
+            with open(path, "rb") as fh:
+                assert out["data"][i] == fh.read()
+            assert out["width"][i] > 0 and out["height"][i] > 0
+
+
+def test_the_actor_decodes_as_the_read_task_used_to(tmp_path):
+    """Same pixels, sizes and error texts as imaging.decode: unusual formats converted, a file that
+    passes the header check but cannot be decoded becomes the same error row."""
+    cfg = ImageConfig(crop_size=128)
+    files = {**unusual_inputs(2), **{k: v for k, v in broken_inputs(2).items() if k in ("truncated.jpg",
+                                                                                        "corrupt.jpg")}}
+    out = Decode(cfg, CPU, threads=2)(_byte_batch(files))
+    assert "data" not in out
+    for i, (name, data) in enumerate(files.items()):
+        ref = imaging.decode(data, cfg)
+        if ref.error is None:
+            assert out["status"][i] == OK, name
+            assert np.array_equal(out["image"][i], ref.image), name
+            assert (out["width"][i], out["height"][i]) == (ref.width, ref.height)
+        else:
+            assert out["status"][i] == "error" and out["error"][i] == ref.error, name
+            assert not out["image"][i].any()
+
+
+@pytest.mark.parametrize("source,size", [(384, 128), (512, 384), (300, 128), (1000, 384), (96, 128), (200, 384)])
+def test_device_resize_reproduces_the_host_resize(source, size):
+    img = np.asarray(draw_face(source, 1))
+    img = np.clip(img + np.random.default_rng(0).normal(0, 20, img.shape), 0, 255).astype(np.uint8)[:, : source - 7]
+    host = imaging.square_resize(img, size).astype(int)
+    dev = square_resize_tensor(torch.from_numpy(img).permute(2, 0, 1), size).numpy().astype(int)
+    assert np.abs(host - dev).max() <= 1  # INTER_AREA exactly; bicubic to one level
+
+
+def test_device_jpeg_path_dry_run_scores_like_the_host_path(fast_config):
+    """The batched JPEG path (torchvision's decoder; nvJPEG on a GPU) forced on the CPU: pixels within
+    one level of the host path, and every score within the stated tolerance. On a GPU nvJPEG's IDCT
+    adds a level or two more, measured by bench/gpu.py."""
+    cfg = load_config(fast_config, ["input.uri=/in", "output.uri=/out"])
+    files = {k: v for k, v in good_crops(6, seed=4).items() if k.endswith(".jpg")}
+    files["upscaled.jpg"] = encode(draw_face(96, 3), "JPEG")
+    files["cmyk.jpg"] = unusual_inputs(4)["cmyk.jpg"]  # not for the device: decoded on the host
+    host = Decode(cfg.image, CPU)(_byte_batch(files))
+    device = Decode(cfg.image, CPU, jpeg_batches=True)(_byte_batch(files))
+    assert isinstance(device["image"], torch.Tensor)
+    assert np.abs(host["image"].astype(int) - device["image"].numpy().astype(int)).max() <= 1
+    models = FusedModels(to_dict(cfg), decode=False)
+    a, b = models(host), models(device)
+    assert list(a["status"]) == list(b["status"])
+    for col, tol in (("det_score", 1e-3), ("serfiq_raw", 1e-3), ("mask_fraction", 1e-2), ("dbcnn", 1e-2),
+                     ("sharpness", 0.05), ("luma_mean", 1e-2)):
+        np.testing.assert_allclose(a[col], b[col], rtol=tol, atol=tol, err_msg=col)
+
+
+def test_models_run_one_batch_at_a_time_while_the_next_one_decodes(fast_config, monkeypatch):
+    cfg = to_dict(load_config(fast_config, ["input.uri=/in", "output.uri=/out"]))
+    files = {k: v for k, v in good_crops(4, seed=5).items()}
+    models = FusedModels(cfg)
+    spans, lock = [], threading.Lock()
+
+    def record(start, end, rows):
+        with lock:
+            spans.append((start, end))
+
+    monkeypatch.setattr(models.telemetry, "busy", record)
+    expected = [models(_byte_batch(files)) for _ in range(2)]
+    results: list = [None, None]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, models(_byte_batch(files))))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, ref in zip(results, expected, strict=True):
+        np.testing.assert_allclose(got["dbcnn"], ref["dbcnn"], rtol=1e-5)
+        np.testing.assert_allclose(got["serfiq_raw"], ref["serfiq_raw"], rtol=1e-5)
+        assert "image" not in got and "data" not in got and "face_mask" not in got  # pixels stay in the actor
+    spans.sort()
+    assert len(spans) == 4
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans  # never two at once

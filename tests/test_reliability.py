@@ -1,0 +1,202 @@
+"""What cloud clusters do to a run: a GPU node lost mid-run (with and without a replacement),
+throttling storms on reads and on manifest writes, object keys with odd characters, inputs
+listed twice or gone. Each scenario ends by checking the committed output row by row against
+the input (`check_exactly_once`). The node-loss scenarios run in a fresh interpreter with their
+own multi-node Ray cluster (tests/scenarios.py); the "GPUs" are logical: the models run on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from cafi import manifest, pipeline
+from cafi.config import load_config
+from cafi.samples import write_samples
+
+try:  # tests/ is a package under pytest; a scenario runs this file as a script
+    from .faults import FlakyProxy, check_exactly_once
+    from .scenarios import emit, run_scenario
+except ImportError:
+    from faults import FlakyProxy, check_exactly_once  # type: ignore[no-redef]
+    from scenarios import emit, run_scenario  # type: ignore[no-redef]
+
+# Blocks of 2 rows, each written as its own file: the run is observably mid-way for a while.
+SMALL_BLOCKS = ["read.batch_size=2", "output.min_rows_per_file=1", "ray.progress_bars=false"] + [
+    f"models.{m}.batch_size=2" for m in ("detector", "parser", "serfiq", "dbcnn")]
+
+
+def _data_files(out) -> list[str]:
+    return [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(str(out), "manifest")) for f in fs
+            if f.endswith(".parquet")]
+
+
+# ---------------------------------------------------------------- a GPU node lost mid-run
+
+@pytest.mark.slow
+def test_a_gpu_node_lost_mid_run_with_and_without_a_replacement(fast_config, tmp_path):
+    paths = write_samples(str(tmp_path / "in"), count=10, seed=81, unusual=False, broken=True)
+    outs = {k: str(tmp_path / k) for k in ("undisturbed", "replaced", "survivor")}
+    seen = run_scenario(__file__, "node_loss", {"files": list(fast_config), "input": str(tmp_path / "in"),
+                                                "outputs": outs}, timeout=1200)
+    assert seen["removed"] == ["replaced", "survivor"], seen
+    assert seen["added"] == ["replaced"]
+    for name in ("replaced", "survivor"):
+        # the lost node held a model actor that was working: its batches ran again elsewhere
+        assert seen["busy_on_lost_node"][name], seen
+        check_exactly_once(outs[name], paths, reference_out=outs["undisturbed"])
+        assert seen["counts"][name]["rows"] == len(paths)
+
+
+def _scenario_node_loss(args: dict) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "temp_dir": os.path.join(args["tmp"], "ray"),
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                           "health_check_failure_threshold": 3}})
+    ray.init(address=cluster.address, log_to_driver=False)  # first: the driver attaches to the head's raylet
+    gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    # One fused model actor per GPU node (a whole logical GPU each); reads and decisions anywhere.
+    overrides = [f"input.uri={args['input']}", *SMALL_BLOCKS, "ray.fuse_models=true",
+                 "ray.scale_gpu_pools=always"]
+    for m in ("detector", "parser", "serfiq", "dbcnn"):
+        overrides += [f"models.{m}.num_gpus=1", f"models.{m}.num_cpus=0.5", f"models.{m}.max_actors=2"]
+    result: dict = {"removed": [], "added": [], "busy_on_lost_node": {}, "counts": {}}
+    try:
+        pipeline.run(load_config(args["files"], [*overrides, f"output.uri={args['outputs']['undisturbed']}"]))
+        for name in ("replaced", "survivor"):
+            out = args["outputs"][name]
+            summary: dict = {}
+            job = threading.Thread(target=lambda out=out, summary=summary: summary.update(
+                pipeline.run(load_config(args["files"], [*overrides, f"output.uri={out}"]))))
+            job.start()
+            deadline = time.time() + 600
+            while job.is_alive() and not _data_files(out) and time.time() < deadline:
+                time.sleep(0.2)
+            victim = gpu_nodes[0]
+            busy = [a for a in ray._private.state.actors().values()  # GCS's actor table (no dashboard here)
+                    if a["State"] == "ALIVE" and "FusedModels" in a["ActorClassName"]
+                    and a["Address"]["NodeID"] == victim.node_id]
+            result["busy_on_lost_node"][name] = bool(busy)
+            cluster.remove_node(victim, allow_graceful=False)  # its actors and object-store blocks go with it
+            result["removed"].append(name)
+            gpu_nodes.pop(0)
+            if name == "replaced":
+                time.sleep(3)
+                gpu_nodes.append(cluster.add_node(num_cpus=1, num_gpus=1))
+                result["added"].append(name)
+            job.join(timeout=900)
+            result["counts"][name] = summary.get("counts", {})
+        emit(result)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+# ---------------------------------------------------------------- throttling storms
+
+def _put_inputs(s3, tmp_path, bucket: str, count: int, seed: int) -> list[str]:
+    s3.mkdir(bucket)
+    local = write_samples(str(tmp_path / bucket), count=count, seed=seed, unusual=False, broken=False)
+    for p in local:
+        s3.put(p, f"{bucket}/in/" + os.path.relpath(p, tmp_path / bucket))
+    return sorted("s3://" + k for k in s3.find(f"{bucket}/in"))
+
+
+@pytest.mark.slow
+def test_a_read_storm_delays_the_run_instead_of_failing_reads(s3, s3_endpoint, fast_config, ray_local, tmp_path):
+    uris = _put_inputs(s3, tmp_path, "storm-read", count=6, seed=91)
+    # every GET of an input object fails (503 SlowDown, or a dropped connection) for 20 s, once
+    # the first two have been served
+    with FlakyProxy(s3_endpoint, methods=("GET",), path_contains="/storm-read/in/", storm_s=20,
+                    storm_after=2) as proxy:
+        cfg = load_config(fast_config, ["input.uri=s3://storm-read/in/", "output.uri=s3://storm-read/out",
+                                        f"storage.endpoint_url={proxy.url}", "storage.retry_budget_s=120",
+                                        *SMALL_BLOCKS])
+        started = time.time()
+        summary = pipeline.run(cfg)
+    assert proxy.storm_start is not None and proxy.failed >= 5, "the storm never hit a read"
+    assert time.time() - started > 15  # the run waited the storm out
+    rows = check_exactly_once("s3://storm-read/out", uris)
+    assert not [r for r in rows.values() if r["error"] and "cannot read object" in r["error"]]
+    assert summary["counts"]["status"].get("error", 0) == 0
+    assert summary["retries"]["read_retries"] > 0
+
+
+@pytest.mark.slow
+def test_a_write_storm_is_retried_within_its_budget_and_fails_the_run_past_it(s3, s3_endpoint, fast_config,
+                                                                             ray_local, tmp_path):
+    uris = _put_inputs(s3, tmp_path, "storm-write", count=2, seed=92)
+    base = ["input.uri=s3://storm-write/in/", *SMALL_BLOCKS]
+    with FlakyProxy(s3_endpoint, methods=("PUT", "POST"), path_contains="/storm-write/ok/manifest/",
+                    storm_s=20) as proxy:
+        summary = pipeline.run(load_config(fast_config, [*base, "output.uri=s3://storm-write/ok",
+                                                         f"storage.endpoint_url={proxy.url}",
+                                                         "storage.retry_budget_s=120"]))
+    assert proxy.failed >= 3
+    check_exactly_once("s3://storm-write/ok", uris)
+    assert summary["retries"]["write_retries"] > 0
+
+    # the same storm, longer than the budget: the run fails and commits nothing
+    with FlakyProxy(s3_endpoint, methods=("PUT", "POST"), path_contains="/storm-write/short/manifest/",
+                    storm_s=300) as proxy:
+        with pytest.raises(Exception, match="cannot write .* within storage.retry_budget_s=5"):
+            pipeline.run(load_config(fast_config, [*base, "output.uri=s3://storm-write/short",
+                                                   f"storage.endpoint_url={proxy.url}",
+                                                   "storage.retry_budget_s=5"]))
+    assert not s3.glob("storm-write/short/runs/*/_SUCCESS")
+    assert manifest.read("s3://storm-write/short").num_rows == 0
+
+
+# ---------------------------------------------------------------- odd keys, duplicates, vanished objects
+
+ODD_NAMES = ["with space.jpg", "한글 얼굴.jpg", "hash#tag.jpg", "what?.jpg", "per%20cent.jpg", "plus+sign.jpg"]
+
+
+@pytest.mark.slow
+def test_odd_keys_duplicates_and_vanished_objects(s3, fast_config, ray_local, tmp_path):
+    """Keys with spaces, Hangul, #, ?, % and + are read and scored like any other (a `#` in a plain
+    object's key is part of its name); a manifest that lists objects twice gets one row each and
+    says how many were duplicated; a vanished object is an error row that says so."""
+    from cafi.samples import draw_face, encode
+
+    s3.mkdir("odd")
+    uris = []
+    for i, name in enumerate(ODD_NAMES):
+        s3.pipe(f"odd/in/{name}", encode(draw_face(160, 100 + i), "JPEG"))
+        uris.append(f"s3://odd/in/{name}")
+    listed = sorted("s3://" + k for k in s3.find("odd/in"))
+    assert sorted(listed) == sorted(uris)  # the listing gives the keys back as they are
+    vanished = "s3://odd/in/gone #1.jpg"
+    csv = tmp_path / "list.csv"
+    pd.DataFrame({"uri": uris + uris[:2] + uris[:1] + [vanished]}).to_csv(csv, index=False)
+    s3.put(str(csv), "odd/lists/list.csv")
+    summary = pipeline.run(load_config(fast_config, ["input.manifest=s3://odd/lists/list.csv",
+                                                     "output.uri=s3://odd/out", *SMALL_BLOCKS]))
+    assert summary["inputs"] == len(uris) + 1 and summary["duplicate_inputs"] == 3
+    rows = check_exactly_once("s3://odd/out", [*uris, vanished])
+    for uri in uris:
+        assert rows[uri]["status"] in ("scored", "no_face"), (uri, rows[uri]["error"])
+    assert rows[vanished]["status"] == "error" and "not found" in rows[vanished]["error"]
+    # the same keys by prefix listing: every one read, none an error row
+    summary = pipeline.run(load_config(fast_config, ["input.uri=s3://odd/in/", "output.uri=s3://odd/out2",
+                                                     *SMALL_BLOCKS]))
+    rows = check_exactly_once("s3://odd/out2", uris)
+    assert all(r["status"] != "error" for r in rows.values()), rows
+
+
+if __name__ == "__main__":
+    import json
+    import logging
+    import sys
+
+    logging.basicConfig(level=os.environ.get("CAFI_LOG_LEVEL", "WARNING"))
+    scenario, payload = sys.argv[1], json.loads(sys.argv[2])
+    {"node_loss": _scenario_node_loss}[scenario](payload)
