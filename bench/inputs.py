@@ -121,7 +121,7 @@ def read_stage(cfg, fmt: str, cpus: int) -> tuple[int, int, float]:
 
     started = time.perf_counter()
     if fmt == "files":
-        ds, _ = pipeline.input_dataset(cfg)
+        ds = pipeline.input_dataset(cfg)
         ds = ds.map_batches(read_objects, fn_kwargs={"cfg": to_dict(cfg), "run_id": None},
                             batch_size=cfg.read.batch_size, num_cpus=cfg.read.num_cpus)
     else:

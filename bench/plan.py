@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -42,13 +41,11 @@ def rss_mib() -> float:
 
 
 def plan(cfg):
-    """What pipeline.run does before any image is read: input keys, output scan, the to-do set."""
+    """What pipeline.run does before any image is read: the output scan, the input keys, the to-do set."""
     t = time.perf_counter()
-    ds, n = pipeline.input_dataset(cfg)
-    keys, duplicated = pipeline._input_keys(ds)
-    done, runs = manifest.scan_version(cfg.output.uri, model_version(cfg), cfg.storage)
-    todo = np.setdiff1d(keys, done, assume_unique=True)
-    return ds, (n, keys, duplicated), todo, time.perf_counter() - t
+    done, _ = pipeline.scan_written(cfg, model_version(cfg))
+    todo = pipeline.plan_inputs(cfg, "bench", done)
+    return todo, done, time.perf_counter() - t
 
 
 def fake_written(out: str, version: str, uris: list[str], run_id: str = "crashed-attempt") -> None:
@@ -88,15 +85,17 @@ def main() -> None:
         rss0 = rss_mib()
 
         cfg = load_config([weights], base + [f"output.uri={tmp}/out-fresh"])
-        ds, (n_listed, keys, duplicated), todo, t_plan = plan(cfg)
+        todo, done, t_plan = plan(cfg)
+        n_listed, keys, duplicated = todo.listed, todo.keys, todo.duplicated
         t = time.perf_counter()
+        ds = pipeline.todo_dataset(cfg, todo, done, ray.put(todo.todo), models_run=True)
         scored = pipeline.build(ds, cfg, model_version(cfg), "bench")
         next(iter(scored.iter_batches(batch_size=8)))
         t_first = time.perf_counter() - t
         rss_fresh = rss_mib()
         print(f"machine: {os.cpu_count()} CPUs; {args.inputs:,} inputs in a Parquet manifest")
         print(f"fresh  : plan {t_plan:6.1f} s, first scored batch after {t_first:6.1f} s more; "
-              f"{len(todo):,} to score")
+              f"{len(todo.todo):,} to score")
         vanished = len(keys) - len(real)
         print(f"counts : {n_listed:,} listed = {len(keys):,} inputs + {n_listed - len(keys):,} duplicates "
               f"({len(duplicated):,} URIs listed more than once; expected {args.duplicates:,}); {vanished:,} of the "
@@ -108,9 +107,9 @@ def main() -> None:
         n_done = int(len(all_uris) * args.done)
         fake_written(f"{tmp}/out-resume", model_version(cfg), all_uris[-n_done:])
         del all_uris
-        _, _, todo, t_resume = plan(cfg)
+        todo, _, t_resume = plan(cfg)
         rss_resume = rss_mib()
-        print(f"resume : plan {t_resume:6.1f} s with {n_done:,} already written; {len(todo):,} left to score")
+        print(f"resume : plan {t_resume:6.1f} s with {n_done:,} already written; {len(todo.todo):,} left to score")
         per_input = (rss_resume - rss0) * 1024 * 1024 / args.inputs
         print(f"driver peak RSS: {rss0:.0f} MiB after ray.init, {rss_fresh:.0f} MiB after the fresh plan, "
               f"{rss_resume:.0f} MiB after the resume plan ({per_input:.0f} bytes per input above ray.init)")

@@ -6,7 +6,9 @@ Measured in one run, on local disk and on the S3 server on loopback (moto, start
            real manifest files and commit records, and an input manifest of the N URIs
   rescore  `cafi.pipeline.run` with only decision thresholds changed, in a fresh child process
            (its own embedded Ray): wall time, the driver's peak RSS and its growth over the RSS
-           it had before the run (what the run itself holds), the object store's peak
+           it had before the run (after Ray Data ran once on 1,000 rows and the storage client
+           made one request: fixed costs, not the run's), split into private memory, mapped
+           object-store pages and mapped libraries; the object store's peak; the run's phases
 
     python bench/rescore.py [--rows 1000000] [--where local,s3]
 
@@ -125,16 +127,70 @@ def child(args) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    before = _proc_status(os.getpid())["VmRSS"]
-    with ProcessTree() as tree:  # polls the embedded Ray's processes: the object store's peak
+    # The library's fixed costs are paid before "before" -- Ray Data's executor and its imports, the
+    # object-store client (botocore's service models) -- so what is left above it is what the run holds.
+    ray.data.range(1000).map_batches(lambda b: b, batch_format="pyarrow").materialize()
+    from cafi.storage import filesystem
+
+    fs, path = filesystem(spec["listing"], cfg.storage)
+    fs.info(path)
+    before = _proc_status(os.getpid())
+    driver = DriverPeaks()
+    by_phase: dict[str, int] = {}  # the driver's private peak (MiB above before) in each phase of the run
+    mark = pipeline.Phases.mark
+
+    def marked(self, name):
+        mark(self, name)
+        by_phase[name] = round((driver.peak["RssAnon"] - before["RssAnon"]) / MIB)
+        driver.peak["RssAnon"] = 0
+
+    pipeline.Phases.mark = marked
+    with ProcessTree() as tree, driver:  # polls the embedded Ray's processes: the object store's peak
         t = time.perf_counter()
         summary = pipeline.run(cfg)
         wall = time.perf_counter() - t
     ray.shutdown()
-    print("RESULT " + json.dumps({"seconds": wall, "rss_before": before, "rss_peak": driver_peak_rss(),
+    print("RESULT " + json.dumps({"seconds": wall, "rss_before": before["VmRSS"], "rss_peak": driver_peak_rss(),
+                                  "anon_before": before["RssAnon"],
+                                  "anon_peak": before["RssAnon"] + max(by_phase.values(), default=0) * MIB,
+                                  "private_by_phase": by_phase,
+                                  "shmem_peak": driver.peak["RssShmem"], "file_before": before["RssFile"],
+                                  "file_peak": driver.peak["RssFile"],
                                   "store_peak": tree.store_peak, "stages_run": summary["stages_run"],
                                   "rows": summary["counts"]["rows"], "reused": summary["reuse"]["reused_stages"],
+                                  "phases": summary["phase_seconds"],
                                   "version_changed": summary["model_version"] != spec["version"]}), flush=True)
+
+
+class DriverPeaks:
+    """Polls this process's RssAnon (its private memory: what the driver holds), RssShmem (pages of
+    Ray's shared object store it has mapped and touched: objects it put or got, owned by the store,
+    not by the driver) and RssFile (pages of shared libraries and other mapped files) every 0.1 s;
+    keeps each one's peak."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssShmem": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        from stages import _proc_status  # bench/stages.py
+
+        while not self._stop.is_set():
+            st = _proc_status(os.getpid())
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], st.get(k, 0))
+            self._stop.wait(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def measure(where: str, rows: int, tmp: str) -> dict:
@@ -169,11 +225,16 @@ def measure(where: str, rows: int, tmp: str) -> dict:
         if server is not None:
             server.stop()
     grew = (res["rss_peak"] - res["rss_before"]) / rows
+    private = (res["anon_peak"] - res["anon_before"]) / rows
     print(f"[{where}] threshold-only re-score: {res['seconds']:.1f} s for {res['rows']:,} rows; stages run "
           f"{res['stages_run'] or 'none'}; reused {', '.join(res['reused'])}; driver RSS {res['rss_before'] / MIB:.0f} "
-          f"MiB before, peak {res['rss_peak'] / MIB:.0f} MiB ({grew:.1f} bytes per row above before); object store "
-          f"peak {res['store_peak'] / MIB:.0f} MiB", flush=True)
-    return {**res, "where": where, "bytes_per_row": grew}
+          f"MiB before, peak {res['rss_peak'] / MIB:.0f} MiB ({grew:.1f} bytes per row above before); of which "
+          f"private (RssAnon) {private:.1f} bytes per row above before, object-store pages mapped (RssShmem) peak "
+          f"{res['shmem_peak'] / MIB:.0f} MiB, mapped files (RssFile: libraries) {res['file_before'] / MIB:.0f} -> "
+          f"{res['file_peak'] / MIB:.0f} MiB; private peak per phase (MiB above before) {res['private_by_phase']}; "
+          f"object store peak {res['store_peak'] / MIB:.0f} MiB; phases (s) "
+          f"{res['phases']}", flush=True)
+    return {**res, "where": where, "bytes_per_row": grew, "private_per_row": private}
 
 
 def main() -> None:

@@ -94,12 +94,13 @@ def _proc_stat(pid: int) -> tuple[int, float] | None:
 
 def _proc_status(pid: int) -> dict[str, int]:
     """VmRSS, VmHWM (peak RSS), RssAnon (private), RssShmem (shared memory: Ray's object store
-    pages this process has touched) in bytes, from /proc/<pid>/status."""
+    pages this process has touched), RssFile (mapped files: shared libraries' pages) in bytes, from
+    /proc/<pid>/status."""
     out = {}
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssShmem:")):
+                if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssShmem:", "RssFile:")):
                     key, value = line.split(":", 1)
                     out[key] = int(value.split()[0]) * 1024
     except OSError:

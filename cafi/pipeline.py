@@ -12,6 +12,7 @@ import math
 import os
 import secrets
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +52,9 @@ def configure_data_context(cfg: JobConfig):
     ctx.max_errored_blocks = 0
     ctx.actor_task_retry_on_errors = False
     ctx.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
+    # No per-task memory-polling thread: it wakes every task and model call once a second, and on a
+    # small machine each wake-up stalls torch's threads (measured: bench/README.md, issue 11).
+    ctx.memory_usage_poll_interval_s = None
     return ctx
 
 
@@ -58,15 +62,22 @@ def make_run_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def rows_per_block(n_inputs: int, batch_size: int) -> int:
-    """Rows per input block: at least 64 blocks so every stage can work on a different block at
-    once (streaming), at most 512 rows so a block's pixels stay small, and never fewer rows than
-    a read batch: a million inputs make ~2,000 blocks, not 125,000."""
+def rows_per_block(n_inputs: int, batch_size: int, models_run: bool = True) -> int:
+    """Rows per block of the scoring pipeline. With models to feed: at least 64 blocks so every
+    stage can work on a different block at once (streaming), at most 512 rows so a block's pixels
+    stay small, and never fewer rows than a read batch (a million inputs make ~2,000 blocks, not
+    125,000). Without (a threshold-only re-score): blocks of up to 50,000 rows, a few dozen cheap
+    tasks per million rows instead of thousands."""
+    if not models_run:
+        return int(max(batch_size, min(BIG_BLOCK_ROWS, math.ceil(n_inputs / 8))))
     return int(min(512, max(batch_size, math.ceil(n_inputs / 64))))
 
 
+BIG_BLOCK_ROWS = 50_000
+
+
 def input_dataset(cfg: JobConfig):
-    """A dataset with one `uri` column in small blocks, and the number of inputs."""
+    """The inputs as a dataset with a `uri` column (and the kept columns), in blocks as read."""
     import ray.data
 
     inp = cfg.input
@@ -91,16 +102,13 @@ def input_dataset(cfg: JobConfig):
         if inp.keep_columns:  # as text in flight (cafi/inputs/keep.py)
             ds = ds.map_batches(keep.to_wire_batch, fn_kwargs={"names": list(inp.keep_columns)},
                                 batch_format="pyarrow", batch_size=None)
-        if inp.limit:
-            ds = ds.limit(inp.limit)
-        n = ds.count()
-        return ds.repartition(target_num_rows_per_block=rows_per_block(n, cfg.read.batch_size)), n
+        return ds.limit(inp.limit) if inp.limit else ds
     uris = list(list_files(inp.uri, inp.extensions, cfg.storage))
     if inp.limit:
         uris = uris[: inp.limit]
     step = rows_per_block(len(uris), cfg.read.batch_size)
     chunks = [pa.table({"uri": pa.array(uris[i:i + step], pa.string())}) for i in range(0, max(len(uris), 1), step)]
-    return ray.data.from_arrow(chunks), len(uris)
+    return ray.data.from_arrow(chunks)
 
 
 def _pool_class(names: list[str]) -> type:
@@ -162,6 +170,46 @@ def contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_keys[pos] == keys
 
 
+def _keys_column(batch: pa.Table) -> pa.Table:
+    """The 16-byte key of each URI, computed where the rows are (the driver only receives keys)."""
+    keys = manifest.uri_keys(batch.column("uri").to_pylist())
+    return pa.table({"key": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(keys),
+                                                                  [None, pa.py_buffer(keys.tobytes())])})
+
+
+def _as_keys(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed_size_binary(16) column as a numpy S16 array (one copy, no Python objects)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [np.frombuffer(c.buffers()[1], dtype="S16", count=len(c), offset=c.offset * 16) for c in chunks]
+    return np.concatenate(parts) if parts else np.array([], dtype="S16")
+
+
+@dataclass
+class InputKeys:
+    keys: np.ndarray        # sorted unique 16-byte keys of every input URI
+    duplicated: np.ndarray  # the keys listed more than once
+    listed: int             # inputs as listed, duplicates included
+
+
+def input_keys(ds) -> InputKeys:
+    """Hash the input URIs in Ray tasks and stream only the keys to the driver: 16 bytes per input,
+    sorted in place (the peak is about twice that, not the several copies np.unique makes)."""
+    parts = [_as_keys(b.column("key")) for b in ds.map_batches(_keys_column, batch_format="pyarrow", batch_size=None)
+             .iter_batches(batch_size=None, batch_format="pyarrow")]
+    listed = np.concatenate(parts) if parts else np.array([], dtype="S16")
+    del parts
+    listed.sort()
+    first = np.ones(len(listed), dtype=bool)
+    np.not_equal(listed[1:], listed[:-1], out=first[1:])
+    again = np.unique(listed[~first])  # keys listed more than once (few)
+    return InputKeys(listed[first], again, len(listed))
+
+
+def not_done(keys: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """`keys` without those in `done` (both sorted, unique); `keys` itself when nothing is done."""
+    return keys if len(done) == 0 else keys[~contains(done, keys)]
+
+
 def _keep_todo(batch: dict, todo: list, drop: list) -> dict:
     """Keep the rows still to score (resume), without the duplicated inputs: those join once each,
     from `duplicate_rows`."""
@@ -170,18 +218,6 @@ def _keep_todo(batch: dict, todo: list, drop: list) -> dict:
     keys = manifest.uri_keys([str(u) for u in batch["uri"]])
     keep = contains(ray.get(todo[0]), keys) & ~contains(ray.get(drop[0]), keys)
     return {k: v[keep] for k, v in batch.items()}
-
-
-def _input_keys(ds) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique 16-byte keys of all input URIs, streamed to the driver (16 bytes per input),
-    and the keys listed more than once."""
-    parts = [manifest.uri_keys([str(u) for u in b["uri"]])
-             for b in ds.iter_batches(batch_size=65536, batch_format="numpy")]
-    if not parts:
-        empty = np.array([], dtype="S16")
-        return empty, empty
-    keys, counts = np.unique(np.concatenate(parts), return_counts=True)
-    return keys, keys[counts > 1]
 
 
 def duplicate_rows(ds, duplicated: np.ndarray):
@@ -194,7 +230,7 @@ def duplicate_rows(ds, duplicated: np.ndarray):
         return {k: v[chosen] for k, v in batch.items()}
 
     rows: dict[str, dict] = {}  # the first row of each URI (its kept columns, if any)
-    for b in ds.map_batches(pick, batch_size=65536).iter_batches(batch_format="numpy"):
+    for b in ds.map_batches(pick, batch_size=None).iter_batches(batch_format="numpy"):
         for i, u in enumerate(b["uri"]):
             rows.setdefault(str(u), {k: v[i] for k, v in b.items()})
     uris = sorted(rows)
@@ -216,14 +252,8 @@ def omitted_stages(cfg: JobConfig, plan: reuse.ReusePlan | None, todo_ref, n_tod
     return tuple(cls.__name__ for cls in stage_classes(cfg) if plan.stages.get(cls.name))
 
 
-def run(cfg: JobConfig) -> dict:
-    """Score the input and commit the run; returns the run summary. Raises CafiError on systemic faults.
-
-    Resumes: URIs already written for this model version (by a committed run or a crashed
-    attempt) are not scored again; the committed result takes the attempt's rows over.
-    """
+def _start_ray(cfg: JobConfig) -> None:
     import ray
-    from ray.data.datasource import FilenameProvider
 
     if not ray.is_initialized():
         # Inside `ray job submit` RAY_ADDRESS names the cluster; alone, start an embedded Ray
@@ -232,80 +262,131 @@ def run(cfg: JobConfig) -> dict:
         ray.init(address=address, num_cpus=cfg.ray.num_cpus if address == "local" else None, log_to_driver=True)
     configure_data_context(cfg)
 
+
+@dataclass
+class Todo:
+    """What a run has to score: the inputs' keys, those not written yet, and how to read them."""
+    keys: np.ndarray                   # every input (sorted unique keys)
+    todo: np.ndarray                   # the inputs without a row of this version yet
+    listed: int                        # inputs as listed, duplicates included
+    ds: object = None                  # URI inputs: the input dataset
+    duplicated: np.ndarray | None = None
+    shards: ShardInputs | None = None  # shard inputs
+    kept: pa.Schema | None = None      # the kept input columns and their types
+
+    @property
+    def unread(self) -> int:  # shards whose samples are known only once read
+        return self.shards.unknown if self.shards is not None else 0
+
+
+def plan_inputs(cfg: JobConfig, run_id: str, done: np.ndarray) -> Todo:
+    if is_sharded(cfg):  # keys known before reading (earlier shard indexes); the rest come with this run's indexes
+        shards = ShardInputs(cfg, run_id)
+        keys, todo = shards.plan(done)
+        return Todo(keys, todo, len(keys), shards=shards, kept=shards.kept)
+    ds = input_dataset(cfg)
+    found = input_keys(ds)
+    return Todo(found.keys, not_done(found.keys, done), found.listed, ds=ds,
+                duplicated=found.duplicated, kept=keep.manifest_schema(cfg) if cfg.input.keep_columns else None)
+
+
+def todo_dataset(cfg: JobConfig, plan: Todo, done: np.ndarray, todo_ref, models_run: bool):
+    """The rows to score: inputs without a row yet, each once, in blocks sized for what runs."""
+    import ray
+
+    if plan.shards is not None:
+        return plan.shards.dataset(ray.put(done), **TASK_RETRIES)
+    rows = rows_per_block(len(plan.todo), cfg.read.batch_size, models_run)
+    ds = plan.ds.map_batches(_keep_todo, fn_kwargs={"todo": [todo_ref], "drop": [ray.put(plan.duplicated)]},
+                             batch_size=None, num_cpus=cfg.read.num_cpus, **TASK_RETRIES)
+    if len(plan.duplicated):
+        once = duplicate_rows(plan.ds, plan.duplicated).map_batches(_keep_todo, fn_kwargs={
+            "todo": [todo_ref], "drop": [ray.put(np.array([], dtype="S16"))]}, batch_size=None)
+        ds = ds.union(once)
+    return ds.repartition(target_num_rows_per_block=rows)
+
+
+def score(cfg: JobConfig, todo_ds, plan: Todo, version: str, run_id: str, reuse_plan, omit) -> dict:
+    """Run the pipeline into the manifest (files written as blocks finish); its operator stats."""
+    from ray.data.datasource import FilenameProvider
+
+    sized = autoscale.sized(cfg, rows=None if plan.unread else len(plan.todo))
+    scored = build(todo_ds, sized, version, run_id, reuse_plan, omit,
+                   read=settle if plan.shards is not None else read_objects, kept=plan.kept)
+    fs, path = manifest.arrow_filesystem(manifest.manifest_uri(cfg.output.uri), cfg.storage, run_id)
+    files = FilenameProvider(dataset_uuid=run_id, file_format="parquet")  # every file name starts with the run id
+    scored.write_parquet(path, filesystem=fs, partition_cols=list(cfg.output.partition_by),
+                         filename_provider=files, schema=manifest.with_kept(plan.kept),
+                         min_rows_per_file=cfg.output.min_rows_per_file)
+    return stage_stats(scored)
+
+
+def run(cfg: JobConfig) -> dict:
+    """Score the input and commit the run; returns the run summary. Raises CafiError on systemic faults.
+
+    Resumes: URIs already written for this model version (by a committed run or a crashed
+    attempt) are not scored again; the committed result takes the attempt's rows over.
+    """
+    import ray
+
+    _start_ray(cfg)
     out, storage = cfg.output.uri, cfg.storage
     run_id = cfg.run_id or make_run_id()
     version, fingerprints = model_version(cfg), stage_fingerprints(cfg)
     preflight.check(cfg, run_id)
     started = time.time()
-    done, prior_runs = manifest.scan_version(out, version, storage)
-    shards = ShardInputs(cfg, run_id) if is_sharded(cfg) else None
-    if shards is None:
-        ds, n_listed = input_dataset(cfg)
-        input_keys, duplicated = _input_keys(ds)
-        todo = np.setdiff1d(input_keys, done, assume_unique=True)
-        kept = keep.manifest_schema(cfg) if cfg.input.keep_columns else None
-    else:  # shards: keys known before reading (earlier shard indexes); the rest come with this run's indexes
-        input_keys, todo = shards.plan(done)
-        n_listed, kept = len(input_keys), shards.kept
-    unread = shards.unknown if shards is not None else 0  # shards whose samples are known only once read
+    phases = Phases()
+    done, prior_runs = scan_written(cfg, version)
+    plan = plan_inputs(cfg, run_id, done)
+    phases.mark("plan")
     committed = manifest.committed_run_ids(out, version, storage)
-    if len(todo) == 0 and not unread and committed and set(prior_runs) <= set(committed):
+    if len(plan.todo) == 0 and not plan.unread and committed and set(prior_runs) <= set(committed):
         latest = [r for r in manifest.committed_runs(out, storage) if r["model_version"] == version][-1]
         log.info("nothing to do: all %d inputs are committed for model version %s (run %s)",
-                 len(input_keys), version, latest["run_id"])
+                 len(plan.keys), version, latest["run_id"])
         manifest.abandon(out, run_id, storage)
         return {**latest, "noop": True}
-    log.info("cafi run %s: %d inputs (%d already written), model version %s", run_id, len(input_keys),
-             len(input_keys) - len(todo), version)
+    log.info("cafi run %s: %d inputs (%d already written), model version %s", run_id, len(plan.keys),
+             len(plan.keys) - len(plan.todo), version)
 
-    plan = reuse.plan(out, version, fingerprints, cfg, storage) if cfg.incremental and (len(todo) or unread) \
-        else None
-    todo_ref = ray.put(todo)
-    omit = omitted_stages(cfg, plan, todo_ref, len(todo)) if not unread else ()
+    work = len(plan.todo) or plan.unread
+    reuse_plan = reuse.plan(out, version, fingerprints, cfg, storage) if cfg.incremental and work else None
+    todo_ref = ray.put(plan.todo)
+    omit = omitted_stages(cfg, reuse_plan, todo_ref, len(plan.todo)) if not plan.unread else ()
+    models_run = any(c.__name__ not in omit for c in stage_classes(cfg))
+    phases.mark("reuse_plan")
     stats: dict = {}
     collector = telemetry.start(run_id)
-    if len(todo) or unread:
-        if shards is not None:
-            todo_ds = shards.dataset(ray.put(done), **TASK_RETRIES)
-        else:
-            todo_ds = ds.map_batches(_keep_todo, fn_kwargs={"todo": [todo_ref], "drop": [ray.put(duplicated)]},
-                                     batch_size=None, num_cpus=cfg.read.num_cpus, **TASK_RETRIES)
-            if len(duplicated):
-                once = duplicate_rows(ds, duplicated).map_batches(_keep_todo, fn_kwargs={
-                    "todo": [todo_ref], "drop": [ray.put(np.array([], dtype="S16"))]}, batch_size=None)
-                todo_ds = todo_ds.union(once)
-        scored = build(todo_ds, autoscale.sized(cfg, rows=None if unread else len(todo)), version, run_id, plan, omit,
-                       read=settle if shards is not None else read_objects, kept=kept)
-        fs, path = manifest.arrow_filesystem(manifest.manifest_uri(out), storage, run_id)
-        files = FilenameProvider(dataset_uuid=run_id, file_format="parquet")  # every file name starts with the run id
-        scored.write_parquet(path, filesystem=fs, partition_cols=list(cfg.output.partition_by),
-                             filename_provider=files, schema=manifest.with_kept(kept),
-                             min_rows_per_file=cfg.output.min_rows_per_file)
-        stats = stage_stats(scored)
+    if work:
+        todo_ds = todo_dataset(cfg, plan, done, todo_ref, models_run)
+        del done
+        stats = score(cfg, todo_ds, plan, version, run_id, reuse_plan, omit)
     # else: a crashed attempt wrote every row but did not commit; this run commits its rows.
+    phases.mark("score_and_write")
     elapsed = time.time() - started
     observed = telemetry.collect(collector)
     ray.kill(collector)
 
-    if shards is not None:  # every sample key, from the shard indexes of this run and earlier ones
-        input_keys = shards.input_keys()
-        n_listed = len(input_keys)
-    scored_now = shards.stats["to_score"] if shards is not None else len(todo)
+    if plan.shards is not None:  # every sample key, from the shard indexes of this run and earlier ones
+        plan.keys = plan.shards.input_keys()
+        plan.listed = len(plan.keys)
+    scored_now = plan.shards.stats["to_score"] if plan.shards is not None else len(plan.todo)
     includes = [r for r in prior_runs if r != run_id]
-    counts = manifest.run_counts(out, [run_id, *includes], version, storage, only=input_keys)
-    missing = len(input_keys) - counts["distinct_uris"]
+    counts = count_rows(cfg, [run_id, *includes], version, plan.keys)
+    missing = len(plan.keys) - counts["distinct_uris"]
     if missing:
-        raise CafiError(f"run {run_id}: {missing} of {len(input_keys)} inputs have no row; not committed")
+        raise CafiError(f"run {run_id}: {missing} of {len(plan.keys)} inputs have no row; not committed")
+    phases.mark("count")
     summary = {
         "run_id": run_id,
         "model_version": version,
         "synthetic_weights": is_synthetic(cfg),
         "stage_fingerprints": fingerprints,
-        "inputs": len(input_keys),
-        "duplicate_inputs": n_listed - len(input_keys),
+        "inputs": len(plan.keys),
+        "duplicate_inputs": plan.listed - len(plan.keys),
         "scored_now": int(scored_now),
         "includes_runs": includes,
-        "reuse": plan.describe() if plan else None,
+        "reuse": reuse_plan.describe() if reuse_plan else None,
         "stages_run": [c.__name__ for c in stage_classes(cfg) if c.__name__ not in omit] if scored_now else [],
         "retries": {k: observed.get("counts", {}).get(k, 0) for k in ("read_retries", "write_retries")},
         "model_actors": telemetry.busy_summary(observed.get("busy", {})),
@@ -313,20 +394,63 @@ def run(cfg: JobConfig) -> dict:
         "started_at": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "wall_seconds": round(elapsed, 3),
+        "phase_seconds": phases.seconds,
         "images_per_second": round(scored_now / elapsed, 3) if elapsed > 0 else None,
-        "input": input_summary(cfg, kept if kept is not None else keep.string_schema([]), shards),
+        "input": input_summary(cfg, plan.kept if plan.kept is not None else keep.string_schema([]), plan.shards),
         "stages": stats,
         "output": {"manifest": manifest.manifest_uri(out), "run": manifest.run_uri(out, run_id)},
         "config": to_dict(cfg),
     }
     manifest.commit(out, run_id, summary, storage)
     try:  # the report only views the committed run: its failure must never fail the run
-        from cafi import report
-
-        report.write_report(manifest.run_uri(out, run_id), storage=storage)
+        write_report(cfg, manifest.run_uri(out, run_id))
     except Exception as exc:  # noqa: BLE001 - logged, never raised
         log.warning("cafi run %s is committed, but its report was not written: %s", run_id, exc)
+    phases.mark("report")
     return summary
+
+
+def write_report(cfg: JobConfig, run: str) -> None:
+    """The run's report (cafi/report.py), written by a Ray task: it streams every row of the run,
+    which must not grow the driver."""
+    import ray
+
+    from cafi import report
+
+    ray.get(ray.remote(num_cpus=cfg.read.num_cpus, max_retries=2)(report.write_report).remote(run, storage=cfg.storage))
+
+
+def scan_written(cfg: JobConfig, version: str) -> tuple[np.ndarray, list[str]]:
+    """The keys already written for this version and the runs that wrote them (manifest.scan_version),
+    read in a Ray task for the same reason as `count_rows`."""
+    import ray
+
+    task = ray.remote(num_cpus=cfg.read.num_cpus, **TASK_RETRIES)(manifest.scan_version)
+    return ray.get(task.remote(cfg.output.uri, version, cfg.storage))
+
+
+def count_rows(cfg: JobConfig, run_ids: list[str], version: str, keys: np.ndarray) -> dict:
+    """The written rows' counts (manifest.run_counts), in a Ray task: scanning the manifest costs
+    its reader tens of MiB per million rows (Parquet reader buffers, Python strings to hash), which
+    must not land on the driver; the driver holds the keys only."""
+    import ray
+
+    task = ray.remote(num_cpus=cfg.read.num_cpus, **TASK_RETRIES)(manifest.run_counts)
+    return ray.get(task.remote(cfg.output.uri, run_ids, version, cfg.storage, only=keys))
+
+
+class Phases:
+    """Wall seconds of each phase of a run (planning, scoring, counting), for the summary and the log."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 3)
+        self._last = now
+        log.info("phase %s: %.1f s", name, self.seconds[name])
 
 
 def stage_stats(ds) -> dict:

@@ -19,6 +19,8 @@ import pytest
 from cafi import autoscale
 from cafi.config import load_config
 
+pytestmark = pytest.mark.slow  # multi-node ray.cluster_utils clusters
+
 try:  # tests/ is a package under pytest; a scenario runs this file as a script
     from .scenarios import emit, free_port, run_scenario, stop, wait_for_port
 except ImportError:

@@ -49,6 +49,7 @@ def test_cuda_models_hold_channels_last_weights_and_pinned_copies_land_on_the_gp
     assert x.is_cuda and x.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.slow  # torch.compile on the CPU: about a minute
 def test_compile_switch_scores_like_eager(synth_dir):
     """models.compile=true runs the same detector through torch.compile: same outputs."""
     images = np.stack([draw_face(64, s) for s in range(2)])

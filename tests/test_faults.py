@@ -16,6 +16,8 @@ from cafi.samples import write_samples
 
 from .faults import FlakyProxy, kill_tree, pids_with_title
 
+pytestmark = pytest.mark.slow  # fault injection on real Ray runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Blocks of 2 rows, each written as its own file: the run is observably mid-way for a while.
 SMALL_BLOCKS = ["read.batch_size=2", "output.min_rows_per_file=1"] + [

@@ -15,6 +15,8 @@ from cafi.config import load_config
 from cafi.errors import StorageError, WeightsError
 from cafi.samples import broken_inputs, unusual_inputs, write_samples
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the job
+
 GOOD = 4
 BROKEN_REASONS = {
     "truncated.jpg": "cannot decode image",

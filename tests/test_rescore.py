@@ -13,6 +13,8 @@ from cafi.synth import write_checkpoint
 from cafi.version import model_version, stage_fingerprints
 from cafi.weights import sha256_of
 
+pytestmark = pytest.mark.slow  # end-to-end runs and re-scores
+
 COLS = ["uri", "status", "error", "det_score", "mask_fraction", "serfiq_raw", "serfiq", "dbcnn", "decision"]
 
 

@@ -355,7 +355,7 @@ def _same(a: dict, b: dict) -> None:
 @pytest.mark.slow  # three pipeline runs on the reduced models (about 3 minutes on the reference box)
 def test_the_same_crops_as_files_webdataset_and_parquet_give_the_same_rows(s3, s3_endpoint, fast_config, ray_local,
                                                                             tmp_path, monkeypatch):
-    from cafi import pipeline, report
+    from cafi import pipeline
     from cafi.samples import write_samples
 
     from .faults import FlakyProxy
@@ -385,7 +385,7 @@ def test_the_same_crops_as_files_webdataset_and_parquet_give_the_same_rows(s3, s
     run("input.manifest=s3://shards/list.parquet", "input.uri_column=path", "output.uri=s3://shards/out-files",
         "input.keep_columns=[identity,frame]")
     with FlakyProxy(s3_endpoint, every=10**9) as proxy, monkeypatch.context() as m:
-        m.setattr(report, "write_report", lambda *a, **k: None)  # count the job's reads, not the report's
+        m.setattr(pipeline, "write_report", lambda *a, **k: None)  # count the job's reads, not the report's
         counter = GetCounter(proxy)
         wds = run("input.uri=s3://shards/wds/", "output.uri=s3://shards/out-wds", "input.format=webdataset",
                   "input.keep_columns=[identity,frame,box]", f"storage.endpoint_url={proxy.url}")
