@@ -180,7 +180,7 @@ def _keys_column(batch: pa.Table) -> pa.Table:
 def _as_keys(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A fixed_size_binary(16) column as a numpy S16 array (one copy, no Python objects)."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    parts = [np.frombuffer(c.buffers()[1], dtype="S16", count=len(c), offset=c.offset * 16) for c in chunks]
+    parts = [np.frombuffer(c.buffers()[1], dtype="S16", count=len(c), offset=c.offset * 16) for c in chunks if len(c)]
     return np.concatenate(parts) if parts else np.array([], dtype="S16")
 
 
