@@ -116,6 +116,7 @@ def _fetch_in_process(args):
     return fetch(Checkpoint("serfiq", uri, sha), cache)
 
 
+@pytest.mark.slow  # several processes racing for one download
 def test_concurrent_fetches_on_one_node_share_one_download(s3, s3_endpoint, synth_dir, tmp_path):
     s3.mkdir("weights-conc")
     src = os.path.join(synth_dir, PUBLISHED["bisenet"].file_name)
