@@ -411,32 +411,29 @@ def run(cfg: JobConfig) -> dict:
 
 
 def write_report(cfg: JobConfig, run: str) -> None:
-    """The run's report (cafi/report.py), written by a Ray task: it streams every row of the run,
-    which must not grow the driver."""
-    import ray
-
+    """The run's report (cafi/report.py), written in a Ray task: it streams every row of the run."""
     from cafi import report
 
-    ray.get(ray.remote(num_cpus=cfg.read.num_cpus, max_retries=2)(report.write_report).remote(run, storage=cfg.storage))
+    in_task(cfg, report.write_report, run, storage=cfg.storage)
+
+
+def in_task(cfg: JobConfig, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a Ray task, its result back: for the whole-output scans (written keys,
+    row counts, the report), whose reader buffers and URI strings cost tens of MiB per million rows
+    and must not land on the driver, which holds the keys only."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=cfg.read.num_cpus, **TASK_RETRIES)(fn).remote(*args, **kwargs))
 
 
 def scan_written(cfg: JobConfig, version: str) -> tuple[np.ndarray, list[str]]:
-    """The keys already written for this version and the runs that wrote them (manifest.scan_version),
-    read in a Ray task for the same reason as `count_rows`."""
-    import ray
-
-    task = ray.remote(num_cpus=cfg.read.num_cpus, **TASK_RETRIES)(manifest.scan_version)
-    return ray.get(task.remote(cfg.output.uri, version, cfg.storage))
+    """The keys already written for this version and the runs that wrote them (manifest.scan_version)."""
+    return in_task(cfg, manifest.scan_version, cfg.output.uri, version, cfg.storage)
 
 
 def count_rows(cfg: JobConfig, run_ids: list[str], version: str, keys: np.ndarray) -> dict:
-    """The written rows' counts (manifest.run_counts), in a Ray task: scanning the manifest costs
-    its reader tens of MiB per million rows (Parquet reader buffers, Python strings to hash), which
-    must not land on the driver; the driver holds the keys only."""
-    import ray
-
-    task = ray.remote(num_cpus=cfg.read.num_cpus, **TASK_RETRIES)(manifest.run_counts)
-    return ray.get(task.remote(cfg.output.uri, run_ids, version, cfg.storage, only=keys))
+    """The written rows' counts per status and reason (manifest.run_counts), each input once."""
+    return in_task(cfg, manifest.run_counts, cfg.output.uri, run_ids, version, cfg.storage, only=keys)
 
 
 class Phases:

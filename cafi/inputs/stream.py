@@ -56,38 +56,30 @@ class BlockStream:
     def _available(self) -> int:
         return len(self.buf) - self.at
 
-    def read(self, n: int) -> bytes:
-        """Exactly n bytes, or fewer at the end of the object."""
-        parts = []
+    def _spans(self, n: int):
+        """Consume up to n bytes, refilling the buffer as needed: yields (start, length) in `buf`."""
         while n > 0:
             if self._available() == 0:
                 if self.eof:
-                    break
+                    return
                 self.buf, self.at = b"", 0
                 self._fill()
                 continue
             take = min(n, self._available())
-            parts.append(self.buf[self.at:self.at + take])
+            start = self.at
             self.at += take
             self.pos += take
             n -= take
+            yield start, take
+
+    def read(self, n: int) -> bytes:
+        """Exactly n bytes, or fewer at the end of the object."""
+        parts = [self.buf[start:start + take] for start, take in self._spans(n)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def skip(self, n: int) -> int:
         """Pass n bytes without keeping them; returns how many there were."""
-        done = 0
-        while n > done:
-            if self._available() == 0:
-                if self.eof:
-                    break
-                self.buf, self.at = b"", 0
-                self._fill()
-                continue
-            take = min(n - done, self._available())
-            self.at += take
-            self.pos += take
-            done += take
-        return done
+        return sum(take for _, take in self._spans(n))
 
     def whole(self) -> bytes | None:
         """The whole object when it fits in the first block (one GET), else None (then only that
