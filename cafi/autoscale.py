@@ -29,17 +29,17 @@ local Ray a laptop run starts; `always`; `never`. cluster/README.md explains how
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
 
 from cafi.config import JobConfig
+from cafi.stages.specs import actor_groups
 
 log = logging.getLogger("cafi")
 
 MODES = ("auto", "always", "never")
-MODEL_KEYS = ("detector", "parser", "serfiq", "dbcnn")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class GpuPool:
     num_gpus: float
     min_actors: int
     max_actors: int
-    keys: tuple[str, ...]  # the models.<key> stage configs the pool is built from
+    keys: tuple[str, ...]  # the models.<section> stage configs the pool is built from
 
     @property
     def bundle(self) -> dict[str, float]:
@@ -59,18 +59,18 @@ class GpuPool:
 
 
 def gpu_pools(cfg: JobConfig) -> list[GpuPool]:
-    """The actor pools of this config that ask for GPUs, as `pipeline.build` creates them."""
-    m = cfg.models
-    stages = {key: getattr(m, key) for key in MODEL_KEYS}
-    if cfg.ray.fuse_models:  # one pool with the largest demand of the four (stages.FusedModels)
-        sts = list(stages.values())
+    """The actor pools of this config that ask for GPUs: each with the largest demand of its stages
+    (stages.FusedModels.resources)."""
+    pools = []
+    for group in actor_groups(cfg):
+        sections = tuple(dict.fromkeys(s.section for s in group))
+        sts = [getattr(cfg.models, k) for k in sections]
         gpus = max(s.num_gpus for s in sts)
-        if gpus <= 0:
-            return []
-        return [GpuPool("fused", max(s.num_cpus for s in sts), gpus, max(s.min_actors for s in sts),
-                        max(s.max_actors for s in sts), MODEL_KEYS)]
-    return [GpuPool(key, st.num_cpus, st.num_gpus, st.min_actors, st.max_actors, (key,))
-            for key, st in stages.items() if st.num_gpus > 0]
+        if gpus > 0:
+            name = "fused" if cfg.ray.fuse_models else group[0].name
+            pools.append(GpuPool(name, max(s.num_cpus for s in sts), gpus, max(s.min_actors for s in sts),
+                                 max(s.max_actors for s in sts), sections))
+    return pools
 
 
 def bundles_at_max(cfg: JobConfig) -> list[dict[str, float]]:
@@ -105,18 +105,20 @@ def sized(cfg: JobConfig, rows: int | None = None) -> JobConfig:
     """
     if not active(cfg):
         return cfg
-    out = copy.deepcopy(cfg)
+    fixed: dict = {}
     described = []
     for pool in gpu_pools(cfg):
         for key in pool.keys:
-            st = getattr(out.models, key)
+            st = getattr(cfg.models, key)
             target = st.max_actors
             if rows is not None:
                 target = min(target, max(1, math.ceil(rows / st.batch_size)))
-            st.min_actors = max(st.min_actors, target)
-            st.max_actors = st.min_actors  # a fixed-size pool: no scale-up lag inside Ray Data, none to wait for
-        start = max(getattr(out.models, key).min_actors for key in pool.keys)
+            size = max(st.min_actors, target)
+            # a fixed-size pool: no scale-up lag inside Ray Data, none to wait for
+            fixed[key] = dataclasses.replace(st, min_actors=size, max_actors=size)
+        start = max(fixed[key].min_actors for key in pool.keys)
         described.append(f"{pool.name} {start} x {pool.bundle}")
+    out = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, **fixed))
     log.info("ray.scale_gpu_pools=%s: GPU actor pools start at full size so the cluster autoscaler adds GPU "
              "workers for them: %s", cfg.ray.scale_gpu_pools, ", ".join(described))
     return out

@@ -58,12 +58,13 @@ def cmd_weights_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_verify(args: argparse.Namespace) -> int:
-    from cafi import preflight
     from cafi.config import load_config
+    from cafi.stages import specs
     from cafi.weights import fetch
 
     cfg = load_config(args.config, list(args.overrides) + ["output.uri=unused", "input.uri=unused"])
-    for ckpt in preflight.checkpoints(cfg):
+    specs.validate(cfg)
+    for ckpt in specs.checkpoints(cfg):
         path = fetch(ckpt, cfg.models.cache_dir, cfg.storage)
         print(f"ok  {ckpt.model:9s} {ckpt.sha256}  {ckpt.uri} -> {path}")
     return 0
@@ -73,13 +74,14 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
     """Copy the published checkpoints of the configured stages to a bucket or directory; print the config block."""
     from cafi.config import load_config
     from cafi.models.registry import published
-    from cafi.preflight import scorer_archs
+    from cafi.stages import specs
     from cafi.storage import filesystem, join
     from cafi.weights import Checkpoint, fetch, fetch_unpinned
 
     cfg = load_config(args.config, list(args.overrides) + ["output.uri=unused", "input.uri=unused"])
+    specs.validate(cfg)
     m = cfg.models
-    archs = {"detector": m.detector.arch, "parser": m.parser.arch, **scorer_archs(cfg)}
+    archs = {s.section: s.arch(cfg) for s in specs.specs_for(cfg) if s.arch is not None and s.arch(cfg)}
     lines = ["models:"]
     for key, arch in archs.items():
         rec = published(arch)

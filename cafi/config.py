@@ -3,6 +3,10 @@
 Every key is documented once, in configs/default.yaml; this module holds the types, the
 defaults and the checks. Configs compose left to right (`--config a.yaml --config b.yaml`)
 and dotlist overrides (`models.dbcnn.batch_size=64`) come last.
+
+A leaf module: it imports nothing of the models or stages. The checks that need their tables (parser
+labels, published checkpoints) are the stages' own (cafi.stages.specs.validate). The loaded config is
+immutable (frozen dataclasses); the same object reaches every Ray worker.
 """
 
 from __future__ import annotations
@@ -10,15 +14,16 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cafi.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class WeightsConfig:
     uri: str = MISSING
     sha256: str = MISSING
@@ -26,7 +31,7 @@ class WeightsConfig:
     synthetic: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageConfig:
     """Where and how a model stage runs. Shared by the four model stages."""
 
@@ -39,7 +44,7 @@ class StageConfig:
     torch_threads: int = -1
 
 
-@dataclass
+@dataclass(frozen=True)
 class DetectorConfig(StageConfig):
     arch: str = "retinaface_resnet50"
     align: str = "retinaface"
@@ -47,7 +52,7 @@ class DetectorConfig(StageConfig):
     weights: WeightsConfig | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParserConfig(StageConfig):
     arch: str = "bisenet"
     input_size: int = 512
@@ -60,8 +65,10 @@ class ParserConfig(StageConfig):
     weights: WeightsConfig | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SerfiqConfig(StageConfig):
+    family: ClassVar[str] = "fiqa"  # a scorer section: its name is a models.fiqa kind
+
     samples: int = 100
     dropout: float = 0.5
     alpha: float = 130.0
@@ -70,28 +77,34 @@ class SerfiqConfig(StageConfig):
     weights: WeightsConfig | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class MagfaceConfig(StageConfig):
+    family: ClassVar[str] = "fiqa"
+
     # OFIQ's unified quality score (0..100) instead of the raw embedding norm (decision time).
     ofiq_mapping: bool = False
     weights: WeightsConfig | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class TopiqFaceConfig(StageConfig):
+    family: ClassVar[str] = "iqa"
+
     # Score the masked face; false (default) = the FFHQ-aligned face as TOPIQ-face was trained on.
     masked: bool = False
     weights: WeightsConfig | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class DbcnnConfig(StageConfig):
+    family: ClassVar[str] = "iqa"
+
     # Score the masked face (background replaced by models.parser.fill): the CAFI method.
     masked: bool = True
     weights: WeightsConfig | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScorerChoice:
     """Which scorer of a family the decision uses (`kind`), and extra ones to compute beside it."""
 
@@ -99,7 +112,7 @@ class ScorerChoice:
     also: list[str] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelsConfig:
     # auto: CUDA in actors that hold a GPU, CPU elsewhere.
     device: str = "auto"
@@ -118,7 +131,7 @@ class ModelsConfig:
     topiq_face: TopiqFaceConfig = field(default_factory=TopiqFaceConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class InputConfig:
     uri: str | None = None
     manifest: str | None = None
@@ -136,7 +149,7 @@ class InputConfig:
     shard_buffer_mb: int = 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class StorageConfig:
     endpoint_url: str | None = None
     region: str | None = None
@@ -145,7 +158,7 @@ class StorageConfig:
     retry_budget_s: float = 300.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageConfig:
     crop_size: int = 384
     min_side: int = 32
@@ -153,7 +166,7 @@ class ImageConfig:
     max_bytes: int = 64 * 1024 * 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecisionConfig:
     """Thresholds of the decision rules (cafi/decision.py); null turns a rule off."""
 
@@ -172,22 +185,24 @@ class DecisionConfig:
     max_over_exposed: float | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputConfig:
     uri: str = MISSING
     partition_by: list[str] = field(default_factory=lambda: ["model_version", "decision"])
     min_rows_per_file: int = 2000
     # Write each face's plain recognition embedding (L2-normalised, float16) into the manifest.
     embeddings: bool = False
+    # Write runs/<run_id>/report.html when the run commits.
+    report: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReadConfig:
     batch_size: int = 8
     num_cpus: float = 0.5
 
 
-@dataclass
+@dataclass(frozen=True)
 class RayConfig:
     # None: join the cluster of a submitted Ray job (RAY_ADDRESS), else start a local Ray.
     address: str | None = None
@@ -204,7 +219,7 @@ class RayConfig:
     actor_concurrency: int = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class SmokeConfig:
     # Generate sample crops into input.uri and synthetic weights into weights_dir, then score them.
     enabled: bool = False
@@ -212,7 +227,7 @@ class SmokeConfig:
     weights_dir: str = "out/smoke/weights"
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobConfig:
     run_id: str | None = None
     incremental: bool = True
@@ -227,20 +242,23 @@ class JobConfig:
     smoke: SmokeConfig = field(default_factory=SmokeConfig)
 
 
-DETECTOR_ARCHS = ("retinaface_resnet50", "retinaface_mobile0.25")
 ALIGN_MODES = ("retinaface", "none")
-PARSER_ARCHS = ("bisenet", "parsenet")
 PRECISIONS = ("fp32", "fp16", "bf16")
-FIQA_KINDS = ("serfiq", "magface")
-IQA_KINDS = ("dbcnn", "topiq_face")
 DEVICES = ("auto", "cpu", "cuda")
 SCALE_GPU_POOLS = ("auto", "always", "never")
 OUTPUT_COLUMNS_FOR_PARTITION = ("model_version", "decision", "status", "reject_reason", "run_id")
 
 
+def scorer_kinds(family: str) -> tuple[str, ...]:
+    """The scorer sections of a family (fiqa, iqa): the kinds models.<family>.kind may name."""
+    models = ModelsConfig()
+    return tuple(f.name for f in fields(models) if getattr(getattr(models, f.name), "family", None) == family)
+
+
 def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> JobConfig:
     """Merge the schema defaults, YAML files and dotlist overrides; validate; return a typed config."""
     schema = OmegaConf.structured(JobConfig)
+    OmegaConf.set_readonly(schema, False)  # the frozen schema is merged into, then built as frozen objects
     try:
         merged = schema
         for path in files:
@@ -305,25 +323,18 @@ def validate(cfg: JobConfig) -> None:
     m = cfg.models
     _check(m.device in DEVICES, "models.device", f"one of {DEVICES}", m.device)
     _check(m.precision in PRECISIONS, "models.precision", f"one of {PRECISIONS}", m.precision)
-    for family, kinds in (("fiqa", FIQA_KINDS), ("iqa", IQA_KINDS)):
+    for family in ("fiqa", "iqa"):
+        kinds = scorer_kinds(family)
         choice = getattr(m, family)
         _check(choice.kind in kinds, f"models.{family}.kind", f"one of {kinds}", choice.kind)
         for extra in choice.also:
             _check(extra in kinds and extra != choice.kind, f"models.{family}.also",
                    f"scorers from {kinds} other than models.{family}.kind", extra)
-    _check(m.detector.arch in DETECTOR_ARCHS, "models.detector.arch", f"one of {DETECTOR_ARCHS}",
-           m.detector.arch)
     _check(m.detector.align in ALIGN_MODES, "models.detector.align", f"one of {ALIGN_MODES}", m.detector.align)
     _check(0.0 < m.detector.conf_threshold < 1.0, "models.detector.conf_threshold", "a number in (0, 1)",
            m.detector.conf_threshold)
-    _check(m.parser.arch in PARSER_ARCHS, "models.parser.arch", f"one of {PARSER_ARCHS}", m.parser.arch)
     _check(64 <= m.parser.input_size <= 1024 and m.parser.input_size % 32 == 0, "models.parser.input_size",
            "a multiple of 32 in [64, 1024]", m.parser.input_size)
-    from cafi.models import bisenet, parsenet  # label tables only: no torch
-
-    names = {"bisenet": bisenet, "parsenet": parsenet}[m.parser.arch].LABELS
-    for label in m.parser.face_labels:
-        _check(label in names, "models.parser.face_labels", f"labels of {m.parser.arch}: {names}", label)
     _check(len(m.parser.face_labels) > 0, "models.parser.face_labels", "at least one label", m.parser.face_labels)
     _check(len(m.parser.fill) == 3 and all(0 <= v <= 255 for v in m.parser.fill), "models.parser.fill",
            "three integers in [0, 255] (RGB)", m.parser.fill)
@@ -332,12 +343,9 @@ def validate(cfg: JobConfig) -> None:
     _check(0.0 < s.dropout < 1.0, "models.serfiq.dropout", "a number in (0, 1)", s.dropout)
     _check(s.alpha > 0, "models.serfiq.alpha", "a positive number", s.alpha)
     _check(0.0 <= s.r <= 1.0, "models.serfiq.r", "a number in [0, 1]", s.r)
-    for name in ("detector", "parser", "serfiq", "magface", "dbcnn", "topiq_face"):
-        _validate_stage(f"models.{name}", getattr(m, name))
-    from cafi.models.registry import SCORER_ARCHS, checkpoint  # records only: no torch
-
-    for kind in {m.fiqa.kind, *m.fiqa.also, m.iqa.kind, *m.iqa.also}:
-        checkpoint(kind, SCORER_ARCHS[kind], getattr(m, kind).weights)  # a record without a digest needs weights
+    for f in fields(m):
+        if isinstance(getattr(m, f.name), StageConfig):
+            _validate_stage(f"models.{f.name}", getattr(m, f.name))
 
     _check(1 <= cfg.ray.actor_concurrency <= 8, "ray.actor_concurrency", "an integer in [1, 8]",
            cfg.ray.actor_concurrency)
@@ -404,20 +412,3 @@ def to_yaml(cfg: JobConfig) -> str:
 
 def to_dict(cfg: JobConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
-
-
-_REBUILT: dict[str, JobConfig] = {}
-
-
-def from_dict(data: dict) -> JobConfig:
-    """Rebuild a config shipped to a Ray worker as a plain dict. OmegaConf's merge takes a quarter
-    of a second, so a worker rebuilds each distinct config once (tasks get it with every block).
-    Callers must not modify the result."""
-    import json
-
-    key = json.dumps(data, sort_keys=True, default=str)
-    if key not in _REBUILT:
-        if len(_REBUILT) > 8:
-            _REBUILT.clear()
-        _REBUILT[key] = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), DictConfig(data)))
-    return _REBUILT[key]

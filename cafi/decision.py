@@ -7,6 +7,8 @@ order of `REASONS`; a row gets the first reason whose rule fails. Every rule but
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from cafi.config import DecisionConfig
@@ -40,6 +42,15 @@ def ofiq_unified_quality(norm: np.ndarray, round_to_int: bool = True) -> np.ndar
     return np.clip(q, 0.0, 100.0)
 
 
+@dataclass(frozen=True)
+class ScoreRule:
+    """The FIQA or IQA rule of a run: the score column the decision reads and its minimum (None: off).
+    cafi.stages.specs.score_rules makes them from the run's scorer kinds."""
+
+    column: str
+    minimum: float | None
+
+
 def _below(values: np.ndarray, minimum: float | None) -> np.ndarray | None:
     """Rows failing `value >= minimum` ("not >=": a NaN fails, it is never accepted); None: rule off."""
     if minimum is None:
@@ -60,30 +71,30 @@ def _any(*failed: np.ndarray | None) -> np.ndarray | None:
     return np.logical_or.reduce(on) if on else None
 
 
-def rule_failures(cols: dict[str, np.ndarray], cfg: DecisionConfig, fiqa: str = "serfiq",
-                  iqa: str = "dbcnn") -> dict[str, np.ndarray | None]:
-    """reason -> rows that fail its rule (None where the rule is off). `fiqa` and `iqa` name the
-    scorer columns the decision uses (models.fiqa.kind, models.iqa.kind)."""
+def rule_failures(cols: dict[str, np.ndarray], cfg: DecisionConfig, fiqa: ScoreRule,
+                  iqa: ScoreRule) -> dict[str, np.ndarray | None]:
+    """reason -> rows that fail its rule (None where the rule is off). `fiqa` and `iqa` are the score
+    rules of the scorers the decision uses (models.fiqa.kind, models.iqa.kind)."""
     nan = np.full(len(cols["status"]), np.nan)
     col = lambda name: cols.get(name, nan)  # noqa: E731 - a column this run did not compute is NaN
-    iqa_min = getattr(cfg, f"min_{iqa}")
     with np.errstate(invalid="ignore"):
         return {
             "pose": _any(_above(np.abs(col("yaw")), cfg.max_yaw), _above(np.abs(col("pitch")), cfg.max_pitch)),
             "low_resolution": _below(col("inter_eye_px"), cfg.min_inter_eye_px),
-            "unrecognisable": _below(col(fiqa), getattr(cfg, f"min_{fiqa}")),
+            "unrecognisable": _below(col(fiqa.column), fiqa.minimum),
             "face_too_small": _below(col("mask_fraction"), cfg.min_mask_fraction),
             "blur": _below(col("sharpness"), cfg.min_sharpness),
             "exposure": _any(_below(col("luma_mean"), cfg.min_luma_mean), _above(col("luma_mean"), cfg.max_luma_mean),
                              _above(col("under_exposed"), cfg.max_under_exposed),
                              _above(col("over_exposed"), cfg.max_over_exposed)),
             # Without a threshold a scored row still needs a finite IQA score (a NaN is a model fault).
-            "low_quality": _below(col(iqa), iqa_min) if iqa_min is not None else ~np.isfinite(col(iqa)),
+            "low_quality": _below(col(iqa.column), iqa.minimum) if iqa.minimum is not None
+            else ~np.isfinite(col(iqa.column)),
         }
 
 
-def reject_reasons(cols: dict[str, np.ndarray], cfg: DecisionConfig, fiqa: str = "serfiq",
-                   iqa: str = "dbcnn") -> np.ndarray:
+def reject_reasons(cols: dict[str, np.ndarray], cfg: DecisionConfig, fiqa: ScoreRule,
+                   iqa: ScoreRule) -> np.ndarray:
     """Per row: None (accepted) or the first reason to reject, in the order of REASONS.
     `cols` holds `status` and the score and component columns by manifest name."""
     status = np.asarray(cols["status"], dtype=object)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from cafi import columns
 from cafi.config import StorageConfig
 from cafi.fetch import RetryingWrites, write_bytes
+from cafi.inputs.keep import schema_from_text
 from cafi.storage import filesystem, join
 
 log = logging.getLogger("cafi")
@@ -107,8 +108,6 @@ def with_kept(kept: pa.Schema | None) -> pa.Schema:
 def kept_columns(runs: list[dict]) -> pa.Schema:
     """The kept columns of these runs (their summaries record the types), in first-seen order; where
     two runs keep a column with different types, the newest run's type."""
-    from cafi.inputs.keep import schema_from_text
-
     fields: dict[str, pa.Field] = {}
     for summary in runs:
         text = (summary.get("input") or {}).get("keep_schema")

@@ -5,27 +5,8 @@ from __future__ import annotations
 from cafi import manifest
 from cafi.config import JobConfig
 from cafi.errors import StorageError, WeightsError
-from cafi.models.registry import SCORER_ARCHS, checkpoint
+from cafi.stages.specs import checkpoints
 from cafi.storage import filesystem, join
-
-
-def scorer_archs(cfg: JobConfig) -> dict[str, str]:
-    """The scorers a config runs (models.fiqa and models.iqa, kind and also), config key -> arch."""
-    from cafi.stages.registry import fiqa_kinds, iqa_kinds  # local: stages import the models lazily
-
-    kinds = [*fiqa_kinds(cfg), *iqa_kinds(cfg)]
-    return {kind: SCORER_ARCHS[kind] for kind in kinds}
-
-
-def checkpoints(cfg: JobConfig):
-    """The checkpoints a run loads: only those of the stages it runs."""
-    m = cfg.models
-    out = []
-    if m.detector.align != "none":
-        out.append(checkpoint("detector", m.detector.arch, m.detector.weights))
-    out.append(checkpoint("parser", m.parser.arch, m.parser.weights))
-    out += [checkpoint(kind, arch, getattr(m, kind).weights) for kind, arch in scorer_archs(cfg).items()]
-    return out
 
 
 def check(cfg: JobConfig, run_id: str) -> None:

@@ -35,6 +35,7 @@ from cafi.config import DecisionConfig, ImageConfig, StorageConfig
 from cafi.decision import REASONS
 from cafi.errors import CafiError
 from cafi.runs import RunRef, decision_config, resolve_run, run_ids
+from cafi.stages.specs import all_specs
 from cafi.storage import filesystem, join
 
 log = logging.getLogger("cafi")
@@ -50,15 +51,15 @@ COLORS = {
     "low_quality": "#8d5fd3", "pose": "#1f77b4", "low_resolution": "#17becf", "blur": "#8c564b",
     "exposure": "#bcbd22", "no_face": "#5c6b73", "error": "#333333",
 }
-SCORERS = ("serfiq", "magface", "dbcnn", "topiq_face")
+_SCORER_SPECS = [s for s in all_specs() if s.score]  # every scorer's title and range: its spec's
+SCORERS = tuple(s.score for s in _SCORER_SPECS)
 HIST_COLUMNS = (*SCORERS, "cafi", "mask_fraction", *columns.COMPONENTS)
 # Scales fixed by definition: histograms of different runs compare.
-FIXED_RANGE = {"serfiq": (0.0, 1.0), "topiq_face": (0.0, 1.0), "mask_fraction": (0.0, 1.0),
+FIXED_RANGE = {**{s.score: s.value_range for s in _SCORER_SPECS if s.value_range}, "mask_fraction": (0.0, 1.0),
                "face_fraction": (0.0, 1.0), "luma_mean": (0.0, 1.0), "under_exposed": (0.0, 1.0),
                "over_exposed": (0.0, 1.0), "dynamic_range": (0.0, 8.0)}
 SIGNED_ANGLES = ("yaw", "pitch", "roll")  # drawn symmetric about 0 (frontal)
-TITLES = {"serfiq": "SER-FIQ (face recognisability)", "magface": "MagFace (face recognisability)",
-          "dbcnn": "DBCNN (masked-face quality)", "topiq_face": "TOPIQ-face (face quality)",
+TITLES = {**{s.score: s.title for s in _SCORER_SPECS},
           "cafi": "CAFI score (accepted rows)", "mask_fraction": "face mask fraction",
           "yaw": "head yaw", "pitch": "head pitch", "roll": "head roll", "inter_eye_px": "eye distance in the source",
           "face_fraction": "face box fraction", "sharpness": "sharpness (Laplacian variance)",
@@ -225,6 +226,11 @@ def _edges(lo: float, hi: float, thresholds: list[Line], fixed: tuple[float, flo
     return np.linspace(lo, hi, BINS + 1)
 
 
+def threshold_key(score: str) -> str:
+    """decision.<key> of a scorer's rule: its spec's (a scorer newer than this code: min_<score>)."""
+    return next((s.threshold for s in _SCORER_SPECS if s.score == score), f"min_{score}")
+
+
 def thresholds(column: str, dec: DecisionConfig, fiqa: str, iqa: str) -> list[Line]:
     """The configured thresholds on a column's axis, as dashed lines. A scorer's threshold is drawn
     only for the scorer the run decided with (the other's threshold did not apply)."""
@@ -233,11 +239,11 @@ def thresholds(column: str, dec: DecisionConfig, fiqa: str, iqa: str) -> list[Li
         return [] if v is None else [Line(float(v), f"decision.{name} = {tick(float(v))}")]
 
     if column in (fiqa, iqa):
-        return limit(f"min_{column}")
+        return limit(threshold_key(column))
     if column in SCORERS:
         return []
     if column == "cafi":
-        return limit(f"min_{iqa}")
+        return limit(threshold_key(iqa))
     if column in SYMMETRIC_LIMITS:
         name = SYMMETRIC_LIMITS[column]
         v = getattr(dec, name)
@@ -353,7 +359,7 @@ def thumbnails(rows: list[dict], storage: StorageConfig | None, image_cfg: Image
     from PIL import Image
 
     from cafi import imaging
-    from cafi.inputs import read_samples
+    from cafi.inputs.samples import read_samples
 
     base = image_cfg or ImageConfig()
     cfg = ImageConfig(crop_size=size, min_side=1, max_pixels=base.max_pixels, max_bytes=base.max_bytes)
@@ -396,7 +402,7 @@ def _range(agg: Aggregates, column: str) -> tuple[float, float]:
 
 def decision_scatter(agg: Aggregates, dec: DecisionConfig) -> str:
     s = agg.scatters["decision"]
-    fmin, imin = getattr(dec, f"min_{agg.fiqa}", None), getattr(dec, f"min_{agg.iqa}", None)
+    fmin, imin = getattr(dec, threshold_key(agg.fiqa), None), getattr(dec, threshold_key(agg.iqa), None)
     return scatter_svg(
         "scatter", f"{agg.fiqa} vs {agg.iqa}: the CAFI decision space", s.points["x"].to_numpy(),
         s.points["y"].to_numpy(), s.points["group"].to_numpy(zero_copy_only=False), COLORS, _range(agg, agg.fiqa),
@@ -407,7 +413,7 @@ def decision_scatter(agg: Aggregates, dec: DecisionConfig) -> str:
 
 def pose_scatter(agg: Aggregates, dec: DecisionConfig) -> str:
     s = agg.scatters["pose"]
-    fmin = getattr(dec, f"min_{agg.fiqa}", None)
+    fmin = getattr(dec, threshold_key(agg.fiqa), None)
     return scatter_svg(
         "scatter-pose", f"head yaw vs {agg.fiqa}: recognisability of side faces", s.points["x"].to_numpy(),
         s.points["y"].to_numpy(), s.points["group"].to_numpy(zero_copy_only=False), COLORS, _range(agg, "yaw"),

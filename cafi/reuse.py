@@ -46,9 +46,9 @@ class ReusePlan:
 def reusable_stages(cfg: JobConfig, fingerprints: dict[str, str], source: dict[str, str]) -> dict[str, bool]:
     """Per model stage: can its results be taken over? Its fingerprint must be unchanged, and the
     face parsing must run wherever a stage that reads the live face mask runs."""
-    from cafi.stages.registry import live_mask_users, stage_classes
+    from cafi.stages.specs import live_mask_users, specs_for
 
-    names = [cls.name for cls in stage_classes(cfg)]
+    names = [s.name for s in specs_for(cfg)]
     same = {s: source.get(s) == fingerprints[s] for s in names}
     if not all(same[u] for u in live_mask_users(cfg)):
         same["parse"] = False
@@ -57,12 +57,12 @@ def reusable_stages(cfg: JobConfig, fingerprints: dict[str, str], source: dict[s
 
 def value_columns(cfg: JobConfig, stages: dict[str, bool]) -> list[str]:
     """The manifest columns a plan carries: those of the stages it can take over."""
-    from cafi.stages.registry import stage_classes
+    from cafi.stages.specs import specs_for, stage_columns
 
     cols: list[str] = []
-    for cls in stage_classes(cfg):
-        if stages.get(cls.name):
-            cols += list(cls(cfg, load=False).outputs)
+    for s in specs_for(cfg):
+        if stages.get(s.name):
+            cols += list(stage_columns(s, cfg))
     return cols
 
 

@@ -19,6 +19,7 @@ import yaml
 
 from cafi import autoscale
 from cafi.config import load_config
+from cafi.stages import specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(REPO, "cluster")
@@ -363,7 +364,7 @@ def test_job_identity_reads_inputs_and_weights_writes_scores_and_nothing_more(tm
     cfg = _job_config(tmp_path)
     assert cfg.input.manifest.startswith(f"s3://{BUCKET}/{PREFIXES['input']}")
     assert cfg.output.uri.startswith(f"s3://{BUCKET}/{PREFIXES['output']}")
-    for key in autoscale.MODEL_KEYS:
+    for key in {s.section for s in specs.specs_for(cfg) if s.arch is not None}:
         assert getattr(cfg.models, key).weights.uri.startswith(f"s3://{BUCKET}/{PREFIXES['weights']}")
 
 

@@ -18,6 +18,8 @@ import pytest
 
 from cafi import autoscale
 from cafi.config import load_config
+from cafi.stages import specs
+from cafi.stages.actor import FusedModels
 
 pytestmark = pytest.mark.slow  # multi-node ray.cluster_utils clusters
 
@@ -65,10 +67,8 @@ def test_sized_starts_gpu_pools_at_full_size_capped_by_the_work(tmp_path):
     assert (small.models.serfiq.max_actors, small.models.dbcnn.max_actors) == (3, 3)
 
     fused = autoscale.sized(_cfg(tmp_path, *GPU_STAGES, "ray.fuse_models=true", "ray.scale_gpu_pools=always"))
-    assert {getattr(fused.models, k).min_actors for k in autoscale.MODEL_KEYS} == {8, 3, 1}
-    from cafi.stages import FusedModels, stage_classes
-
-    strategy = FusedModels.resources(fused, stage_classes(fused))["compute"]
+    assert {getattr(fused.models, k).min_actors for k in specs.sections()} == {8, 3, 1}
+    strategy = FusedModels.resources(fused, specs.specs_for(fused))["compute"]
     assert (strategy.min_size, strategy.max_size, strategy.initial_size) == (8, 8, 8)
 
 
@@ -104,15 +104,15 @@ def test_model_stages_on_a_cpu_node_and_a_gpu_node(fast_config, tmp_path):
 
     by_stage: dict[str, list[dict]] = {}
     for actor in seen["actors"]:
-        for stage in ("Detect", "Mask", "SerFiqStage", "DbcnnStage"):
+        for stage in ("detect", "parse", "serfiq", "dbcnn"):
             if f"({stage})" in (actor["repr_name"] or "") or f"({stage})" in actor["class_name"]:
                 by_stage.setdefault(stage, []).append(actor)
-    assert set(by_stage) == {"Detect", "Mask", "SerFiqStage", "DbcnnStage"}, seen["actors"]
-    for stage in ("SerFiqStage", "DbcnnStage"):
+    assert set(by_stage) == {"detect", "parse", "serfiq", "dbcnn"}, seen["actors"]
+    for stage in ("serfiq", "dbcnn"):
         for actor in by_stage[stage]:
             assert actor["node_id"] == seen["gpu_node"], (stage, actor)
             assert actor["required_resources"].get("GPU") == 0.5, (stage, actor)
-    for stage in ("Detect", "Mask"):
+    for stage in ("detect", "parse"):
         for actor in by_stage[stage]:
             assert not actor["required_resources"].get("GPU"), (stage, actor)
     # read/decode and decide are tasks: none of them held a GPU
@@ -241,9 +241,7 @@ def _scenario_autoscale(args: dict) -> None:
         cfg = load_config([], ["input.uri=/unused", f"output.uri={args['output']}", "ray.progress_bars=false",
                                "models.serfiq.num_gpus=1", "models.serfiq.num_cpus=0.5",
                                "models.serfiq.max_actors=2", "models.serfiq.batch_size=2"])
-        from cafi.stages import FusedModels, SerFiqStage
-
-        resources = FusedModels.resources(autoscale.sized(cfg, rows=16), [SerFiqStage])
+        resources = FusedModels.resources(autoscale.sized(cfg, rows=16), [specs.spec("serfiq")])
         import ray.data
 
         ds = ray.data.range(16, override_num_blocks=8).map_batches(_GpuStandIn, **resources)

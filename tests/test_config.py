@@ -82,8 +82,11 @@ def test_compose_and_dotlist_override(tmp_path):
     ],
 )
 def test_bad_values_fail_naming_the_key(override, key_in_message):
+    """The schema's checks (cafi/config.py) and the model tables' (the stage specs), as a run makes them."""
+    from cafi.stages import specs
+
     with pytest.raises(ConfigError) as err:
-        load_config([], BASE + [override])
+        specs.validate(load_config([], BASE + [override]))
     key = key_in_message or "models.dbcnn.weights"
     assert key in str(err.value)
 
@@ -126,7 +129,7 @@ def test_object_store_cap_reaches_ray_data():
     """ray.object_store_mb bounds the job's blocks in the object store (pixels in flight)."""
     import math
 
-    from cafi.pipeline import configure_data_context
+    from cafi.ray_setup import configure_data_context
 
     base = ["input.uri=/in", "output.uri=/out"]
     ctx = configure_data_context(load_config([], [*base, "ray.object_store_mb=256", "ray.progress_bars=false"]))

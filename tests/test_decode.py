@@ -11,10 +11,12 @@ import torch
 from PIL import ImageFile
 
 from cafi import imaging
-from cafi.config import ImageConfig, load_config, to_dict
+from cafi.config import ImageConfig, load_config
+from cafi.decision import OK
 from cafi.samples import broken_inputs, draw_face, encode, good_crops, unusual_inputs, write_samples
-from cafi.stages import OK, FusedModels, read_objects
+from cafi.stages.actor import FusedModels
 from cafi.stages.decode import Decode, square_resize_tensor
+from cafi.stages.read import read_objects
 
 CPU = torch.device("cpu")
 
@@ -28,7 +30,7 @@ def _byte_batch(files: dict[str, bytes]) -> dict:
 
 def test_read_tasks_carry_the_file_bytes_and_refuse_what_the_header_refuses(tmp_path, monkeypatch):
     paths = write_samples(str(tmp_path), count=2, seed=3)
-    cfg = to_dict(load_config([], [f"input.uri={tmp_path}", "output.uri=unused"]))
+    cfg = load_config([], [f"input.uri={tmp_path}", "output.uri=unused"])
     loads = []
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1))  # no pixel may be decoded
     out = read_objects({"uri": np.array(paths, dtype=object)}, cfg)
@@ -87,7 +89,7 @@ def test_device_jpeg_path_dry_run_scores_like_the_host_path(fast_config):
     device = Decode(cfg.image, CPU, jpeg_batches=True)(_byte_batch(files))
     assert isinstance(device["image"], torch.Tensor)
     assert np.abs(host["image"].astype(int) - device["image"].numpy().astype(int)).max() <= 1
-    models = FusedModels(to_dict(cfg), decode=False)
+    models = FusedModels(cfg, decode=False)
     a, b = models(host), models(device)
     assert list(a["status"]) == list(b["status"])
     for col, tol in (("det_score", 1e-3), ("serfiq_raw", 1e-3), ("mask_fraction", 1e-2), ("dbcnn", 1e-2),
@@ -96,7 +98,7 @@ def test_device_jpeg_path_dry_run_scores_like_the_host_path(fast_config):
 
 
 def test_models_run_one_batch_at_a_time_while_the_next_one_decodes(fast_config, monkeypatch):
-    cfg = to_dict(load_config(fast_config, ["input.uri=/in", "output.uri=/out"]))
+    cfg = load_config(fast_config, ["input.uri=/in", "output.uri=/out"])
     files = {k: v for k, v in good_crops(4, seed=5).items()}
     models = FusedModels(cfg)
     spans, lock = [], threading.Lock()

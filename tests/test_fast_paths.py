@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from cafi.config import load_config, to_dict
+from cafi.config import load_config
 from cafi.models.registry import PUBLISHED
 from cafi.models.retinaface import FaceDetector
 from cafi.models.runtime import prepare, to_input
 from cafi.samples import draw_face
-from cafi.stages import FusedModels
+from cafi.stages.actor import FusedModels
 from cafi.weights import Checkpoint, sha256_of
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on the lent GPU machine)")
@@ -70,7 +70,7 @@ def test_model_stages_on_cuda_track_cpu_fp32(synth_config, precision):
     for device, prec in (("cpu", "fp32"), ("cuda", precision)):
         cfg = load_config([synth_config], ["input.uri=/dev/null", "output.uri=/tmp/unused", "models.serfiq.samples=16",
                                            f"models.device={device}", f"models.precision={prec}"])
-        out[device] = FusedModels(to_dict(cfg))(_batch(images))
+        out[device] = FusedModels(cfg)(_batch(images))
     ref, got = out["cpu"], out["cuda"]
     assert list(got["status"]) == list(ref["status"])
     tol = {"fp32": 2e-2, "fp16": 6e-2, "bf16": 1.2e-1}[precision]  # TF32 convolutions count as fp32 on CUDA

@@ -48,7 +48,7 @@ def test_a_killed_model_worker_is_replaced_and_the_run_completes(tmp_path, fast_
     deadline = time.time() + 300
     while job.is_alive() and not killed and time.time() < deadline:
         if _data_files(out):  # the pipeline is mid-run: some blocks are done, others in flight
-            for pid in pids_with_title("MapBatches(DbcnnStage)"):
+            for pid in pids_with_title("MapBatches(dbcnn)"):
                 os.kill(pid, 9)
                 killed.append(pid)
         time.sleep(0.2)

@@ -95,7 +95,7 @@ def test_output_layout_schema_summary_and_marker(local_run):
     assert on_disk["counts"] == summary["counts"] and on_disk["model_version"] == summary["model_version"]
     assert on_disk["config"]["models"]["serfiq"]["samples"] == 8
     assert {op["operator"] for op in on_disk["stages"]["operators"]} >= {
-        "MapBatches(Detect)", "MapBatches(Mask)", "MapBatches(SerFiqStage)", "MapBatches(DbcnnStage)"}
+        "MapBatches(detect)", "MapBatches(parse)", "MapBatches(serfiq)", "MapBatches(dbcnn)"}
     # hive layout: model_version=.../decision=.../<run_id>_*.parquet
     mroot = os.path.join(out, "manifest")
     version_dirs = os.listdir(mroot)

@@ -26,6 +26,7 @@ from cafi.config import DecisionConfig, load_config, to_dict
 from cafi.decision import ERROR, NO_FACE, OK, REASONS, SCORED, reject_reasons
 from cafi.errors import CafiError
 from cafi.samples import broken_inputs, degrade, draw_face, encode
+from cafi.stages import specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
@@ -64,7 +65,8 @@ def scored_table(values: dict, cfg: dict, run_id: str, version: str) -> pa.Table
     if "serfiq" in floats:
         floats.setdefault("serfiq_raw", floats["serfiq"])
     fiqa, iqa = runs.scorers({"config": cfg})
-    reason = reject_reasons({"status": status, **floats}, DecisionConfig(**cfg["decision"]), fiqa, iqa)
+    dec = DecisionConfig(**cfg["decision"])
+    reason = reject_reasons({"status": status, **floats}, dec, *specs.score_rules(dec, fiqa, iqa))
     ok = status == OK
     status[ok] = SCORED
     accepted = ok & np.equal(reason, None)

@@ -69,7 +69,7 @@ def test_new_dbcnn_weights_rerun_only_parsing_and_dbcnn(first, fast_config, tmp_
     after = stage_fingerprints(cfg)
     assert [s for s in before if before[s] != after[s]] == ["dbcnn", "decide"]
     new = pipeline.run(cfg)
-    assert new["stages_run"] == ["Mask", "DbcnnStage"]
+    assert new["stages_run"] == ["parse", "dbcnn"]
     assert new["model_version"] == model_version(cfg)
     old, cur = _rows(tmp / "out", summary["model_version"]), _rows(tmp / "out", new["model_version"])
     scored = [u for u, r in cur.items() if r["status"] == "scored"]
@@ -135,7 +135,7 @@ def test_adding_components_to_a_version_without_them_reruns_only_parsing_and_com
     del record["stage_fingerprints"]["components"]  # as written by a cafi without components
     path.write_text(json.dumps(record))
     new = pipeline.run(load_config(fast_config, base + ["decision.min_serfiq=0.45"]))
-    assert new["stages_run"] == ["Mask", "Components"]
+    assert new["stages_run"] == ["parse", "components"]
     assert set(new["reuse"]["reused_stages"]) == {"detect", "serfiq", "dbcnn"}
     old = _rows(tmp / "out", latest["model_version"])
     cur = {r["uri"]: r for r in manifest.read(str(tmp / "out"), version=new["model_version"]).to_pylist()}
@@ -152,7 +152,7 @@ def test_switching_scorers_reruns_only_the_new_scorer(first, fast_config):
     tmp, base, summary = first
     before = _rows(tmp / "out", summary["model_version"])
     topiq = pipeline.run(load_config(fast_config, base + ["models.iqa.kind=topiq_face"]))
-    assert topiq["stages_run"] == ["TopiqFaceStage"]
+    assert topiq["stages_run"] == ["topiq_face"]
     assert set(topiq["reuse"]["reused_stages"]) == {"detect", "parse", "components", "serfiq"}
     rows = {r["uri"]: r for r in manifest.read(str(tmp / "out"), version=topiq["model_version"]).to_pylist()}
     for uri, row in rows.items():
@@ -163,7 +163,7 @@ def test_switching_scorers_reruns_only_the_new_scorer(first, fast_config):
 
     magface = pipeline.run(load_config(fast_config, base + ["models.iqa.kind=topiq_face",
                                                             "models.fiqa.kind=magface"]))
-    assert magface["stages_run"] == ["MagFaceStage"]
+    assert magface["stages_run"] == ["magface"]
     assert set(magface["reuse"]["reused_stages"]) == {"detect", "parse", "components", "topiq_face"}
     assert magface["reuse"]["source_version"] == topiq["model_version"]
     rows = {r["uri"]: r for r in manifest.read(str(tmp / "out"), version=magface["model_version"]).to_pylist()}

@@ -15,9 +15,11 @@ import pytest
 from cafi import manifest
 from cafi.config import ImageConfig, JobConfig, load_config
 from cafi.errors import ConfigError
-from cafi.inputs import index, keep, parquet, read_samples, split_sample_uri, tar, webdataset
-from cafi.inputs.shards import ShardInputs, read_shard
+from cafi.inputs import index, keep, parquet, tar, webdataset
+from cafi.inputs.samples import read_samples
+from cafi.inputs.shards import ShardSource, read_shard
 from cafi.inputs.stream import BlockStream
+from cafi.inputs.uris import split_sample_uri
 from cafi.samples import draw_face, encode
 
 from .shardkit import parquet_bytes, tar_bytes
@@ -271,23 +273,25 @@ def test_planning_skips_unchanged_shards_whose_samples_are_written_and_reads_the
     for n in range(3):
         (tmp_path / "in" / f"{n:06d}.tar").write_bytes(tar_bytes([(f"s{i}.jpg", JPEG) for i in range(2)]))
     cfg = _cfg(tmp_path)
-    first = ShardInputs(cfg, "run-a")
-    assert first.plan(np.array([], dtype="S16"))[0].size == 0 and first.unknown == 3
+    first = ShardSource(cfg, "run-a")
+    first.plan(np.array([], dtype="S16"))
+    assert first.keys.size == 0 and first.unread == 3
     for s in first.shards[:2]:  # a crashed run got through two shards
         list(read_shard(cfg, s.uri, s.stamp, np.array([], dtype="S16"), keep.string_schema([]), "run-a"))
     done = np.sort(manifest.uri_keys([f"{first.shards[0].uri}#s0", f"{first.shards[0].uri}#s1",
                                       f"{first.shards[1].uri}#s0"]))
     (tmp_path / "in" / "000001.tar").write_bytes(tar_bytes([(f"s{i}.jpg", JPEG) for i in range(3)]))  # changed
-    again = ShardInputs(_cfg(tmp_path), "run-b")
-    known, todo = again.plan(done)
-    assert again.unknown == 2  # 000001 changed since its index, 000002 was never read
+    again = ShardSource(_cfg(tmp_path), "run-b")
+    again.plan(done)
+    known, todo = again.keys, again.todo
+    assert again.unread == 2  # 000001 changed since its index, 000002 was never read
     assert [s.uri.rsplit("/", 1)[1] for s in again.to_read] == ["000001.tar", "000002.tar"]  # 000000: no GET
     assert sorted(known) == sorted(done[np.isin(done, manifest.uri_keys(
         [f"{first.shards[0].uri}#s0", f"{first.shards[0].uri}#s1"]))]) and len(todo) == 0
 
 
 def test_settle_takes_over_the_read_outcome_of_rows_that_reuse_every_result():
-    from cafi.inputs.shards import settle
+    from cafi.stages.read import settle
 
     batch = {"uri": np.array(["a", "b", "c"], dtype=object), "status": np.array(["ok", "ok", "error"], dtype=object),
              "error": np.array(["", "", "cut off"], dtype=object), "width": np.array([64, 64, 0], np.int32),

@@ -1,5 +1,10 @@
 """Inputs that hold many crops per object: WebDataset tar shards and Parquet files with an image-bytes
-column (`input.format: webdataset | parquet`; `files`, one object per crop, is cafi/pipeline.py's own).
+column (`input.format: webdataset | parquet`) and one object per crop (`files`), behind one interface.
+
+  source.py      the interface every input kind implements (plan, dataset, read step, keys, summary)
+  sources.py     the kind of a run, chosen once from input.format
+  files.py       files: one object per crop, listed or named by a manifest
+  listing.py     reading an input manifest; the Arrow types of kept Parquet columns
 
   uris.py        a sample's uri: `<shard uri>#<key>`, and splitting it again
   stream.py      a shard as a byte stream, fetched in `input.shard_buffer_mb` blocks (one GET per block)
@@ -9,18 +14,7 @@ column (`input.format: webdataset | parquet`; `files`, one object per crop, is c
   rows.py        what a shard yields: the pipeline's read rows (uri, status, error, width, height, data,
                  shard_offset, shard_size, kept columns)
   index.py       the per-shard index: every sample a run enumerated in a shard (resume, exactly-once)
-  shards.py      planning on the driver (listing, prior indexes) and the shard read task
+  shards.py      shards: planning on the driver (listing, prior indexes) and the shard read task
   keep.py        input.keep_columns: how kept values travel the pipeline and reach the manifest
   samples.py     read_samples: the bytes of a few samples by ranged reads (report thumbnails, export)
 """
-
-from cafi.inputs.samples import read_samples
-from cafi.inputs.uris import sample_uri, split_sample_uri
-
-
-def is_sharded(cfg) -> bool:
-    """True when the input is shards (webdataset | parquet), not one object per crop."""
-    return cfg.input.format != "files"
-
-
-__all__ = ["is_sharded", "read_samples", "sample_uri", "split_sample_uri"]

@@ -93,32 +93,6 @@ def string_schema(names: list[str]) -> pa.Schema:
     return pa.schema([pa.field(n, pa.string()) for n in names])
 
 
-def manifest_schema(cfg) -> pa.Schema:
-    """The kept columns of a URI manifest (input.format files): their Parquet types; CSV: strings."""
-    names = list(cfg.input.keep_columns)
-    if not names:
-        return pa.schema([])
-    inp = cfg.input
-    if inp.manifest.lower().endswith(".csv"):
-        return string_schema(names)
-    import pyarrow.parquet as pq
-
-    from cafi import manifest
-    from cafi.errors import ConfigError, StorageError
-
-    fs, path = manifest.arrow_filesystem(inp.manifest, cfg.storage)
-    try:
-        schema = pq.read_schema(path, filesystem=fs)
-    except Exception as exc:  # noqa: BLE001 - one clear line
-        raise StorageError(f"input.manifest: cannot read {inp.manifest}: {exc}") from None
-    missing = [n for n in names if n not in schema.names]
-    if missing:
-        raise ConfigError(f"input.keep_columns: {missing[0]!r} is not a column of {inp.manifest} "
-                          f"(columns: {', '.join(schema.names)})")
-    return pa.schema([pa.field(n, schema.field(n).type.value_type if pa.types.is_dictionary(schema.field(n).type)
-                               else schema.field(n).type) for n in names])
-
-
 def to_wire_batch(table: pa.Table, names: list[str]) -> pa.Table:
     """Ray Data UDF (pyarrow batches): the kept columns of a URI manifest as in-flight text."""
     for name in names:

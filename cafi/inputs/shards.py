@@ -19,20 +19,22 @@ import logging
 import posixpath
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from cafi import manifest
-from cafi.config import InputConfig, JobConfig, from_dict, to_dict
-from cafi.decision import ERROR, OK
-from cafi.errors import CafiError, ConfigError, StorageError
+from cafi import keys as K
+from cafi.config import InputConfig, JobConfig
+from cafi.errors import CafiError, StorageError
 from cafi.fetch import read_error
-from cafi.inputs import index, keep, parquet, webdataset
+from cafi.inputs import index, keep, listing, parquet, webdataset
 from cafi.inputs.rows import Rows, Sample
+from cafi.inputs.source import describe
 from cafi.inputs.stream import BlockStream
 from cafi.inputs.uris import SHARD_SUFFIXES
+from cafi.ray_setup import TASK_RETRIES
+from cafi.stages.read import settle
 from cafi.storage import filesystem, unstrip
 from cafi.telemetry import Telemetry
 
@@ -54,32 +56,11 @@ def enumeration(inp: InputConfig) -> str:
     return "webdataset/1"
 
 
-def _manifest_uris(cfg: JobConfig) -> list[str]:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    inp = cfg.input
-    fs, path = manifest.arrow_filesystem(inp.manifest, cfg.storage)
-    try:
-        if path.lower().endswith(".csv"):
-            with fs.open_input_stream(path) as fh:
-                table = pacsv.read_csv(fh, convert_options=pacsv.ConvertOptions(
-                    column_types={inp.uri_column: pa.string()}))
-        else:
-            table = pq.read_table(path, filesystem=fs)
-    except Exception as exc:  # noqa: BLE001 - one clear line
-        raise StorageError(f"input.manifest: cannot read {inp.manifest}: {exc}") from None
-    if inp.uri_column not in table.column_names:
-        raise StorageError(f"input.uri_column: {inp.uri_column!r} is not a column of {inp.manifest} "
-                           f"(columns: {table.column_names})")
-    return [u for u in table.column(inp.uri_column).to_pylist() if u]
-
-
 def list_shards(cfg: JobConfig) -> tuple[list[Shard], int]:
     """The shards to read, each once, in listing (or manifest) order; and how many were listed."""
     inp = cfg.input
     if inp.manifest:
-        shards = [Shard(u, None) for u in _manifest_uris(cfg)]
+        shards = [Shard(u, None) for u in listing.manifest_uris(cfg)]
     else:
         fs, root = filesystem(inp.uri, cfg.storage)
         if not fs.exists(root):
@@ -95,32 +76,6 @@ def list_shards(cfg: JobConfig) -> tuple[list[Shard], int]:
     return unique, listed
 
 
-def kept_schema(cfg: JobConfig, shards: list[Shard]) -> pa.Schema:
-    """The kept columns and the Arrow types the manifest stores them with."""
-    names = list(cfg.input.keep_columns)
-    if not names or cfg.input.format == "webdataset":
-        return keep.string_schema(names)
-    import pyarrow.parquet as pq
-
-    for shard in shards[:5]:  # the first readable shard's types; the others are cast to them
-        fs, path = manifest.arrow_filesystem(shard.uri, cfg.storage)
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except Exception as exc:  # noqa: BLE001 - a bad shard gets its error row when it is read
-            log.warning("input.keep_columns: cannot read the schema of %s: %s", shard.uri, exc)
-            continue
-        missing = [n for n in names if n not in schema.names]
-        if missing:
-            raise ConfigError(f"input.keep_columns: {missing[0]!r} is not a column of {shard.uri} "
-                              f"(columns: {', '.join(schema.names)})")
-        return pa.schema([pa.field(n, _plain(schema.field(n).type)) for n in names])
-    return keep.string_schema(names)
-
-
-def _plain(typ: pa.DataType) -> pa.DataType:
-    return typ.value_type if pa.types.is_dictionary(typ) else typ
-
-
 def _head(fs, path: str) -> str | None:
     try:
         return index.stamp_of(fs.info(path))
@@ -128,30 +83,36 @@ def _head(fs, path: str) -> str | None:
         return None
 
 
-@dataclass
-class ShardInputs:
-    """The shards of one run, what is known of them before reading, and their keys at commit."""
+def kept_schema(cfg: JobConfig, shards: list[Shard]) -> pa.Schema:
+    """The kept columns and the Arrow types the manifest stores them with (.json fields: strings)."""
+    if not cfg.input.keep_columns or cfg.input.format == "webdataset":
+        return keep.string_schema(list(cfg.input.keep_columns))
+    return listing.parquet_kept_schema(cfg, [s.uri for s in shards], "input.uri")
 
-    cfg: JobConfig
-    run_id: str
-    shards: list[Shard] = field(init=False)
-    listed: int = field(init=False)
-    kept: pa.Schema = field(init=False)
 
-    def __post_init__(self):
-        self.shards, self.listed = list_shards(self.cfg)
-        self.kept = kept_schema(self.cfg, self.shards)
-        self.enumeration = enumeration(self.cfg.input)
+class ShardSource:
+    """input.format webdataset | parquet (cafi/inputs/source.py's interface): the shards of one run, what is
+    known of them before reading, and their keys at commit."""
+
+    read_step = staticmethod(settle)
+
+    def __init__(self, cfg: JobConfig, run_id: str):
+        self.cfg, self.run_id = cfg, run_id
+        self.shards, self.shards_listed = list_shards(cfg)
+        self.kept = kept_schema(cfg, self.shards)
+        self.enumeration = enumeration(cfg.input)
         self.to_read: list[Shard] = list(self.shards)
-        self.unknown = len(self.shards)
-        self.skipped_keys = np.array([], dtype="S16")
+        self.unread = len(self.shards)
+        self.skipped_keys = K.EMPTY
+        self.keys = self.todo = K.EMPTY
+        self.listed = 0
         self.stats: dict = {}
 
     @property
     def out(self) -> str:
         return self.cfg.output.uri
 
-    def plan(self, done: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def plan(self, done: np.ndarray) -> None:
         """Keys known before reading (from earlier indexes) and those of them still to score; decides
         which shards to read: those not known, and known ones with samples still to score."""
         storage = self.cfg.storage
@@ -179,7 +140,7 @@ class ShardInputs:
             except Exception:  # noqa: BLE001 - a torn index: the shard is read again
                 continue
             keys[known[path].uri] = index.keys_of(table, known[path].uri)
-        self.unknown = sum(s.uri not in keys for s in self.shards)
+        self.unread = sum(s.uri not in keys for s in self.shards)
         to_read, skipped, todo = [], [], []
         for s in self.shards:
             k = keys.get(s.uri)
@@ -193,15 +154,16 @@ class ShardInputs:
             else:
                 skipped.append(k)
         self.to_read = to_read
-        self.skipped_keys = np.concatenate(skipped) if skipped else np.array([], dtype="S16")
-        known_keys = np.unique(np.concatenate(list(keys.values()))) if keys else np.array([], dtype="S16")
-        todo_keys = np.unique(np.concatenate(todo)) if todo else np.array([], dtype="S16")
+        self.skipped_keys = np.concatenate(skipped) if skipped else K.EMPTY
+        self.keys = np.unique(np.concatenate(list(keys.values()))) if keys else K.EMPTY
+        self.todo = np.unique(np.concatenate(todo)) if todo else K.EMPTY
+        self.listed = len(self.keys)
         log.info("shards: %d listed, %d known from earlier indexes, %d to read (%d skipped: every sample written)",
                  len(self.shards), len(keys), len(to_read), len(skipped))
-        return known_keys, todo_keys
 
-    def dataset(self, done_ref, **ray_args):
+    def dataset(self, done: np.ndarray, todo_ref, models_run: bool):
         """The read rows of the shards to read (lazy): one task per shard."""
+        import ray
         import ray.data
 
         tables = [pa.table({"shard": pa.array([s.uri], pa.string()), "stamp": pa.array([s.stamp], pa.string())})
@@ -210,10 +172,10 @@ class ShardInputs:
         # one block of the shard, plus what a worker process holds anyway (Python, pyarrow: ~250 MiB)
         memory = (self.cfg.input.shard_buffer_mb + WORKER_MB) * 2**20
         return ds.map_batches(read_shards, batch_size=1, num_cpus=self.cfg.read.num_cpus, memory=memory,
-                              fn_kwargs={"cfg": to_dict(self.cfg), "run_id": self.run_id, "done": [done_ref],
-                                         "kept": self.kept}, **ray_args)
+                              fn_kwargs={"cfg": self.cfg, "run_id": self.run_id, "done": [ray.put(done)],
+                                         "kept": self.kept}, **TASK_RETRIES)
 
-    def input_keys(self) -> np.ndarray:
+    def commit_keys(self) -> np.ndarray:
         """Every input key of the run: of the shards skipped (earlier indexes) and of those read (this run's
         indexes). A shard read without an index means its task did not finish: nothing is committed."""
         storage = self.cfg.storage
@@ -235,22 +197,19 @@ class ShardInputs:
             for k in stats:
                 stats[k] += int(meta.get(k) or 0)
         self.stats = stats
-        return np.unique(np.concatenate(parts)) if parts else np.array([], dtype="S16")
+        self.keys = np.unique(np.concatenate(parts)) if parts else K.EMPTY
+        self.listed = len(self.keys)
+        return self.keys
 
-    def describe(self) -> dict:
-        return {"shards": len(self.shards), "duplicate_shards": self.listed - len(self.shards) if not
-                self.cfg.input.limit else None, "shards_read": len(self.to_read),
-                "shards_skipped": len(self.shards) - len(self.to_read), **self.stats}
+    @property
+    def scored_now(self) -> int:
+        return self.stats.get("to_score", 0)
 
-
-def input_summary(cfg: JobConfig, kept: pa.Schema, shards: ShardInputs | None = None) -> dict:
-    """The run summary's `input` section: the format, the kept columns' types, shard counts."""
-    out: dict = {"format": cfg.input.format,
-                 "keep_columns": {f.name: str(f.type) for f in kept},
-                 "keep_schema": keep.schema_to_text(kept) if len(kept) else None}
-    if shards is not None:
-        out.update(shards.describe())
-    return out
+    def summary(self) -> dict:
+        return {**describe(self.cfg, self.kept), "shards": len(self.shards),
+                "duplicate_shards": self.shards_listed - len(self.shards) if not self.cfg.input.limit else None,
+                "shards_read": len(self.to_read), "shards_skipped": len(self.shards) - len(self.to_read),
+                **self.stats}
 
 
 # ---------------------------------------------------------------- the read task (workers)
@@ -269,17 +228,9 @@ def _done(ref) -> np.ndarray:
     return _DONE[key]
 
 
-def _written(done: np.ndarray, uri: str) -> bool:
-    if len(done) == 0:
-        return False
-    k = manifest.uri_keys([uri])[0]
-    pos = min(int(np.searchsorted(done, k)), len(done) - 1)
-    return bool(done[pos] == k)
-
-
-def read_shards(batch: dict, cfg: dict, run_id: str, done: list, kept: pa.Schema) -> Iterator[dict]:
+def read_shards(batch: dict, cfg: JobConfig, run_id: str, done: list, kept: pa.Schema) -> Iterator[dict]:
     """Ray Data generator UDF: shard uris in, read rows out (cafi/inputs/rows.py), a few at a time."""
-    conf = from_dict(cfg)
+    conf = cfg
     written = _done(done[0])
     for shard, stamp in zip(batch["shard"], batch["stamp"], strict=True):
         yield from read_shard(conf, str(shard), None if stamp is None else str(stamp), written, kept, run_id)
@@ -338,7 +289,7 @@ def read_shard(conf: JobConfig, shard: str, stamp: str | None, written: np.ndarr
         if sample.key is None:
             n["shard_errors"] += 1
             shard_error = sample.error
-        if _written(written, sample.uri):
+        if len(written) and K.contains(written, K.uri_keys([sample.uri]))[0]:
             n["already_written"] += 1
             continue
         rows.add(sample)
@@ -356,23 +307,3 @@ def read_shard(conf: JobConfig, shard: str, stamp: str | None, written: np.ndarr
     Telemetry.of(run_id).add(counts)
 
 
-# ---------------------------------------------------------------- the read step of build()
-
-def settle(batch: dict, cfg: dict | None = None, run_id: str | None = None) -> dict:
-    """The read step for rows a shard task already read: where every result of a row comes from an
-    earlier version (cafi/reuse.py), take its read outcome over and drop its bytes, as the files
-    input's read task does without reading."""
-    if "prev_needs_pixels" not in batch:
-        return batch
-    reuse = ~batch["prev_needs_pixels"].astype(bool)
-    if not reuse.any():
-        return batch
-    batch["width"] = np.where(reuse, batch["prev_width"], batch["width"]).astype(np.int32)
-    batch["height"] = np.where(reuse, batch["prev_height"], batch["height"]).astype(np.int32)
-    was_error = reuse & (batch["prev_status"] == ERROR)
-    status, error, data = batch["status"].copy(), batch["error"].copy(), batch["data"].copy()
-    status[reuse] = np.where(was_error[reuse], ERROR, OK)
-    error[reuse] = np.where(was_error[reuse], batch["prev_error"][reuse], "")
-    data[reuse] = b""
-    batch["status"], batch["error"], batch["data"] = status, error, data
-    return batch

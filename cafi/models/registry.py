@@ -14,15 +14,6 @@ PYIQA_HF = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
 MAGFACE_IR100_DRIVE = ("https://drive.usercontent.google.com/download"
                        "?id=1Bd87admxOZvbIOAyTkGEntsEz3fyMt7H&export=download&confirm=t")
 
-# The scorer kinds a config can choose (models.fiqa / models.iqa) and the arch each one loads.
-SCORER_ARCHS = {
-    "serfiq": "arcface_ir_se50",
-    "magface": "magface_iresnet100",
-    "dbcnn": "dbcnn",
-    "topiq_face": "topiq_nr_face",
-}
-
-
 @dataclass(frozen=True)
 class Pretrained:
     arch: str

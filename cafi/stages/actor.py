@@ -17,8 +17,9 @@ import time
 
 import numpy as np
 
-from cafi.config import JobConfig, from_dict
+from cafi.config import JobConfig
 from cafi.stages.base import ModelStage, torch_threads
+from cafi.stages.specs import specs_for, stage_columns
 from cafi.telemetry import Telemetry
 
 # Columns only the model actors use: never written, dropped before the rows leave the last one.
@@ -26,25 +27,24 @@ PIXEL_COLUMNS = ("data", "image", "face_mask")
 
 
 class FusedModels:
-    """Stages run in order in this actor: `stages` with their models, `take_over` without (their
-    every row reuses earlier results). `decode`: this actor turns bytes into pixels. `last`: no
-    model actor follows, so the pixels are dropped here."""
+    """Stages (by spec name) run in order in this actor: `stages` with their models, `take_over`
+    without (their every row reuses earlier results). `decode`: this actor turns bytes into pixels.
+    `last`: no model actor follows, so the pixels are dropped here."""
 
-    def __init__(self, cfg: dict, stages: list[str] | None = None, take_over: list[str] | None = None,
+    def __init__(self, cfg: JobConfig, stages: list[str] | None = None, take_over: list[str] | None = None,
                  decode: bool = True, last: bool = True, run_id: str | None = None):
         from cafi.models.runtime import configure_torch
         from cafi.stages.decode import Decode
-        from cafi.stages.registry import stage_classes
 
-        self.cfg: JobConfig = from_dict(cfg) if isinstance(cfg, dict) else cfg
-        classes = stage_classes(self.cfg)
-        run = set(stages if stages is not None else [c.__name__ for c in classes])
+        self.cfg = cfg
+        specs = specs_for(cfg)
+        run = set(stages if stages is not None else [s.name for s in specs])
         copy = set(take_over or [])
-        chosen = [c for c in classes if c.__name__ in run | copy]
-        threads = max(torch_threads(c.stage_config(self.cfg)) for c in chosen) if chosen else 1
+        chosen = [s for s in specs if s.name in run | copy]
+        threads = max(torch_threads(s.resources(cfg)) for s in chosen) if chosen else 1
         self.stages: list[ModelStage] = []
-        for cls in chosen:
-            stage = cls(self.cfg, load=cls.__name__ in run)
+        for s in chosen:
+            stage = s.stage(s, cfg, load=s.name in run, outputs=stage_columns(s, cfg))
             if stage.loaded:
                 configure_torch(stage.device, threads)
             self.stages.append(stage)
@@ -57,8 +57,8 @@ class FusedModels:
 
     @staticmethod
     def resources(cfg: JobConfig, stages) -> dict:
-        """Ray map_batches arguments for an actor holding `stages` (classes): the largest demand."""
-        sts = [cls.stage_config(cfg) for cls in stages]
+        """Ray map_batches arguments for an actor holding `stages` (specs): the largest demand."""
+        sts = [s.resources(cfg) for s in stages]
         return pool_arguments(batch_size=min(s.batch_size for s in sts), num_cpus=max(s.num_cpus for s in sts),
                               num_gpus=max(s.num_gpus for s in sts), min_actors=max(s.min_actors for s in sts),
                               max_actors=max(s.max_actors for s in sts), concurrency=cfg.ray.actor_concurrency)
@@ -117,14 +117,11 @@ def pool_arguments(batch_size: int, num_cpus: float, num_gpus: float, min_actors
             "zero_copy_batch": False}
 
 
-def take_over_only(batch: dict, cfg: dict, stages: list[str]) -> dict:
+def take_over_only(batch: dict, cfg: JobConfig, stages: list[str]) -> dict:
     """Stages left out of the actors because every row reuses their results: copy the results
     over without loading any model (a CPU task)."""
-    from cafi.stages.registry import stage_classes
-
-    conf = from_dict(cfg)
-    for cls in stage_classes(conf):
-        if cls.__name__ in stages:
-            cls(conf, load=False)(batch)
+    for s in specs_for(cfg):
+        if s.name in stages:
+            s.stage(s, cfg, load=False, outputs=stage_columns(s, cfg))(batch)
     return batch
 

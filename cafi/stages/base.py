@@ -1,9 +1,10 @@
 """What every model stage shares: its columns, its reuse of earlier results, its resources.
 
-A stage loads its model once in `__init__` (Ray runs it inside a model actor), works only on the
-rows still in flight (status "ok"), and passes every other row through untouched, so each input
-leaves exactly one row. A stage whose results an earlier model version already holds copies them
-over (`take_over`) instead of running; built with `load=False` it loads no model at all.
+A stage is built from its spec (cafi/stages/spec.py) and loads its model once in `__init__` (Ray runs it
+inside a model actor); it works only on the rows still in flight (status "ok") and passes every other
+row through untouched, so each input leaves exactly one row. A stage whose results an earlier model
+version already holds copies them over (`take_over`) instead of running; built with `load=False` it
+loads no model at all.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def torch_threads(st: StageConfig) -> int:
     return st.torch_threads or max(1, round(st.num_cpus))
 
 
+def image_settings(cfg: JobConfig) -> dict:
+    """Settings every pixel-reading stage's results depend on: the image limits decide which inputs are
+    error rows; crop size and precision change every score."""
+    return {"crop_size": cfg.image.crop_size, "precision": cfg.models.precision, "min_side": cfg.image.min_side,
+            "max_pixels": cfg.image.max_pixels, "max_bytes": cfg.image.max_bytes}
+
+
 def reused(batch: dict, stage: str) -> np.ndarray:
     """Rows whose `stage` results come from an earlier version (flags set by cafi/reuse.py)."""
     flag = batch.get(f"prev_{stage}_reused")
@@ -43,25 +51,24 @@ def reused(batch: dict, stage: str) -> np.ndarray:
 
 
 class ModelStage:
-    """Base of the model stages. Subclasses set the class attributes and `load`/`process`."""
+    """Base of the model stages: subclasses implement `load` and `process`."""
 
-    name = ""  # the stage in cafi/version.py (fingerprint, reuse)
-    config_key = ""  # models.<config_key> holds its StageConfig
-    outputs: tuple[str, ...] = ()  # manifest columns it fills
-
-    def __init__(self, cfg: JobConfig, load: bool = True):
+    def __init__(self, spec, cfg: JobConfig, load: bool = True, outputs: tuple[str, ...] | None = None):
+        self.spec = spec
         self.cfg = cfg
+        self.outputs = spec.outputs if outputs is None else outputs  # + `embedding` where it is the source
         self.loaded = load
         self.device = None
         if load:  # torch is imported only where a model is loaded
             from cafi.models.runtime import pick_device
 
-            self.device = pick_device(cfg.models.device, self.stage_config(cfg).num_gpus)
+            self.device = pick_device(cfg.models.device, spec.resources(cfg).num_gpus)
             self.load()
 
-    @classmethod
-    def stage_config(cls, cfg: JobConfig) -> StageConfig:
-        return getattr(cfg.models, cls.config_key)
+    @property
+    def settings(self):
+        """Its config section (models.<section>)."""
+        return self.spec.resources(self.cfg)
 
     def load(self) -> None:
         raise NotImplementedError
@@ -82,13 +89,13 @@ class ModelStage:
         n = len(batch["uri"])
         self.init_columns(batch, n)
         live = batch["status"] == OK
-        taken = live & reused(batch, self.name)
+        taken = live & reused(batch, self.spec.name)
         if taken.any():
             self.take_over(batch, np.flatnonzero(taken))
         rows = np.flatnonzero(live & ~taken & (batch["status"] == OK))
         if len(rows):
             if not self.loaded:
-                raise RuntimeError(f"{type(self).__name__}: rows need its model, but it was planned as reused")
+                raise RuntimeError(f"stage {self.spec.name}: rows need its model, but it was planned as reused")
             self.process(batch, rows)
         return batch
 
@@ -96,3 +103,6 @@ class ModelStage:
         m = self.cfg.models
         return {"cache_dir": m.cache_dir, "device": self.device, "precision": m.precision,
                 "storage": self.cfg.storage, "compile": m.compile}
+
+    def _checkpoint(self):
+        return self.spec.checkpoint(self.cfg)

@@ -1,4 +1,8 @@
-"""Decide (CPU tasks, cheap): the CAFI decision on each row, and the manifest rows themselves."""
+"""Decide (CPU tasks, cheap): the CAFI decision on each row, and the manifest rows themselves.
+
+Scores made from the stored raw ones (each scorer's `derive`: SER-FIQ's rescaling, MagFace's OFIQ
+mapping) and the thresholds apply here, so changing them runs no model (a threshold-only re-score).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,16 @@ import numpy as np
 import pyarrow as pa
 
 from cafi.columns import SCHEMA
-from cafi.config import DecisionConfig
-from cafi.decision import OK, SCORED, ofiq_unified_quality, reject_reasons, rescale_serfiq
+from cafi.config import JobConfig
+from cafi.decision import OK, SCORED, reject_reasons
 from cafi.inputs import keep
+from cafi.stages.specs import all_specs, chosen, score_rules
 
 
-def derived_scores(batch: dict, cfg: dict) -> dict[str, np.ndarray]:
+def derived_scores(batch: dict, cfg: JobConfig) -> dict[str, np.ndarray]:
     """Scores computed from the stored raw ones at decision time (a change here runs no model)."""
-    out = {}
-    if "serfiq_raw" in batch:
-        s = cfg["models"]["serfiq"]
-        out["serfiq"] = rescale_serfiq(batch["serfiq_raw"], s["alpha"], s["r"])
-    if "magface_raw" in batch:
-        norm = np.asarray(batch["magface_raw"], dtype=np.float32)
-        out["magface"] = ofiq_unified_quality(norm).astype(np.float32) if cfg["models"]["magface"]["ofiq_mapping"] \
-            else norm
-    return out
+    return {s.score: s.derive(batch, cfg) for s in all_specs()
+            if s.derive is not None and s.outputs[0] in batch}
 
 
 def _arrow(name: str, values, n: int) -> pa.Array:
@@ -43,19 +41,18 @@ def _arrow(name: str, values, n: int) -> pa.Array:
     return pa.array(values, typ)
 
 
-def decide(batch: dict, cfg: dict, model_version: str, run_id: str, kept: pa.Schema | None = None) -> pa.Table:
+def decide(batch: dict, cfg: JobConfig, model_version: str, run_id: str, kept: pa.Schema | None = None) -> pa.Table:
     """CAFI decision: keep or reject with a reason. Returns the manifest rows (no pixels), with the
     input's kept columns (`kept`: input.keep_columns and their types) after the cafi columns."""
-    d = DecisionConfig(**cfg["decision"])
-    fiqa, iqa = cfg["models"]["fiqa"]["kind"], cfg["models"]["iqa"]["kind"]
+    fiqa, iqa = cfg.models.fiqa.kind, cfg.models.iqa.kind
     n = len(batch["uri"])
     cols = {**batch, **derived_scores(batch, cfg)}
     status = np.asarray(batch["status"], dtype=object).copy()
     cols["status"] = status
-    reason = reject_reasons(cols, d, fiqa, iqa)
+    reason = reject_reasons(cols, cfg.decision, *score_rules(cfg.decision, fiqa, iqa))
     accepted = (status == OK) & (reason == None)  # noqa: E711
     status[status == OK] = SCORED
-    iqa_score = np.asarray(cols.get(iqa, np.full(n, np.nan)), dtype=np.float32)
+    iqa_score = np.asarray(cols.get(chosen(cfg, "iqa").score, np.full(n, np.nan)), dtype=np.float32)
     now = np.datetime64(_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None), "us")
     cols.update({
         "status": status,

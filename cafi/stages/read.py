@@ -8,26 +8,38 @@ from __future__ import annotations
 import numpy as np
 
 from cafi import imaging
-from cafi.config import ImageConfig, StorageConfig
+from cafi.config import ImageConfig, JobConfig
 from cafi.decision import ERROR, OK
 from cafi.fetch import read_bytes, read_error
 from cafi.telemetry import Telemetry
 
 
+def take_over_read(batch: dict) -> np.ndarray:
+    """Rows whose every result comes from an earlier version (cafi/reuse.py) take that version's read
+    outcome over (size, and its error if it was one); returns the rows whose pixels some stage needs."""
+    n = len(batch["uri"])
+    if "prev_needs_pixels" not in batch:
+        return np.ones(n, dtype=bool)
+    need = batch["prev_needs_pixels"].astype(bool)
+    reuse = ~need
+    batch["width"] = np.where(reuse, batch["prev_width"], batch["width"]).astype(np.int32)
+    batch["height"] = np.where(reuse, batch["prev_height"], batch["height"]).astype(np.int32)
+    was_error = reuse & (batch["prev_status"] == ERROR)
+    status, error = batch["status"].copy(), batch["error"].copy()
+    status[reuse] = np.where(was_error[reuse], ERROR, OK)
+    error[reuse] = np.where(was_error[reuse], batch["prev_error"][reuse], "")
+    batch["status"], batch["error"] = status, error
+    return need
+
+
 def start_rows(batch: dict, n: int) -> np.ndarray:
     """The columns every row carries from here on; returns the rows whose pixels some stage needs
     (rows whose every result is reused from an earlier version are not read at all)."""
-    batch["status"] = status = np.full(n, OK, dtype=object)
-    batch["error"] = error = np.full(n, "", dtype=object)  # "" in flight: an all-null column loses its type
-    batch["width"] = width = np.zeros(n, dtype=np.int32)
-    batch["height"] = height = np.zeros(n, dtype=np.int32)
-    need = np.ones(n, dtype=bool)
-    if "prev_needs_pixels" in batch:
-        need = batch["prev_needs_pixels"].astype(bool)
-        width[~need], height[~need] = batch["prev_width"][~need], batch["prev_height"][~need]
-        was_error = ~need & (batch["prev_status"] == ERROR)
-        status[was_error], error[was_error] = ERROR, batch["prev_error"][was_error]
-    return need
+    batch["status"] = np.full(n, OK, dtype=object)
+    batch["error"] = np.full(n, "", dtype=object)  # "" in flight: an all-null column loses its type
+    batch["width"] = np.zeros(n, dtype=np.int32)
+    batch["height"] = np.zeros(n, dtype=np.int32)
+    return take_over_read(batch)
 
 
 def check_header(batch: dict, i: int, data: bytes, image_cfg: ImageConfig) -> None:
@@ -38,9 +50,10 @@ def check_header(batch: dict, i: int, data: bytes, image_cfg: ImageConfig) -> No
         batch["status"][i], batch["error"][i] = ERROR, head.error
 
 
-def read_objects(batch: dict, cfg: dict, run_id: str | None = None) -> dict:
-    """uri -> data (encoded bytes; empty where not needed or unreadable), status, error, width, height."""
-    image_cfg, storage = ImageConfig(**cfg["image"]), StorageConfig(**cfg["storage"])
+def read_objects(batch: dict, cfg: JobConfig, run_id: str | None = None) -> dict:
+    """The read step of files: uri -> data (encoded bytes; empty where not needed or unreadable),
+    status, error, width, height."""
+    image_cfg, storage = cfg.image, cfg.storage
     uris = [str(u) for u in batch["uri"]]
     n = len(uris)
     need = start_rows(batch, n)
@@ -58,4 +71,15 @@ def read_objects(batch: dict, cfg: dict, run_id: str | None = None) -> dict:
     batch["uri"] = np.asarray(uris, dtype=object)
     batch["data"] = data
     Telemetry.of(run_id).add(counts)
+    return batch
+
+
+def settle(batch: dict, cfg: JobConfig | None = None, run_id: str | None = None) -> dict:
+    """The read step of shards, whose rows a shard task already read: rows whose every result is reused
+    take their read outcome over and drop their bytes, as `read_objects` does without reading."""
+    need = take_over_read(batch)
+    if not need.all():
+        data = batch["data"].copy()
+        data[~need] = b""
+        batch["data"] = data
     return batch
