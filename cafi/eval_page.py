@@ -18,7 +18,10 @@ import math
 from cafi import charts, edc
 from cafi.charts import Line, Series, esc, num, table_html
 from cafi.config import StorageConfig
-from cafi.evaluate import BETTER, EdcSection, LabelResult, Result
+from cafi.eval_identities import EdcSection
+from cafi.eval_labels import LabelResult
+from cafi.eval_result import Result
+from cafi.eval_text import BETTER
 from cafi.storage import filesystem, join
 
 CHART_POINTS = 800            # per curve on the page: a 760-pixel chart shows no more
