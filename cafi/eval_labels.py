@@ -19,6 +19,7 @@ from cafi.errors import CafiError
 from cafi.eval_rows import ROW_COLUMNS, floats, present_quality
 from cafi.eval_stats import confusion, plcc, srcc
 from cafi.eval_thresholds import Suggestion, best_filter, own_units, suggest
+from cafi.stages import specs
 
 
 def _join(side: pa.Table, rows: pa.Table) -> pa.Table:
@@ -111,7 +112,7 @@ def evaluate_labels(rows: runs.Rows, labels: pa.Table, labels_uri: str, precisio
         # Eligible: scored, and passing every rule but the two scorers' (those are what is searched).
         status = sub["status"].to_numpy(zero_copy_only=False).astype(object)
         values = {c.name: floats(sub, c.name) for c in columns.QUALITY}
-        failed = decision.rule_failures({"status": status, **values}, dec, fiqa, iqa)
+        failed = decision.rule_failures({"status": status, **values}, dec, *specs.score_rules(dec, fiqa, iqa))
         others = [f for why, f in failed.items() if why not in ("unrecognisable", "low_quality") and f is not None]
         eligible = (status == decision.SCORED) & ~np.logical_or.reduce(others or [np.zeros(len(status), bool)])
         res.suggestion = suggest(values[fiqa], values[iqa], eligible, human, precision, (fiqa, iqa))
