@@ -29,8 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from cafi import columns, manifest  # noqa: E402
-from cafi.config import DecisionConfig, load_config, to_dict  # noqa: E402
+from cafi.config import load_config, to_dict  # noqa: E402
 from cafi.decision import OK, SCORED, reject_reasons  # noqa: E402
+from cafi.stages.specs import score_rules  # noqa: E402
 
 RUN_ID = "20250101T000000Z-be9c00"
 VERSION = "bench"
@@ -66,8 +67,8 @@ def write_run(out: str, rows: int, per_identity: int, seed: int) -> tuple[str, s
     n_ids = rows // per_identity
     centres = rng.normal(size=(n_ids, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    cfg = to_dict(load_config([], ["input.uri=unused", "output.uri=unused"]))
-    dec = DecisionConfig(**cfg["decision"])
+    cfg = load_config([], ["input.uri=unused", "output.uri=unused"])
+    dec = cfg.decision
     labels = open(os.path.join(out, "labels.csv"), "w")
     ids = open(os.path.join(out, "ids.csv"), "w")
     labels.write("uri,mos,accept\n")
@@ -87,7 +88,7 @@ def write_run(out: str, rows: int, per_identity: int, seed: int) -> tuple[str, s
                   "luma_mean": rng.uniform(0.2, 0.8, n), "inter_eye_px": rng.uniform(20, 120, n)}
         floats = {c: v.astype(np.float32) for c, v in floats.items()}
         status = np.full(n, OK, dtype=object)
-        reason = reject_reasons({"status": status, **floats}, dec)
+        reason = reject_reasons({"status": status, **floats}, dec, *score_rules(dec, "serfiq", "dbcnn"))
         accepted = np.equal(reason, None)
         cols = {**floats, "uri": uris, "status": [SCORED] * n, "width": np.full(n, 384, np.int32),
                 "height": np.full(n, 384, np.int32), "cafi": np.where(accepted, floats["dbcnn"], np.nan),
@@ -109,7 +110,7 @@ def write_run(out: str, rows: int, per_identity: int, seed: int) -> tuple[str, s
         ids.writelines(f"{u},person-{i}\n" for u, i in zip(uris, identity, strict=True))
     labels.close()
     ids.close()
-    manifest.commit(out, RUN_ID, {"run_id": RUN_ID, "model_version": VERSION, "inputs": rows, "config": cfg,
+    manifest.commit(out, RUN_ID, {"run_id": RUN_ID, "model_version": VERSION, "inputs": rows, "config": to_dict(cfg),
                                   "finished_at": "2025-01-01T00:00:00+00:00"}, None)
     return manifest.run_uri(out, RUN_ID), os.path.join(out, "labels.csv"), os.path.join(out, "ids.csv")
 

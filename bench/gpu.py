@@ -5,7 +5,7 @@ Everything is measured in one run on the same synthetic weights (published forma
 same crops (--distinct generated crops, repeated as files under distinct names up to --e2e-n):
   stages   each cafi model stage class (what an actor runs) called on pre-decoded 384x384
            crops in batches; fp32 is the baseline each precision is compared with
-  compile  DbcnnStage with models.compile=true: compile time, then crops/s against eager
+  compile  the dbcnn stage with models.compile=true: compile time, then crops/s against eager
   loop     the per-image notebook loop of bench/pipeline.py on the GPU (batch 1; SER-FIQ as T
            full passes in one batch of T copies, the generous reference)
   cafi     cafi.pipeline.run end to end (listing, actors, model loads, scoring, Parquet,
@@ -36,7 +36,7 @@ import stages as bench  # noqa: E402  (bench/stages.py: shared helpers)
 import torch  # noqa: E402
 from memory import write_inputs  # noqa: E402  (bench/memory.py: inputs as hard links)
 
-from cafi.config import load_config, to_dict  # noqa: E402
+from cafi.config import load_config  # noqa: E402
 
 GPUS = 1 if torch.cuda.is_available() else 0
 E2E = {
@@ -53,9 +53,9 @@ def gpu_line() -> str:
 
 def byte_batch(cfg, paths: list[str], n: int) -> dict:
     """The read tasks' output (encoded bytes, header checked) for `paths`, tiled to n rows."""
-    from cafi import stages
+    from cafi.stages.read import read_objects
 
-    base = stages.read_objects({"uri": np.asarray(paths, dtype=object)}, to_dict(cfg))
+    base = read_objects({"uri": np.asarray(paths, dtype=object)}, cfg)
     reps = -(-n // len(paths))
     return {k: np.concatenate([v] * reps)[:n] for k, v in base.items()}
 
@@ -63,15 +63,15 @@ def byte_batch(cfg, paths: list[str], n: int) -> dict:
 def stage_inputs(cfg, paths: list[str], n: int) -> dict[str, dict]:
     """The input batch of every model stage: crops decoded on the host and tiled to n, then each
     stage's output computed once (fp32, untimed) as the next one's input."""
-    from cafi.stages import stage_classes
     from cafi.stages.decode import Decode
+    from cafi.stages.specs import specs_for, stage_columns
 
     batch = Decode(cfg.image, torch.device("cpu"), os.cpu_count())(byte_batch(cfg, paths, n))
     inputs = {}
-    for cls in stage_classes(cfg):
-        inputs[cls.__name__] = {k: v.copy() for k, v in batch.items()}
-        stage = cls(cfg)
-        batch = _run(stage, inputs[cls.__name__], 64)
+    for s in specs_for(cfg):
+        inputs[s.name] = {k: v.copy() for k, v in batch.items()}
+        stage = s.stage(s, cfg, load=True, outputs=stage_columns(s, cfg))
+        batch = _run(stage, inputs[s.name], 64)
         batch = {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         del stage
     return inputs
@@ -98,14 +98,14 @@ def time_decode(cfg, paths: list[str], n: int, size: int, device: str) -> dict[s
 
 def decode_agreement(cfg, paths: list[str], device: str) -> str:
     """The device path against the host path on the same files: pixel levels and every score."""
-    from cafi.stages import FusedModels
+    from cafi.stages.actor import FusedModels
     from cafi.stages.decode import Decode
 
     files = byte_batch(cfg, paths, len(paths))
     host = Decode(cfg.image, torch.device("cpu"))(bench._take(files, slice(None)))
     dev = Decode(cfg.image, torch.device(device), jpeg_batches=True)(bench._take(files, slice(None)))
     diff = np.abs(host["image"].astype(int) - dev["image"].cpu().numpy().astype(int))
-    models = FusedModels(to_dict(cfg), decode=False)
+    models = FusedModels(cfg, decode=False)
     a, b = models(host), models(dev)
     scores = ", ".join(f"{c} {np.nanmax(np.abs(a[c] - b[c])):.2g}" for c in
                        ("det_score", "serfiq_raw", "mask_fraction", "dbcnn", "sharpness") if c in a)
@@ -146,16 +146,16 @@ def time_stage(stage, batch: dict, size: int, repeats: int = 2) -> float:
 
 def bench_stages(cfg_files: list[str], over: list[str], inputs: dict, sizes: list[int],
                  precisions: list[str]) -> dict:
-    from cafi.stages import stage_classes
+    from cafi.stages.specs import specs_for, stage_columns
 
     table: dict[tuple[str, str, int], float] = {}
     for precision in precisions:
         cfg = load_config(cfg_files, [*over, f"models.precision={precision}"])
-        for cls in stage_classes(cfg):
-            stage = cls(cfg)
+        for s in specs_for(cfg):
+            stage = s.stage(s, cfg, load=True, outputs=stage_columns(s, cfg))
             for size in sizes:
-                table[(cls.__name__, precision, size)] = rate = time_stage(stage, inputs[cls.__name__], size)
-                print(f"  {cls.__name__:<12} {precision:<5} batch {size:>4}: {rate:>8.0f} crops/s", flush=True)
+                table[(s.name, precision, size)] = rate = time_stage(stage, inputs[s.name], size)
+                print(f"  {s.name:<12} {precision:<5} batch {size:>4}: {rate:>8.0f} crops/s", flush=True)
             del stage
     return table
 
@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=256, help="distinct generated crops")
     ap.add_argument("--batch-sizes", default="32,64,128")
     ap.add_argument("--precisions", default="fp32,fp16,bf16")
-    ap.add_argument("--compile", action="store_true", help="also time DbcnnStage with models.compile=true")
+    ap.add_argument("--compile", action="store_true", help="also time the dbcnn stage with models.compile=true")
     ap.add_argument("--loop-n", type=int, default=8, help="crops through the per-image loop (0 = skip)")
     ap.add_argument("--e2e-n", type=int, default=8192, help="crops scored end to end (0 = skip)")
     ap.add_argument("--e2e", default="fused,pools", help=f"end-to-end configurations, from {list(E2E)}")
@@ -214,7 +214,7 @@ def main() -> None:
         bound = 1.0 / (sum(1.0 / r for r in at_e2e) + 1.0 / max(decode.values())) if all(at_e2e) else None
         print(f"the stages back to back at their best: {chain:.0f} crops/s; at {args.e2e_precision}, batch "
               f"{args.e2e_batch}, with device decoding: {bound and round(bound)} crops/s (the end-to-end bound)")
-        dbcnn_best = best["DbcnnStage"]
+        dbcnn_best = best["dbcnn"]
         print(f"DBCNN stage at {cfg.image.crop_size}x{cfg.image.crop_size}: {dbcnn_best[0]:.0f} crops/s "
               f"(target >= 1500)", flush=True)
 
@@ -276,17 +276,18 @@ def main() -> None:
 
         # ---- torch.compile
         if args.compile:
-            from cafi.stages import DbcnnStage
+            from cafi.stages.specs import spec, stage_columns
 
             prec, size = args.e2e_precision, args.e2e_batch
+            dbcnn = spec("dbcnn")
             for flag in ("false", "true"):
                 c = load_config([weights_cfg], [*over, f"models.precision={prec}", f"models.compile={flag}"])
-                stage = DbcnnStage(c)
+                stage = dbcnn.stage(dbcnn, c, outputs=stage_columns(dbcnn, c))
                 t = time.perf_counter()
-                stage(_slices(inputs["DbcnnStage"], size)[0])
+                stage(_slices(inputs["dbcnn"], size)[0])
                 first = time.perf_counter() - t
-                rate = time_stage(stage, inputs["DbcnnStage"], size)
-                print(f"DbcnnStage compile={flag} {prec} batch {size}: first batch {first:.1f} s, "
+                rate = time_stage(stage, inputs["dbcnn"], size)
+                print(f"dbcnn stage compile={flag} {prec} batch {size}: first batch {first:.1f} s, "
                       f"then {rate:.0f} crops/s", flush=True)
                 del stage
 

@@ -10,7 +10,7 @@ actor's Decode (cafi.stages.decode.Decode on the CPU), no models -- over the sam
   parquet     N / per-shard Parquet files (key, jpg), input.format parquet
 
 It prints GET requests, GETs per shard, wall time per 10,000 crops, and the ranged GETs the
-report's thumbnails of shard samples cost (cafi.inputs.read_samples). The last line is the ratio
+report's thumbnails of shard samples cost (cafi.inputs.samples.read_samples). The last line is the ratio
 of the files read stage to the slower shard format's, and the most GETs any shard took.
 
     python bench/inputs.py [--n 10000] [--per-shard 1000] [--size 384]
@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from cafi.config import ImageConfig, load_config, to_dict  # noqa: E402
+from cafi.config import ImageConfig, load_config  # noqa: E402
 from cafi.inputs.tar import TarWriter  # noqa: E402
 from cafi.samples import draw_face, encode  # noqa: E402
 from tests.faults import FlakyProxy  # noqa: E402
@@ -99,10 +99,10 @@ def write_inputs(fs, data: list[bytes], per_shard: int) -> None:
 class DecodeOnly:
     """The model actor's first step alone: bytes -> square RGB crops on the CPU; returns row counts."""
 
-    def __init__(self, image: dict, threads: int):
+    def __init__(self, image: ImageConfig, threads: int):
         from cafi.stages.decode import Decode
 
-        self.decode = Decode(ImageConfig(**image), device=None, threads=threads)
+        self.decode = Decode(image, device=None, threads=threads)
 
     def __call__(self, batch: dict) -> dict:
         self.decode(batch)
@@ -115,20 +115,21 @@ def read_stage(cfg, fmt: str, cpus: int) -> tuple[int, int, float]:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from cafi import pipeline
-    from cafi.inputs.shards import ShardInputs
+    from cafi.inputs.files import uri_dataset
+    from cafi.inputs.shards import ShardSource
+    from cafi.keys import EMPTY
     from cafi.stages.read import read_objects
 
     started = time.perf_counter()
     if fmt == "files":
-        ds = pipeline.input_dataset(cfg)
-        ds = ds.map_batches(read_objects, fn_kwargs={"cfg": to_dict(cfg), "run_id": None},
+        ds = uri_dataset(cfg)
+        ds = ds.map_batches(read_objects, fn_kwargs={"cfg": cfg, "run_id": None},
                             batch_size=cfg.read.batch_size, num_cpus=cfg.read.num_cpus)
     else:
-        shards = ShardInputs(cfg, "bench")
-        shards.plan(np.array([], dtype="S16"))
-        ds = shards.dataset(ray.put(np.array([], dtype="S16")))
-    ds = ds.map_batches(DecodeOnly, fn_constructor_kwargs={"image": to_dict(cfg)["image"], "threads": cpus},
+        shards = ShardSource(cfg, "bench")
+        shards.plan(EMPTY)
+        ds = shards.dataset(EMPTY, ray.put(shards.todo), models_run=True)
+    ds = ds.map_batches(DecodeOnly, fn_constructor_kwargs={"image": cfg.image, "threads": cpus},
                         batch_size=cfg.read.batch_size, num_cpus=1, compute=ActorPoolStrategy(size=1),
                         zero_copy_batch=False)
     rows = decoded = 0
@@ -140,10 +141,10 @@ def read_stage(cfg, fmt: str, cpus: int) -> tuple[int, int, float]:
 
 def thumbnails(cfg, fmt: str, endpoint: str, k: int = 24) -> tuple[int, int]:
     """The ranged GETs `k` report thumbnails of shard samples cost (read_samples on manifest-like rows)."""
-    from cafi.inputs import read_samples
-    from cafi.inputs.shards import ShardInputs, shard_samples
+    from cafi.inputs.samples import read_samples
+    from cafi.inputs.shards import ShardSource, shard_samples
 
-    shards = ShardInputs(cfg, "bench-thumbs")
+    shards = ShardSource(cfg, "bench-thumbs")
     rows = []
     for shard in shards.shards[:2]:
         samples, _ = shard_samples(cfg, shard.uri, shards.kept, {})
@@ -169,7 +170,7 @@ def main() -> None:
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from cafi import pipeline
+    from cafi.ray_setup import configure_data_context
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -197,7 +198,7 @@ def main() -> None:
                     cfg = load_config([], [f"input.uri=s3://{BUCKET}/{fmt}/", f"output.uri={tmp}/{fmt}",
                                            f"input.format={fmt}", f"storage.endpoint_url={proxy.url}",
                                            f"image.crop_size={args.size}", "ray.progress_bars=false"])
-                    pipeline.configure_data_context(cfg)
+                    configure_data_context(cfg)
                     if not results:  # start the workers and the decode actor once before any timing
                         warm = load_config([], [f"input.uri=s3://{BUCKET}/files/", f"output.uri={tmp}/w",
                                                 f"storage.endpoint_url={proxy.url}", "input.limit=16"])

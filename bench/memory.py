@@ -68,13 +68,16 @@ def _status() -> dict[str, int]:
 
 def instrument(phases: list) -> None:
     """Record the driver's RSS and peak RSS after each phase of pipeline.run (whichever of these
-    functions the current cafi.pipeline calls); bench-side wrappers, the library is unchanged."""
+    functions and input-source methods the current cafi.pipeline calls); bench-side wrappers, the
+    library is unchanged."""
     import functools
 
     from cafi import manifest, pipeline
+    from cafi.inputs.files import FileSource
+    from cafi.inputs.shards import ShardSource
 
-    def wrap(module, name: str) -> None:
-        fn = getattr(module, name, None)
+    def wrap(owner, name: str) -> None:
+        fn = owner.__dict__.get(name)  # a module's function or a class's own method
         if fn is None or getattr(fn, "_bench_wrapped", False):
             return
 
@@ -82,14 +85,17 @@ def instrument(phases: list) -> None:
         def inner(*a, **k):
             out = fn(*a, **k)
             st = _status()
-            phases.append([f"{module.__name__.split('.')[-1]}.{name}", st.get("VmRSS", 0), st.get("VmHWM", 0)])
+            phases.append([f"{owner.__name__.split('.')[-1]}.{name}", st.get("VmRSS", 0), st.get("VmHWM", 0)])
             return out
 
         inner._bench_wrapped = True
-        setattr(module, name, inner)
+        setattr(owner, name, inner)
 
-    for name in ("scan_written", "plan_inputs", "todo_dataset", "build", "stage_stats", "count_rows"):
+    for name in ("scan_written", "build", "stage_stats", "count_rows"):
         wrap(pipeline, name)
+    for source in (FileSource, ShardSource):  # what pipeline.plan_inputs and todo_dataset were
+        for name in ("plan", "dataset"):
+            wrap(source, name)
     for name in ("commit",):
         wrap(manifest, name)
 

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cafi import manifest, pipeline  # noqa: E402
 from cafi.config import load_config  # noqa: E402
+from cafi.inputs.sources import open_source  # noqa: E402
 from cafi.samples import write_samples  # noqa: E402
 from cafi.synth import synth  # noqa: E402
 from cafi.version import model_version  # noqa: E402
@@ -44,8 +45,9 @@ def plan(cfg):
     """What pipeline.run does before any image is read: the output scan, the input keys, the to-do set."""
     t = time.perf_counter()
     done, _ = pipeline.scan_written(cfg, model_version(cfg))
-    todo = pipeline.plan_inputs(cfg, "bench", done)
-    return todo, done, time.perf_counter() - t
+    src = open_source(cfg, "bench")
+    src.plan(done)
+    return src, done, time.perf_counter() - t
 
 
 def fake_written(out: str, version: str, uris: list[str], run_id: str = "crashed-attempt") -> None:
@@ -85,17 +87,17 @@ def main() -> None:
         rss0 = rss_mib()
 
         cfg = load_config([weights], base + [f"output.uri={tmp}/out-fresh"])
-        todo, done, t_plan = plan(cfg)
-        n_listed, keys, duplicated = todo.listed, todo.keys, todo.duplicated
+        src, done, t_plan = plan(cfg)
+        n_listed, keys, duplicated = src.listed, src.keys, src.duplicated
         t = time.perf_counter()
-        ds = pipeline.todo_dataset(cfg, todo, done, ray.put(todo.todo), models_run=True)
-        scored = pipeline.build(ds, cfg, model_version(cfg), "bench")
+        ds = src.dataset(done, ray.put(src.todo), models_run=True)
+        scored = pipeline.build(ds, cfg, model_version(cfg), "bench", read=src.read_step, kept=src.kept)
         next(iter(scored.iter_batches(batch_size=8)))
         t_first = time.perf_counter() - t
         rss_fresh = rss_mib()
         print(f"machine: {os.cpu_count()} CPUs; {args.inputs:,} inputs in a Parquet manifest")
         print(f"fresh  : plan {t_plan:6.1f} s, first scored batch after {t_first:6.1f} s more; "
-              f"{len(todo.todo):,} to score")
+              f"{len(src.todo):,} to score")
         vanished = len(keys) - len(real)
         print(f"counts : {n_listed:,} listed = {len(keys):,} inputs + {n_listed - len(keys):,} duplicates "
               f"({len(duplicated):,} URIs listed more than once; expected {args.duplicates:,}); {vanished:,} of the "
@@ -107,9 +109,9 @@ def main() -> None:
         n_done = int(len(all_uris) * args.done)
         fake_written(f"{tmp}/out-resume", model_version(cfg), all_uris[-n_done:])
         del all_uris
-        todo, _, t_resume = plan(cfg)
+        src, _, t_resume = plan(cfg)
         rss_resume = rss_mib()
-        print(f"resume : plan {t_resume:6.1f} s with {n_done:,} already written; {len(todo.todo):,} left to score")
+        print(f"resume : plan {t_resume:6.1f} s with {n_done:,} already written; {len(src.todo):,} left to score")
         per_input = (rss_resume - rss0) * 1024 * 1024 / args.inputs
         print(f"driver peak RSS: {rss0:.0f} MiB after ray.init, {rss_fresh:.0f} MiB after the fresh plan, "
               f"{rss_resume:.0f} MiB after the resume plan ({per_input:.0f} bytes per input above ray.init)")

@@ -47,9 +47,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def fabricated_rows(batch: dict, cfg: dict, version: str, run_id: str, prefix: str) -> pa.Table:
+def fabricated_rows(batch: dict, cfg, version: str, run_id: str, prefix: str) -> pa.Table:
     """Every stage's results for a block of row numbers, through the job's own decide()."""
-    from cafi.stages import decide
+    from cafi.stages.decide import decide
 
     ids = batch["id"]
     n = len(ids)
@@ -99,7 +99,7 @@ def build(where: str, rows: int, root: str, storage_over: list[str]) -> dict:
     del uris
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, address="local")
     ds = ray.data.range(rows, override_num_blocks=max(1, rows // 50_000)).map_batches(
-        fabricated_rows, batch_size=None, fn_kwargs={"cfg": to_dict(cfg), "version": version, "run_id": run_id,
+        fabricated_rows, batch_size=None, fn_kwargs={"cfg": cfg, "version": version, "run_id": run_id,
                                                      "prefix": prefix})
     manifest.write_dataset(ds, out, run_id, cfg.storage, cfg.output.partition_by, 50_000)
     counts = manifest.run_counts(out, [run_id], version, cfg.storage)
@@ -119,6 +119,7 @@ def child(args) -> None:
 
     from cafi import pipeline
     from cafi.config import load_config
+    from cafi.summary import Phases
 
     spec = json.loads(args.child)
     cfg = load_config([spec["weights"]], [*BASE, *spec["storage"], f"input.manifest={spec['listing']}",
@@ -137,14 +138,14 @@ def child(args) -> None:
     before = _proc_status(os.getpid())
     driver = DriverPeaks()
     by_phase: dict[str, int] = {}  # the driver's private peak (MiB above before) in each phase of the run
-    mark = pipeline.Phases.mark
+    mark = Phases.mark
 
     def marked(self, name):
         mark(self, name)
         by_phase[name] = round((driver.peak["RssAnon"] - before["RssAnon"]) / MIB)
         driver.peak["RssAnon"] = 0
 
-    pipeline.Phases.mark = marked
+    Phases.mark = marked  # cafi.summary.Phases: the class pipeline.run uses
     with ProcessTree() as tree, driver:  # polls the embedded Ray's processes: the object store's peak
         t = time.perf_counter()
         summary = pipeline.run(cfg)

@@ -1,10 +1,10 @@
 """Per stage: images/s of each stage alone, at its configured batch size, in one process.
 
 Each stage is the class (or function) the Ray job runs, called directly on batches of the
-same crops: read+decode, Detect (RetinaFace + align), Mask (face parsing), SER-FIQ
-(head-only), DBCNN, decide. Synthetic weights; torch threads set per measurement (the
-machine's CPU count is what the default fused actor and a notebook use; 1 is what each of four
-separate pools gets with `torch_threads: 0` and `num_cpus: 0.25`).
+same crops: read+decode, detect (RetinaFace + align), serfiq (head-only), parse (face parsing),
+components, dbcnn, decide (spec names, cafi/stages/specs.py). Synthetic weights; torch threads set
+per measurement (the machine's CPU count is what the default fused actor and a notebook use; 1 is
+what each of four separate pools gets with `torch_threads: 0` and `num_cpus: 0.25`).
 
     python bench/stages.py [--n 16] [--threads 1,2] [--detector retinaface_resnet50]
                            [--parser bisenet] [--config extra.yaml ...] [key=value ...]
@@ -30,7 +30,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import torch  # noqa: E402
 
-from cafi.config import load_config, to_dict  # noqa: E402
+from cafi.config import load_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,10 +69,10 @@ def setup(directory: str, n: int, detector: str, parser: str, crop_sizes: bool =
 
 
 def every_model(key: str, value) -> list[str]:
-    """The same override for the four model stages: `models.<stage>.<key>=<value>`."""
-    from cafi.autoscale import MODEL_KEYS
+    """The same override for every model section: `models.<section>.<key>=<value>`."""
+    from cafi.stages.specs import sections
 
-    return [f"models.{m}.{key}={value}" for m in MODEL_KEYS]
+    return [f"models.{m}.{key}={value}" for m in sections()]
 
 
 def base_overrides(directory: str) -> list[str]:
@@ -255,18 +255,19 @@ def measure(cfg, paths: list[str], threads: int, repeats: int = 1) -> list[dict]
     """Time each stage alone over all `paths`, in batches of its configured batch size.
 
     The stages are those the job runs, in its order: read (fetch + header checks, a Ray task),
-    decode (in the model actor), each model stage of the config (Components alone: the measures
+    decode (in the model actor), each model stage of the config (components alone: the measures
     without the parsing they read), decide. The input of each stage is the output of the stages
     before it (computed once, untimed); every stage gets a fresh copy of its input batch, since
     stages write into their batch. A warm-up call on the first batch precedes each timing.
     Returns one dict per stage: stage, batch_size, images, seconds (best of `repeats`),
     cpu_seconds, images_per_second (and load_seconds for the model stages).
     """
-    from cafi import stages
+    from cafi.stages.decide import decide
     from cafi.stages.decode import Decode
+    from cafi.stages.read import read_objects
+    from cafi.stages.specs import specs_for, stage_columns
     from cafi.version import model_version
 
-    cfg_dict = to_dict(cfg)
     n = len(paths)
     rows: list[dict] = []
 
@@ -288,33 +289,33 @@ def measure(cfg, paths: list[str], threads: int, repeats: int = 1) -> list[dict]
         return list(outs)
 
     uri_batches = [{"uri": np.asarray(paths[s], dtype=object)} for s in _batches(n, cfg.read.batch_size)]
-    batch = _concat(timed("read", cfg.read.batch_size, lambda b: stages.read_objects(b, cfg_dict), uri_batches))
+    batch = _concat(timed("read", cfg.read.batch_size, lambda b: read_objects(b, cfg), uri_batches))
     decode = Decode(cfg.image, torch.device("cpu"), threads)
     parts = [_take(batch, s) for s in _batches(n, cfg.read.batch_size)]
     batch = _concat(timed("decode", cfg.read.batch_size, decode, parts))
-    for cls in stages.stage_classes(cfg):
-        st = cls.stage_config(cfg)
+    for s in specs_for(cfg):
+        st = s.resources(cfg)
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        stage = cls(cfg)  # loads the model once, as an actor does
+        stage = s.stage(s, cfg, load=True, outputs=stage_columns(s, cfg))  # loads the model once, as an actor does
         load = time.perf_counter() - t0
-        parts = [_take(batch, s) for s in _batches(n, st.batch_size)]
-        batch = _concat(timed(cls.__name__, st.batch_size, stage, parts))
+        parts = [_take(batch, sl) for sl in _batches(n, st.batch_size)]
+        batch = _concat(timed(s.name, st.batch_size, stage, parts))
         rows[-1]["load_seconds"] = load
         del stage
     batch.pop("image", None)
     batch.pop("face_mask", None)
     version = model_version(cfg)
     parts = [_take(batch, s) for s in _batches(n, 256)]
-    timed("decide", 256, lambda b: stages.decide(b, cfg_dict, version, "bench"), parts)
+    timed("decide", 256, lambda b: decide(b, cfg, version, "bench"), parts)
     return rows
 
 
 def components_overhead(rows: list[dict]) -> float:
-    """The Components stage's time as a share of every other stage's: what the quality measures
+    """The components stage's time as a share of every other stage's: what the quality measures
     add to the job's time per crop."""
-    comp = sum(r["seconds"] for r in rows if r["stage"] == "Components")
-    rest = sum(r["seconds"] for r in rows if r["stage"] != "Components")
+    comp = sum(r["seconds"] for r in rows if r["stage"] == "components")
+    rest = sum(r["seconds"] for r in rows if r["stage"] != "components")
     return comp / rest
 
 

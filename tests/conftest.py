@@ -51,9 +51,11 @@ def fast_config(tmp_path_factory, synth_dir) -> str:
             "  parser:\n    input_size: 128\n    torch_threads: 0\n"
             "  dbcnn:\n    batch_size: 4\n    torch_threads: 0\n"
             "  detector:\n    torch_threads: 0\n"
-            # The tests exercise the separate actor pools with one torch thread each (the
-            # library default fuses the models and gives them every CPU).
-            "ray:\n  progress_bars: false\n  fuse_models: false\n"
+            # One fused model actor (the default), one torch thread: each run starts one actor, not one
+            # per model (the separate pools run in tests/test_pipeline.py and the placement scenario).
+            # The report is written only where a test looks at it (output.report: true).
+            "ray:\n  progress_bars: false\n  fuse_models: true\n"
+            "output:\n  report: false\n"
             "decision:\n  min_serfiq: 0.5\n"
         )
     return [path, extra]

@@ -37,7 +37,8 @@ def local_run(tmp_path_factory, fast_config, ray_local):
     tmp = tmp_path_factory.mktemp("local")
     paths = write_samples(str(tmp / "in"), count=GOOD, seed=5)
     out = str(tmp / "out")
-    summary = pipeline.run(_cfg(fast_config, f"input.uri={tmp / 'in'}", f"output.uri={out}"))
+    # the suite's one run with a separate actor pool per model (ray.fuse_models=false); the others fuse them
+    summary = pipeline.run(_cfg(fast_config, f"input.uri={tmp / 'in'}", f"output.uri={out}", "ray.fuse_models=false"))
     return paths, out, summary
 
 

@@ -621,7 +621,7 @@ def test_pipeline_run_writes_report(tmp_path, fast_config, ray_local, monkeypatc
     inp.mkdir()
     for name, data in good_crops(4).items():
         (inp / name).write_bytes(data)
-    cfg = load_config(fast_config, [f"input.uri={inp}", f"output.uri={tmp_path / 'out'}"])
+    cfg = load_config(fast_config, [f"input.uri={inp}", f"output.uri={tmp_path / 'out'}", "output.report=true"])
     real = pipeline.write_report  # the report is written by a Ray task, then this hook fails
 
     def write_then_fail(*args, **kwargs):
