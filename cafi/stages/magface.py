@@ -34,10 +34,26 @@ def _derive(batch: dict, cfg):
     return ofiq_unified_quality(norm).astype(np.float32) if cfg.models.magface.ofiq_mapping else norm
 
 
-def _synth(arch: str):
-    from cafi.synth import magface_training_checkpoint
+# MagFace's iResNet100 file is a training checkpoint (run/trainer_dist.py): epoch, arch, optimizer
+# and `state_dict` = the DDP-wrapped backbone (`features.module.<k>`) plus rank 0's shard of the
+# split margin head, `parallel_fc.weight` (85744 MS1MV2 classes / 8 GPUs; the 283,040,192-byte
+# size of the published file fits exactly this). The loader drops the head (the record's
+# drop_prefixes); it is written so that the drop is exercised.
+MAGFACE_HEAD_SHARD = (85744 // 8, 512)
 
-    return magface_training_checkpoint()
+
+def _synth(arch: str) -> dict:
+    import torch
+
+    from cafi.models import iresnet
+    from cafi.synth import calibrated
+
+    state = calibrated(iresnet.build(100), (8, 3, 112, 112)).state_dict()
+    wrapped = {f"features.module.{k}": v for k, v in state.items()}
+    wrapped["parallel_fc.weight"] = torch.randn(MAGFACE_HEAD_SHARD)
+    sgd = {"lr": 0.0001, "momentum": 0.9, "dampening": 0, "weight_decay": 0.0005, "nesterov": False,
+           "params": list(range(len(wrapped)))}
+    return {"epoch": 25, "arch": "iresnet100", "state_dict": wrapped, "optimizer": {"state": {}, "param_groups": [sgd]}}
 
 
 SPEC = StageSpec(
