@@ -93,7 +93,7 @@ def instrument(phases: list) -> None:
 
     for name in ("scan_written", "build", "stage_stats", "count_rows"):
         wrap(pipeline, name)
-    for source in (FileSource, ShardSource):  # what pipeline.plan_inputs and todo_dataset were
+    for source in (FileSource, ShardSource):  # planning and the to-do dataset of either input kind
         for name in ("plan", "dataset"):
             wrap(source, name)
     for name in ("commit",):

@@ -157,7 +157,9 @@ def _scenario_placement(args: dict) -> None:
     try:
         gpu = cluster.add_node(num_cpus=2, num_gpus=1)
         ray.init(address=cluster.address)
-        overrides = [f"input.uri={args['input']}", f"output.uri={args['output']}", "ray.progress_bars=false"]
+        # one actor pool per model (the unfused path): each lands where its own resources say
+        overrides = [f"input.uri={args['input']}", f"output.uri={args['output']}", "ray.progress_bars=false",
+                     "ray.fuse_models=false"]
         for stage in ("serfiq", "dbcnn"):
             overrides += [f"models.{stage}.num_gpus=0.5", f"models.{stage}.num_cpus=0.5"]
         cfg = load_config(args["files"], overrides)
