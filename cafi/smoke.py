@@ -23,6 +23,8 @@ def prepare(files: list[str], overrides: list[str]) -> tuple[list[str], list[str
         print(f"smoke: wrote sample crops to {cfg.input.uri}")
     weights_cfg = os.path.join(cfg.smoke.weights_dir, "synthetic.yaml")
     if not os.path.isfile(weights_cfg):
-        synth(cfg.smoke.weights_dir, detector=cfg.models.detector.arch, parser=cfg.models.parser.arch)
+        m = cfg.models  # only the scorers the run computes: MagFace's random iResNet100 alone is 260 MB
+        synth(cfg.smoke.weights_dir, detector=m.detector.arch, parser=m.parser.arch,
+              scorers=(m.fiqa.kind, *m.fiqa.also, m.iqa.kind, *m.iqa.also))
         print(f"smoke: wrote synthetic weights to {cfg.smoke.weights_dir}")
     return [*files, weights_cfg], overrides
