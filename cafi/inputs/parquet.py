@@ -7,8 +7,11 @@ struct with a `bytes` field (the Hugging Face `Image` feature). The key is `inpu
 `shard_offset` is its row index in the file.
 
 Error rows: a row whose image is null; a null key (its uri then carries `row<index>`); a key seen
-earlier in the file (`#2`, `#3`, ...: only the first one is scored); plus the header checks. A file
-that is not Parquet, or lacks the image or key column, gives one row for the file.
+earlier in the file (`#2`, `#3`, ...: only the first one is scored; linear however often a key
+repeats); plus the header checks. A file that is not Parquet, or lacks the image or key column,
+gives one row for the file; so does one that breaks part-way (after the rows before the break):
+"cannot read the Parquet file past row N" for corrupt bytes, "cannot read object" when the storage
+under it failed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cafi.config import ImageConfig
+from cafi.fetch import read_error
 from cafi.inputs import keep
 from cafi.inputs.rows import Sample
 from cafi.inputs.webdataset import Keys
@@ -55,11 +59,14 @@ def samples(source, shard: str, image_cfg: ImageConfig, image_column: str, key_c
     `source`: the file's bytes, or a seekable file object. `kept`: the kept columns with the types the
     manifest stores (a column missing here is null; one whose values do not cast to that type, too)."""
     keys = Keys(shard)
+    watched = None if isinstance(source, bytes) else _Watched(source)
     try:
-        pf = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source)
+        pf = pq.ParquetFile(pa.BufferReader(source) if watched is None else watched)
         schema = pf.schema_arrow
     except Exception as exc:  # noqa: BLE001 - whatever pyarrow says, the file gives one error row
-        yield Sample(shard, None, error=f"not a readable Parquet file: {_first_line(exc)}")
+        storage = watched is not None and watched.error is not None
+        yield Sample(shard, None, error=read_error(watched.error) if storage
+                     else f"not a readable Parquet file: {_first_line(exc)}")
         return
     why = check_columns(schema, image_column, key_column)
     if why is not None:
@@ -80,8 +87,35 @@ def samples(source, shard: str, image_cfg: ImageConfig, image_column: str, key_c
             row += batch.num_rows
     except TypeError as exc:
         yield Sample(shard, None, error=str(exc))
-    except Exception as exc:  # noqa: BLE001 - a corrupt row group: the rows before it stand
-        yield Sample(shard, None, error=f"cannot read the Parquet file past row {row}: {_first_line(exc)}")
+    except Exception as exc:  # noqa: BLE001 - a corrupt row group, or storage gone: the rows before it stand
+        if watched is not None and watched.error is not None:
+            yield Sample(shard, None, error=f"{read_error(watched.error)} (past row {row}; rows from there on are "
+                                            "missing)")
+        else:
+            yield Sample(shard, None, error=f"cannot read the Parquet file past row {row}: {_first_line(exc)}")
+
+
+class _Watched:
+    """A file object that remembers the last error its calls raised. pyarrow re-raises such an error
+    as it is, but raises plain OSError for corrupt bytes too: this tells a failure of the storage under
+    the file ("cannot read object": tried again by a later run) from a fault of the file's bytes."""
+
+    def __init__(self, raw):
+        self.raw, self.error = raw, None
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.raw, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                self.error = exc
+                raise
+
+        return call
 
 
 def _sample(keys: Keys, key: str | None, data: bytes | None, row: int, kept: dict, image_column: str,

@@ -28,7 +28,7 @@ class Sample:
     offset: int | None = None       # tar: the image member's data offset; parquet: the row index
     size: int | None = None         # tar: the image member's size
     kept: dict = field(default_factory=dict)
-    bad_json: bool = False          # its .json is not a JSON object: the kept fields are null
+    bad_json: bool = False          # its .json is not a JSON object (or cannot be parsed): the kept fields are null
 
     def check(self, image_cfg: ImageConfig) -> Sample:
         """The header checks of the read tasks: size, format, limits (no decoding)."""

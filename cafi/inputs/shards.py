@@ -263,11 +263,19 @@ def _parquet_samples(stream: BlockStream, fs, path: str, conf: JobConfig, shard:
 
 
 def _guarded(source: Iterator[Sample], stream: BlockStream, shard: str) -> Iterator[Sample]:
-    """A shard that cannot be read (any more) ends with a row of its own, never with an exception."""
+    """A shard that cannot be read (any more) ends with a row of its own, never with an exception.
+
+    Faults of the shard's bytes (a corrupt tar header, a .json that cannot be parsed, a broken Parquet
+    file) are rows of the readers themselves; what reaches here is storage giving up after its retry
+    budget: "cannot read object", tried again by a later run."""
+    read = 0
     try:
-        yield from source
-    except Exception as exc:  # noqa: BLE001 - storage gave up (after its retry budget) or the bytes are bad
-        where = f" (at byte {stream.pos}; samples from there on are missing)" if stream.pos else ""
+        for sample in source:
+            read += sample.key is not None
+            yield sample
+    except Exception as exc:  # noqa: BLE001 - storage gave up (after its retry budget)
+        where = (f" (at byte {stream.pos}, {read} sample{'' if read == 1 else 's'} read before it; samples from "
+                 "there on are missing)") if stream.pos else ""
         yield Sample(shard, None, error=read_error(exc) + where)
 
 

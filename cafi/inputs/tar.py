@@ -8,6 +8,11 @@ the member whose data is cut when it is one.
 
 Formats read: POSIX ustar (with the name prefix), pax extended headers (path, size), GNU long names,
 v7. Data of members not wanted is passed over without being kept.
+
+Headers are checked before anything they describe is read: a size field that is not a number (or is
+negative), a pax record whose length or `size` is not a decimal number, or a pax / GNU long-name
+header body over `MAX_EXTENDED_HEADER` bytes raises `Corrupt` with the header's offset and what is
+wrong, and nothing past that header is read (so a crafted header costs at most that much memory).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ RECORD = 20 * BLOCK  # archives are padded to whole records, as tar(1) and Pytho
 _ZERO = bytes(BLOCK)
 _FILE_TYPES = (b"0", b"\0", b"7")  # regular file, old regular file, contiguous file
 _DIR = b"5"
+_EXTENDED = (b"x", b"g", b"L", b"K")  # pax (per member, global), GNU long name, GNU long link name
+MAX_EXTENDED_HEADER = 2**20  # bytes of one pax / GNU long-name header body; a real one holds a few names
+_MAX_DIGITS = 20  # a decimal size or record length longer than this is no size (10**20 bytes)
 
 
 @dataclass
@@ -73,21 +81,42 @@ def _text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-def _pax(data: bytes) -> dict[str, str]:
-    """Records `<length> <key>=<value>\\n` of a pax extended header."""
+def _show(raw: bytes | str, n: int = 40) -> str:
+    """A field's bytes for an error message: its repr, cut to about n characters."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    return repr(text[:n]) + ("..." if len(text) > n else "")
+
+
+def _corrupt(at: int, what: str) -> Corrupt:
+    return Corrupt(f"corrupt tar header at byte {at}: {what}; members from there on cannot be read", at)
+
+
+def _pax(data: bytes, at: int) -> dict[str, str]:
+    """Records `<length> <key>=<value>\\n` of a pax extended header (the header at byte `at`); NUL
+    padding after the last record is allowed, anything else that is not a record is Corrupt."""
     out, pos = {}, 0
     while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
+        if data[pos] == 0 and not data[pos:].strip(b"\0"):
             break
-        length = int(data[pos:space] or b"0")
-        if length <= 0:
-            break
-        record = data[space + 1:pos + length - 1]  # without the trailing newline
-        key, _, value = record.partition(b"=")
+        space = data.find(b" ", pos, pos + _MAX_DIGITS + 1)
+        digits = data[pos:space] if space > pos else b""
+        end = pos + int(digits) if digits.isdigit() else -1
+        if end <= space + 1 or end > len(data):
+            raise _corrupt(at, f"bad pax record length {_show(data[pos:pos + _MAX_DIGITS])} at byte {pos} of "
+                               f"its {len(data)}-byte body")
+        if data[end - 1:end] != b"\n" or b"=" not in data[space + 1:end]:
+            raise _corrupt(at, f"bad pax record {_show(data[pos:end])} (no '=' or no newline at its end)")
+        key, _, value = data[space + 1:end - 1].partition(b"=")
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        pos += length
+        pos = end
     return out
+
+
+def _size(value: str, at: int) -> int:
+    """A pax `size` value: a decimal number of bytes."""
+    if not (value.isascii() and value.isdigit() and len(value) <= _MAX_DIGITS):
+        raise _corrupt(at, f"bad pax size {_show(value)}")
+    return int(value)
 
 
 def _padding(size: int) -> int:
@@ -102,6 +131,7 @@ def members(stream, want: Callable[[str, int], bool]) -> Iterator[Member]:
     """
     long_name: str | None = None
     pax: dict[str, str] = {}
+    pax_at = 0  # where the pax header that `pax` came from starts
     while True:
         at = stream.pos
         header = stream.read(BLOCK)
@@ -127,22 +157,30 @@ def members(stream, want: Callable[[str, int], bool]) -> Iterator[Member]:
             raise Corrupt(f"corrupt tar: the member header at byte {at} is not valid (checksum mismatch); "
                           "members from there on cannot be read", at)
         kind = header[156:157]
-        size = _number(header[124:136])
+        try:
+            size = _number(header[124:136])
+        except ValueError:
+            raise _corrupt(at, f"bad size field {_show(header[124:136].rstrip(bytes(1)))}") from None
+        if size < 0:
+            raise _corrupt(at, f"negative size field ({size})")
         name = _text(header[0:100])
         if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
             name = _text(header[345:500]) + "/" + name
-        if kind in (b"x", b"g", b"L", b"K"):  # headers about the next member
+        if kind in _EXTENDED:  # headers about the next member (or all of them: g)
+            if size > MAX_EXTENDED_HEADER:
+                raise _corrupt(at, f"an extended header (type {kind.decode('latin-1')}) of {size} bytes, over "
+                                   f"the {MAX_EXTENDED_HEADER}-byte limit")
             data = stream.read(size)
             if len(data) < size:
                 raise Truncated(f"the tar is truncated inside an extended header at byte {at}", at)
             stream.skip(_padding(size))
             if kind == b"x":
-                pax = _pax(data)
+                pax, pax_at = _pax(data, at), at
             elif kind == b"L":
                 long_name = _text(data)
             continue
         if "size" in pax:
-            size = int(pax["size"])
+            size = _size(pax["size"], pax_at)
         name = pax.get("path") or long_name or name
         long_name, pax = None, {}
         offset = stream.pos

@@ -8,8 +8,11 @@ member whose suffix comes first in `input.image_extensions`; `<key>.json` holds 
 Every sample leaves one row. Error rows, each with its reason: no image member; an image member that
 is empty, not an image, or over the limits (header check); a key seen earlier in the shard (its
 uri gets `#2`, `#3`, ... so it stays unique; the first one is scored); a sample whose image member is
-cut off by the end of a truncated shard. A shard that ends early or has a corrupt header also gets a
-row of its own (uri = the shard uri) saying from where on nothing could be read.
+cut off by the end of a truncated shard. A `.json` that cannot be parsed (any reason, a nesting too
+deep included) leaves the sample's kept fields null and counts as bad_json. A shard that ends early
+or has a corrupt header (a bad size field or pax record, an extended header over its limit: see
+tar.py) also gets a row of its own (uri = the shard uri) saying from where on nothing could be read,
+why, and how many samples were read before it; those samples keep their rows.
 """
 
 from __future__ import annotations
@@ -35,18 +38,24 @@ def split_name(name: str) -> tuple[str, str] | None:
 
 
 class Keys:
-    """Uris unique within a shard: a repeated key gets `#2`, `#3`, ... and an error."""
+    """Uris unique within a shard: a repeated key gets `#2`, `#3`, ... and an error.
+
+    Linear in the number of keys, however often one repeats: the next suffix of each repeated key is
+    remembered, and a generated name already taken (a key that is itself `k#3`) is passed over. The
+    names are those of trying `#2`, `#3`, ... in turn: the smallest suffix not taken yet."""
 
     def __init__(self, shard: str):
         self.shard, self.seen = shard, set()
+        self.next: dict[str, int] = {}  # repeated key -> the suffix to try first next time
 
     def uri(self, key: str) -> tuple[str, str | None]:
         if key not in self.seen:
             self.seen.add(key)
             return sample_uri(self.shard, key), None
-        n = 2
+        n = self.next.get(key, 2)  # every suffix below it is taken (by this key or by a key named so)
         while f"{key}#{n}" in self.seen:
             n += 1
+        self.next[key] = n + 1
         self.seen.add(f"{key}#{n}")
         return (sample_uri(self.shard, f"{key}#{n}"),
                 f"duplicate key in shard: {key!r} appears again (occurrence {n}); only the first one is scored")
@@ -74,9 +83,17 @@ def samples(stream, shard: str, image_cfg: ImageConfig, image_extensions: list[s
         return (suffix in exts and size <= image_cfg.max_bytes) or (suffix == "json" and bool(kept)
                                                                     and size <= MAX_JSON_BYTES)
 
+    read = 0
+
     def finish(group: _Group) -> Sample:
+        nonlocal read
+        read += 1
         uri, dup = keys.uri(group.key)
         return _sample(group, uri, dup, exts, kept, image_cfg)
+
+    def ended(fault: tar.TarError) -> Sample:
+        """The shard's own row: why the archive ends here, and how many samples it gave before."""
+        return Sample(shard, None, error=f"{fault} ({read} sample{'' if read == 1 else 's'} read before it)")
 
     group: _Group | None = None
     try:
@@ -106,12 +123,12 @@ def samples(stream, shard: str, image_cfg: ImageConfig, image_extensions: list[s
             return
         if group is not None:
             yield finish(group)
-        yield Sample(shard, None, error=str(cut))
+        yield ended(cut)
         return
-    except tar.TarError as bad:
+    except tar.TarError as bad:  # a corrupt header: the samples before it stand
         if group is not None:
             yield finish(group)
-        yield Sample(shard, None, error=str(bad))
+        yield ended(bad)
         return
     if group is not None:
         yield finish(group)
@@ -143,13 +160,15 @@ def _sample(group: _Group, uri: str, dup: str | None, exts: list[str], kept: lis
 
 def _kept(member: tar.Member | None, names: list[str]) -> tuple[dict, bool]:
     """The named fields of the sample's .json (a missing member or field: null), and whether the
-    member is there but not a JSON object (its fields are null too; the shard index counts it)."""
+    member is there but not a JSON object (its fields are null too; the shard index counts it).
+    A .json that cannot be read for any reason (not JSON, nested too deep to parse or to write back,
+    over MAX_JSON_BYTES) is the sample's fault alone: never an exception that would end the shard."""
     if member is None:
         return {}, False
     try:
         doc = json.loads(member.data) if member.data is not None else None
-    except ValueError:
-        doc = None
-    if not isinstance(doc, dict):
+        if not isinstance(doc, dict):
+            return {}, True
+        return {n: keep.json_text(doc.get(n)) for n in names}, False
+    except Exception:  # noqa: BLE001 - ValueError, RecursionError, MemoryError...: the sample's bad_json
         return {}, True
-    return {n: keep.json_text(doc.get(n)) for n in names}, False
