@@ -14,7 +14,9 @@ EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
 def _fail(msg: str, code: int = EXIT_FAILED) -> int:
-    print(f"cafi: error: {msg}", file=sys.stderr)
+    from cafi.redact import redact_text
+
+    print(f"cafi: error: {redact_text(msg)}", file=sys.stderr)  # no URI's userinfo or query
     return code
 
 
@@ -38,14 +40,17 @@ def cmd_score(args: argparse.Namespace) -> int:
         if summary.get("reuse"):
             print(f"reused from {summary['reuse']['source_version']}: {', '.join(summary['reuse']['reused_stages'])}; "
                   f"stages run: {', '.join(summary['stages_run']) or 'none'}")
-    print(f"manifest: {summary['output']['manifest']}")
-    print(f"summary:  {summary['output']['run']}/summary.json")
+    from cafi.manifest import manifest_uri, run_uri
+    from cafi.redact import redact_uri
     from cafi.storage import filesystem, join
 
-    report_uri = join(summary["output"]["run"], "report.html")
+    run = run_uri(cfg.output.uri, summary["run_id"])  # the summary shows URIs redacted: not for reading
+    print(f"manifest: {redact_uri(manifest_uri(cfg.output.uri))}")
+    print(f"summary:  {redact_uri(run)}/summary.json")
+    report_uri = join(run, "report.html")
     fs, path = filesystem(report_uri, cfg.storage)
     if fs.exists(path):  # written at the end of every run, unless that failed (then a warning says why)
-        print(f"report:   {report_uri}")
+        print(f"report:   {redact_uri(report_uri)}")
     return 0
 
 
@@ -59,6 +64,7 @@ def cmd_weights_synth(args: argparse.Namespace) -> int:
 
 def cmd_weights_verify(args: argparse.Namespace) -> int:
     from cafi.config import load_config
+    from cafi.redact import redact_uri
     from cafi.stages import specs
     from cafi.weights import fetch
 
@@ -66,7 +72,7 @@ def cmd_weights_verify(args: argparse.Namespace) -> int:
     specs.validate(cfg)
     for ckpt in specs.checkpoints(cfg):
         path = fetch(ckpt, cfg.models.cache_dir, cfg.storage)
-        print(f"ok  {ckpt.model:9s} {ckpt.sha256}  {ckpt.uri} -> {path}")
+        print(f"ok  {ckpt.model:9s} {ckpt.sha256}  {redact_uri(ckpt.uri)} -> {path}")
     return 0
 
 
@@ -119,9 +125,10 @@ def _storage(args: argparse.Namespace):
 
 def cmd_report(args: argparse.Namespace) -> int:
     from cafi import report
+    from cafi.redact import redact_uri
 
     dest = report.write_report(args.run, out=args.out, storage=_storage(args))
-    print(f"report: {dest}")
+    print(f"report: {redact_uri(dest)}")
     return 0
 
 
@@ -147,11 +154,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from cafi.export import export
+    from cafi.redact import redact_uri
 
     summary = export(args.run, args.to, decision=args.decision, fmt=args.format,
                      samples_per_shard=args.samples_per_shard, storage=_storage(args))
     print(f"exported {summary['samples']} {args.decision} samples of run {summary['run_id']} as "
-          f"{len(summary['shards'])} {args.format} shard(s), {summary['bytes']} bytes: {args.to}")
+          f"{len(summary['shards'])} {args.format} shard(s), {summary['bytes']} bytes: {redact_uri(args.to)}")
     return 0
 
 

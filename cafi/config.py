@@ -274,10 +274,23 @@ def load_config(files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Job
         if missing:
             raise ConfigError(f"{missing[0]}: required but not set")
         cfg = OmegaConf.to_object(merged)
+        raw = OmegaConf.to_container(merged, resolve=False)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe_omegaconf_error(exc)) from None
     validate(cfg)
+    # Kept beside the typed config (not a field: no key of the schema), so summaries and reports can
+    # show an interpolated value as its `${...}` text instead of what it resolved to (cafi/redact.py).
+    object.__setattr__(cfg, _UNRESOLVED, raw)
     return cfg
+
+
+_UNRESOLVED = "_unresolved"
+
+
+def unresolved(cfg: JobConfig) -> dict | None:
+    """The config as loaded, interpolations unresolved (`${oc.env:TOKEN}`); None for a config built in
+    code or copied with dataclasses.replace (those know no interpolation)."""
+    return getattr(cfg, _UNRESOLVED, None)
 
 
 def _describe_omegaconf_error(exc: OmegaConfBaseException) -> str:

@@ -37,6 +37,7 @@ from cafi.errors import CafiError
 from cafi.fetch import write_bytes
 from cafi.inputs.samples import read_samples
 from cafi.inputs.tar import TarWriter
+from cafi.redact import redact_text, redact_uri
 from cafi.storage import filesystem, join
 
 log = logging.getLogger("cafi")
@@ -109,7 +110,8 @@ def write_shard(rows: pa.Table, number: int, first: int, to: str, fmt: str, mtim
     failed = [(u, d) for u, d in zip(rows.column("uri").to_pylist(), data, strict=True) if isinstance(d, Exception)]
     if failed:
         raise CafiError(f"export: {len(failed)} sample(s) of shard {number:06d} cannot be read (first: "
-                        f"{failed[0][0]}: {type(failed[0][1]).__name__}: {failed[0][1]}); nothing is committed")
+                        f"{redact_uri(failed[0][0])}: {type(failed[0][1]).__name__}: "
+                        f"{redact_text(str(failed[0][1]))}); nothing is committed")
     keys = [f"{first + i:0{KEY_DIGITS}d}" for i in range(rows.num_rows)]
     blob = _shard_bytes(rows, data, keys, fmt, mtime)
     name = f"{number:06d}.{'tar' if fmt == 'webdataset' else 'parquet'}"
@@ -138,8 +140,8 @@ def _prepare(to: str, storage: StorageConfig) -> list[str]:
     ours = set(names) & {SUMMARY, SUCCESS, STARTED}
     foreign = [n for n in names if n not in ours and not _SHARD_NAME.match(n)]
     if foreign or (names and not ours):
-        raise CafiError(f"export: --to {to} holds other files ({(foreign or names)[0]}, ...); export into an empty "
-                        "prefix or an earlier export's")
+        raise CafiError(f"export: --to {redact_uri(to)} holds other files ({(foreign or names)[0]}, ...); export "
+                        "into an empty prefix or an earlier export's")
     if SUCCESS in ours:  # an earlier export is being replaced: it is not complete until this one commits
         fs.rm(posixpath.join(root, SUCCESS))
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
@@ -164,7 +166,7 @@ def export(run_uri: str, to: str, decision: str = "accepted", fmt: str = "webdat
     started = _dt.datetime.now(_dt.timezone.utc)
     ref = runs.resolve_run(run_uri, storage)
     image_storage = image_storage if image_storage is not None else runs.storage_config(ref.summary)
-    image_column = ((ref.summary.get("config") or {}).get("input") or {}).get("image_column") or IMAGE_COLUMN
+    image_column = runs.config_section(ref.summary, "input").get("image_column") or IMAGE_COLUMN
     rows = select(ref, storage, decision)
     leftovers = _prepare(to, storage)
     finished = ref.summary.get("finished_at")
@@ -186,7 +188,7 @@ def export(run_uri: str, to: str, decision: str = "accepted", fmt: str = "webdat
     for name in sorted(set(leftovers) - {s["name"] for s in shards}):
         fs.rm(posixpath.join(root, name))
     summary = {
-        "source_run": ref.uri, "run_id": ref.run_id, "model_version": ref.summary.get("model_version"),
+        "source_run": redact_uri(ref.uri), "run_id": ref.run_id, "model_version": ref.summary.get("model_version"),
         "decision": decision, "format": fmt, "samples_per_shard": samples_per_shard,
         "samples": rows.num_rows, "bytes": sum(s["bytes"] for s in shards), "shards": shards,
         "columns": ["key", "source_uri", *(c for c in rows.column_names if c not in ("uri", *SKIP))],

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from cafi.config import StorageConfig
+from cafi.redact import redact_text
 from cafi.storage import filesystem, protocol_of
 
 FIRST_WAIT_S = 0.2
@@ -115,7 +116,8 @@ def read_error(exc: Exception) -> str:
     """The error text of a row whose object could not be read."""
     if isinstance(exc, FileNotFoundError):
         return "cannot read object: not found (vanished or never existed)"
-    return f"cannot read object: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    first = redact_text(str(exc).splitlines()[0]) if str(exc) else ""  # a URL in it loses userinfo and query
+    return f"cannot read object: {type(exc).__name__}: {first}".rstrip(": ")
 
 
 # ---------------------------------------------------------------- writes
@@ -162,8 +164,9 @@ class RetryingWrites(pafs.FSSpecHandler):
         except Exception as exc:  # noqa: BLE001 - one clear error naming the object
             if is_final(exc):
                 raise
-            raise StorageError(f"cannot write {what} within storage.retry_budget_s={self.budget_s:g} s: "
-                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            first = redact_text(str(exc).splitlines()[0]) if str(exc) else ""
+            raise StorageError(f"cannot write {redact_text(what)} within storage.retry_budget_s={self.budget_s:g} s: "
+                               f"{type(exc).__name__}: {first}") from None
 
     def open_output_stream(self, path, metadata):
         import pyarrow as pa

@@ -15,12 +15,13 @@ import numpy as np
 import pyarrow as pa
 
 from cafi import autoscale, manifest, preflight, reuse, telemetry
-from cafi.config import JobConfig, to_dict
+from cafi.config import JobConfig
 from cafi.errors import CafiError
 from cafi.inputs.source import InputSource
 from cafi.inputs.sources import open_source
 from cafi.operator_stats import stage_stats
 from cafi.ray_setup import ACTOR_RETRIES, TASK_RETRIES, in_task, start_ray
+from cafi.redact import redact_text
 from cafi.stages import specs
 from cafi.stages.actor import FusedModels, take_over_only
 from cafi.stages.decide import decide
@@ -166,13 +167,14 @@ def run(cfg: JobConfig) -> dict:
         stages_run=[s.name for s in specs.specs_for(cfg) if s.name not in omit] if scored_now else [],
         observed=observed, counts=counts, phases=phases, elapsed=elapsed, input_section=source.summary(),
         stats=stats, output={"manifest": manifest.manifest_uri(out), "run": manifest.run_uri(out, run_id)},
-        config=to_dict(cfg))
+        config=cfg)  # written redacted: URIs without userinfo or query, interpolations as their text
     manifest.commit(out, run_id, summary, storage)
     if cfg.output.report:
         try:  # the report only views the committed run: its failure must never fail the run
             write_report(cfg, manifest.run_uri(out, run_id))
         except Exception as exc:  # noqa: BLE001 - logged, never raised
-            log.warning("cafi run %s is committed, but its report was not written: %s", run_id, exc)
+            log.warning("cafi run %s is committed, but its report was not written: %s", run_id,
+                        redact_text(str(exc)))
     phases.mark("report")
     return summary
 

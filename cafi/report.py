@@ -34,6 +34,7 @@ from cafi.charts import Line, Region, bars_svg, esc, histogram_svg, num, page, s
 from cafi.config import DecisionConfig, ImageConfig, StorageConfig
 from cafi.decision import REASONS
 from cafi.errors import CafiError
+from cafi.redact import redact_uri, redact_values
 from cafi.runs import RunRef, decision_config, resolve_run, run_ids
 from cafi.stages.specs import all_specs
 from cafi.storage import filesystem, join
@@ -509,7 +510,7 @@ def render(ref: RunRef, agg: Aggregates, thumbs: dict[str, str | Exception]) -> 
     version = s.get("model_version", "?")
     included = [r for r in run_ids(ref) if r != ref.run_id]
     meta = [
-        ("run", ref.run_id), ("run URI", ref.uri), ("model version", version),
+        ("run", ref.run_id), ("run URI", redact_uri(ref.uri)), ("model version", version),
         ("synthetic weights", s.get("synthetic_weights")), ("inputs", s.get("inputs")),
         *([("scored by this run", s["scored_now"])] if "scored_now" in s else []),
         ("rows in this report", f"{agg.rows:,}" + (f" (written by this run and by {len(included)} earlier attempt(s) "
@@ -534,7 +535,8 @@ def render(ref: RunRef, agg: Aggregates, thumbs: dict[str, str | Exception]) -> 
     for reason, table in agg.samples.items():
         grids.append(_grid(f"Rejected: {reason}", table, thumbs, agg,
                            f"{table.num_rows} of {agg.reason.get(reason, 0):,} rows (sample by URI hash)"))
-    config = json.dumps(s.get("config", {}), indent=2, sort_keys=True, default=str)
+    # Redacted again: a summary written before redaction (or by hand) may hold a URI's credentials.
+    config = json.dumps(redact_values(s.get("config", {})), indent=2, sort_keys=True, default=str)
     fingerprints = json.dumps(s.get("stage_fingerprints", {}), indent=2, sort_keys=True, default=str)
     generated = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     component_section = ("<h2>Quality components</h2><p>Stacked by decision; dashed lines are the configured "
@@ -571,7 +573,7 @@ def build(uri: str, storage: StorageConfig | None = None, image_storage: Storage
     rows = [r for t in shown for r in t.select(["uri", "shard_offset", "shard_size"]).to_pylist()]
     if image_storage is None:
         image_storage = runs.storage_config(ref.summary)
-    image_column = ((ref.summary.get("config") or {}).get("input") or {}).get("image_column", "jpg")
+    image_column = runs.config_section(ref.summary, "input").get("image_column", "jpg")
     thumbs = thumbnails(rows, image_storage, runs.image_config(ref.summary), image_column=image_column)
     return ref, render(ref, agg, thumbs)
 

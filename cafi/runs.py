@@ -21,6 +21,7 @@ import pyarrow.dataset as pds
 from cafi import manifest
 from cafi.config import DecisionConfig, ImageConfig, StorageConfig
 from cafi.errors import CafiError
+from cafi.redact import is_interpolation_text, redact_uri
 from cafi.storage import filesystem
 
 BATCH_ROWS = 16_384
@@ -52,7 +53,7 @@ def resolve_run(uri: str, storage: StorageConfig | None = None) -> RunRef:
     grand, runs_dir = _split(parent)
     if runs_dir == manifest.RUNS_DIR and run_id and fs.isdir(path):
         if not fs.exists(posixpath.join(path, manifest.SUCCESS)):
-            raise CafiError(f"run {run_id} at {uri} is not committed (no {manifest.SUCCESS}); "
+            raise CafiError(f"run {run_id} at {redact_uri(uri)} is not committed (no {manifest.SUCCESS}); "
                             "its rows are incomplete")
         with fs.open(posixpath.join(path, manifest.SUMMARY), "r") as fh:
             summary = json.load(fh)
@@ -60,13 +61,13 @@ def resolve_run(uri: str, storage: StorageConfig | None = None) -> RunRef:
     if fs.isdir(posixpath.join(path, manifest.RUNS_DIR)) or fs.isdir(posixpath.join(path, manifest.MANIFEST_DIR)):
         runs = manifest.committed_runs(uri, storage)
         if not runs:
-            raise CafiError(f"no committed run under {uri}")
+            raise CafiError(f"no committed run under {redact_uri(uri)}")
         latest = runs[-1]
         return RunRef(uri.rstrip("/"), latest["run_id"], manifest.run_uri(uri.rstrip("/"), latest["run_id"]),
                       latest)
     if not fs.exists(path):
-        raise CafiError(f"{uri} does not exist")
-    raise CafiError(f"{uri} is neither a run (<output>/runs/<run_id>) nor a cafi output root")
+        raise CafiError(f"{redact_uri(uri)} does not exist")
+    raise CafiError(f"{redact_uri(uri)} is neither a run (<output>/runs/<run_id>) nor a cafi output root")
 
 
 def run_ids(ref: RunRef) -> list[str]:
@@ -74,8 +75,16 @@ def run_ids(ref: RunRef) -> list[str]:
     return sorted({ref.run_id, *(ref.summary.get("includes_runs") or [])})
 
 
-def _config(summary: dict, key: str) -> dict:
-    return (summary.get("config") or {}).get(key) or {}
+def config_section(summary: dict, key: str) -> dict:
+    """One section of the run's config. A value the summary holds as interpolation text (`${...}`: it
+    is never written resolved, cafi/redact.py) is left out: the reader's default applies."""
+    return _known_values((summary.get("config") or {}).get(key) or {})
+
+
+def _known_values(section):
+    if isinstance(section, dict):
+        return {k: _known_values(v) for k, v in section.items() if not is_interpolation_text(v)}
+    return section
 
 
 def _known(cls: type, values: dict) -> dict:
@@ -85,24 +94,24 @@ def _known(cls: type, values: dict) -> dict:
 
 def decision_config(summary: dict) -> DecisionConfig:
     """The thresholds the run decided with; a key the summary lacks keeps its default (older runs)."""
-    return DecisionConfig(**_known(DecisionConfig, _config(summary, "decision")))
+    return DecisionConfig(**_known(DecisionConfig, config_section(summary, "decision")))
 
 
 def storage_config(summary: dict) -> StorageConfig:
     """The storage settings the run read its crops with (endpoint, region, anon; never credentials)."""
-    return StorageConfig(**{k: v for k, v in _known(StorageConfig, _config(summary, "storage")).items()
+    return StorageConfig(**{k: v for k, v in _known(StorageConfig, config_section(summary, "storage")).items()
                             if k in ("endpoint_url", "region", "anon")})
 
 
 def image_config(summary: dict) -> ImageConfig:
     """The run's decoding limits, so thumbnails refuse what the run refused."""
-    return ImageConfig(**{k: v for k, v in _known(ImageConfig, _config(summary, "image")).items()
+    return ImageConfig(**{k: v for k, v in _known(ImageConfig, config_section(summary, "image")).items()
                           if k in ("max_pixels", "max_bytes")})
 
 
 def scorers(summary: dict) -> tuple[str, str]:
     """(FIQA column, IQA column) the run decided with: `models.fiqa.kind` and `models.iqa.kind`."""
-    models = _config(summary, "models")
+    models = config_section(summary, "models")
     fiqa = (models.get("fiqa") or {}).get("kind") or DEFAULT_FIQA
     iqa = (models.get("iqa") or {}).get("kind") or DEFAULT_IQA
     return fiqa, iqa
@@ -143,7 +152,7 @@ def read_rows(uri: str, storage: StorageConfig | None, cols: list[str], uris: pa
         committed = [r for r in manifest.committed_runs(ref.output, storage) if r.get("model_version") == version]
         ids = sorted({i for r in committed for i in (r["run_id"], *(r.get("includes_runs") or []))})
         flt = pc.field("run_id").isin(ids) & (pc.field("model_version") == version)
-        source = f"{uri}: model version {version}, {len(committed)} committed run(s)"
+        source = f"{redact_uri(uri)}: model version {version}, {len(committed)} committed run(s)"
     else:
         flt, source = row_filter(ref), f"run {ref.run_id} (model version {version})"
     if uris is not None:

@@ -77,8 +77,9 @@ def list_files(uri: str, extensions: list[str], cfg: StorageConfig | None) -> It
     exts = tuple(e.lower() for e in extensions)
     if not fs.exists(root):
         from cafi.errors import StorageError
+        from cafi.redact import redact_uri
 
-        raise StorageError(f"input.uri: {uri} does not exist or cannot be listed")
+        raise StorageError(f"input.uri: {redact_uri(uri)} does not exist or cannot be listed")
     for path in sorted(fs.find(root)):
         if path.lower().endswith(exts):
             yield unstrip(fs, path, uri)

@@ -7,6 +7,7 @@ import logging
 import time
 
 from cafi import telemetry
+from cafi.redact import redact_values, redacted_config
 
 log = logging.getLogger("cafi")
 
@@ -37,8 +38,11 @@ def _utc(t: float) -> str:
 def run_summary(*, run_id: str, version: str, synthetic: bool, fingerprints: dict, inputs: int, listed: int,
                 scored_now: int, includes: list[str], reuse: dict | None, stages_run: list[str], observed: dict,
                 counts: dict, phases: Phases, elapsed: float, input_section: dict, stats: dict, output: dict,
-                config: dict) -> dict:
-    """The summary a committed run leaves: what ran, what was reused, counts, timing, the config."""
+                config) -> dict:
+    """The summary a committed run leaves: what ran, what was reused, counts, timing, the config.
+
+    `config` is the run's JobConfig: written redacted (cafi/redact.py), like the `output` URIs, so no
+    credential of a URI and no resolved interpolation (`${oc.env:TOKEN}`) reaches the summary."""
     return {
         "run_id": run_id,
         "model_version": version,
@@ -60,6 +64,6 @@ def run_summary(*, run_id: str, version: str, synthetic: bool, fingerprints: dic
         "images_per_second": round(scored_now / elapsed, 3) if elapsed > 0 else None,
         "input": input_section,
         "stages": stats,
-        "output": output,
-        "config": config,
+        "output": redact_values(output),
+        "config": redacted_config(config),
     }

@@ -10,6 +10,8 @@ import fcntl
 import hashlib
 import os
 import pickle
+import secrets
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ import torch
 
 from cafi.config import StorageConfig
 from cafi.errors import WeightsError
+from cafi.redact import redact_text, redact_uri
 from cafi.storage import filesystem, protocol_of
 
 _CHUNK = 8 * 1024 * 1024
@@ -49,34 +52,48 @@ def fetch(ckpt: Checkpoint, cache_dir: str, storage: StorageConfig | None = None
 
     Local files are verified in place. Remote files land in `cache_dir/<sha256>/<name>`;
     concurrent callers on one node serialise on a lock file, so one downloads and the
-    others find the verified copy.
+    others find the verified copy. A download goes to a name of its own (host, process and a
+    random part: a cache shared between nodes, e.g. on NFS, never mixes two downloads) and is
+    renamed into place once verified. A cached copy that fails its sha256 (truncated, corrupted)
+    is removed and fetched again, once; a download that fails it is the error.
     """
     if protocol_of(ckpt.uri) == "file":
         path = ckpt.uri[len("file://"):] if ckpt.uri.startswith("file://") else ckpt.uri
         path = os.path.expanduser(path)
         if not os.path.isfile(path):
-            raise WeightsError(f"{ckpt.model}: checkpoint not found: {ckpt.uri}")
+            raise WeightsError(f"{ckpt.model}: checkpoint not found: {redact_uri(ckpt.uri)}")
         _verify(ckpt, path)
         return path
 
-    target_dir = os.path.join(os.path.expanduser(cache_dir), ckpt.sha256.lower())
+    expected = ckpt.sha256.lower()
+    target_dir = os.path.join(os.path.expanduser(cache_dir), expected)
     os.makedirs(target_dir, exist_ok=True)
-    target = os.path.join(target_dir, os.path.basename(ckpt.uri.split("?", 1)[0]) or "checkpoint.pth")
+    name = os.path.basename(redact_uri(ckpt.uri).split("#", 1)[0].split("?", 1)[0])  # never a credential
+    target = os.path.join(target_dir, name or "checkpoint.pth")
     with open(os.path.join(target_dir, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        stale = ""
         if os.path.isfile(target):
-            _verify(ckpt, target)
-            return target
-        partial = f"{target}.partial.{os.getpid()}"
+            cached = sha256_of(target)
+            if cached == expected:
+                return target
+            _remove(target)  # not what was pinned: fetched again, once
+            stale = f" (the cached copy had sha256 {cached} and was removed)"
+        partial = partial_name(target)
         actual = _download(ckpt.model, ckpt.uri, partial, storage)
-        if actual != ckpt.sha256.lower():
+        if actual != expected:
             hint = _html_hint(partial)
             _remove(partial)
-            raise WeightsError(
-                f"{ckpt.model}: sha256 mismatch for {ckpt.uri}: expected {ckpt.sha256.lower()}, got {actual}{hint}"
-            )
+            raise WeightsError(f"{ckpt.model}: sha256 mismatch for {redact_uri(ckpt.uri)}: expected {expected}, "
+                               f"got {actual}{hint}{stale}")
         os.replace(partial, target)
         return target
+
+
+def partial_name(target: str) -> str:
+    """Where a download of `target` goes until it is verified: unique per host, process and call."""
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
+    return f"{target}.partial.{host}.{os.getpid()}.{secrets.token_hex(4)}"
 
 
 def fetch_unpinned(model: str, uri: str, file_name: str, cache_dir: str, storage: StorageConfig | None = None,
@@ -86,12 +103,12 @@ def fetch_unpinned(model: str, uri: str, file_name: str, cache_dir: str, storage
     digest prefix a pyiqa file name carries) is checked when given."""
     staging = os.path.join(os.path.expanduser(cache_dir), "unpinned")
     os.makedirs(staging, exist_ok=True)
-    partial = os.path.join(staging, f"{file_name}.partial.{os.getpid()}")
+    partial = partial_name(os.path.join(staging, file_name))
     actual = _download(model, uri, partial, storage)
     if expect_prefix and not actual.startswith(expect_prefix.lower()):
         hint = _html_hint(partial)
         _remove(partial)
-        raise WeightsError(f"{model}: {uri} has sha256 {actual}, but its name says it starts with "
+        raise WeightsError(f"{model}: {redact_uri(uri)} has sha256 {actual}, but its name says it starts with "
                            f"{expect_prefix}{hint}")
     target_dir = os.path.join(os.path.expanduser(cache_dir), actual)
     os.makedirs(target_dir, exist_ok=True)
@@ -111,7 +128,8 @@ def _download(model: str, uri: str, partial: str, storage: StorageConfig | None)
                 dst.write(chunk)
     except Exception as exc:  # noqa: BLE001 - any transport error means the same to the user
         _remove(partial)
-        raise WeightsError(f"{model}: cannot fetch checkpoint {uri}: {type(exc).__name__}: {exc}") from None
+        raise WeightsError(f"{model}: cannot fetch checkpoint {redact_uri(uri)}: {type(exc).__name__}: "
+                           f"{redact_text(str(exc))}") from None
     return digest.hexdigest()
 
 
@@ -130,8 +148,8 @@ def _verify(ckpt: Checkpoint, path: str) -> None:
     actual = sha256_of(path)
     if actual != ckpt.sha256.lower():
         raise WeightsError(
-            f"{ckpt.model}: sha256 mismatch for {ckpt.uri}: expected {ckpt.sha256.lower()}, got {actual}"
-            f"{_html_hint(path)}"
+            f"{ckpt.model}: sha256 mismatch for {redact_uri(ckpt.uri)}: expected {ckpt.sha256.lower()}, "
+            f"got {actual}{_html_hint(path)}"
         )
 
 
@@ -150,24 +168,26 @@ def read_state_dict(ckpt: Checkpoint, path: str) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise WeightsError(
-            f"{ckpt.model}: {ckpt.uri} holds more than tensors and was refused by "
-            f"torch.load(weights_only=True): {str(exc).splitlines()[0]}"
+            f"{ckpt.model}: {redact_uri(ckpt.uri)} holds more than tensors and was refused by "
+            f"torch.load(weights_only=True): {redact_text(str(exc).splitlines()[0])}"
         ) from None
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise WeightsError(f"{ckpt.model}: {ckpt.uri} is not a readable checkpoint: {exc}") from None
+        raise WeightsError(f"{ckpt.model}: {redact_uri(ckpt.uri)} is not a readable checkpoint: "
+                           f"{redact_text(str(exc))}") from None
     if ckpt.state_key is not None:
         if not isinstance(obj, Mapping) or ckpt.state_key not in obj:
-            raise WeightsError(f"{ckpt.model}: {ckpt.uri} has no '{ckpt.state_key}' entry")
+            raise WeightsError(f"{ckpt.model}: {redact_uri(ckpt.uri)} has no '{ckpt.state_key}' entry")
         obj = obj[ckpt.state_key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{ckpt.model}: {ckpt.uri} does not hold a state dict of tensors")
+        raise WeightsError(f"{ckpt.model}: {redact_uri(ckpt.uri)} does not hold a state dict of tensors")
     state: dict[str, torch.Tensor] = {}
     for key, value in obj.items():
         if ckpt.drop_prefixes and key.startswith(ckpt.drop_prefixes):
             continue
         name = next((key[len(p):] for p in ckpt.strip_prefixes if key.startswith(p)), key)
         if name in state:
-            raise WeightsError(f"{ckpt.model}: {ckpt.uri} holds {name!r} twice (with and without a prefix)")
+            raise WeightsError(f"{ckpt.model}: {redact_uri(ckpt.uri)} holds {name!r} twice (with and without a "
+                               "prefix)")
         state[name] = value
     return state
 
@@ -189,6 +209,7 @@ def load_into(module: torch.nn.Module, ckpt: Checkpoint, cache_dir: str,
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        raise WeightsError(f"{ckpt.model}: {ckpt.uri} does not fit the architecture: {'; '.join(parts)}")
+        raise WeightsError(f"{ckpt.model}: {redact_uri(ckpt.uri)} does not fit the architecture: "
+                           f"{'; '.join(parts)}")
     module.load_state_dict(state, strict=True)
     return module

@@ -426,6 +426,29 @@ def test_decision_config_reads_every_threshold():
     assert runs.scorers({"config": {"models": {"fiqa": {"kind": "magface"}}}}) == ("magface", "dbcnn")
 
 
+def test_report_config_table_shows_no_credential_of_a_uri(tmp_path, monkeypatch):
+    """A summary written before redaction holds the weights URI resolved (token in the userinfo, a
+    signature in the query): the report's config table and run URI show them redacted."""
+    token, sig = "tok-5e1f0c2a9b", "sig-77d2c4e0aa"
+    monkeypatch.setenv("CAFI_TEST_TOKEN", token)
+    cfg = to_dict(load_config([], ["input.uri=unused", "output.uri=unused",
+                                   "models.dbcnn.weights.uri=https://user:${oc.env:CAFI_TEST_TOKEN}@host/w.pth?sig="
+                                   + sig, "models.dbcnn.weights.sha256=" + "a" * 64]))
+    assert token in json.dumps(cfg) and sig in json.dumps(cfg)  # what a summary held until now
+    t = scored_table({"uri": ["/nope/a.jpg"], "status": [ERROR], "error": ["gone"], "serfiq": [np.nan],
+                      "dbcnn": [np.nan]}, cfg, "20250101T000000Z-5ec5ec", "v1")
+    out = str(tmp_path / "out")
+    run = write_run(out, t, "20250101T000000Z-5ec5ec", cfg, summary={"stages": {}})
+    page = open(report.write_report(run), encoding="utf-8").read()
+    assert token not in page and sig not in page and "user:" not in page
+    assert "https://host/w.pth" in page  # the config table still names the checkpoint
+    ref = runs.RunRef(out, "20250101T000000Z-5ec5ec", f"s3://user:{token}@b/out/runs/r?sig={sig}",
+                      runs.resolve_run(run).summary)
+    agg = report.aggregate(runs.resolve_run(run))
+    page = report.render(ref, agg, {})
+    assert token not in page and sig not in page and "s3://b/out/runs/r" in page
+
+
 def test_report_of_a_run_in_object_storage(tmp_path, s3):
     """Manifest, summary and crops in S3 (a real S3 server on loopback); the report is written there too."""
     s3.mkdir("cafi-bucket")

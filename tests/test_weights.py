@@ -1,5 +1,6 @@
 """Checkpoints by URI + sha256: fetch once per node, verify, load with weights_only, clear errors."""
 
+import hashlib
 import multiprocessing as mp
 import os
 import pickle
@@ -221,6 +222,91 @@ def test_a_web_page_instead_of_the_file_is_named_as_such(tmp_path):
     page.write_text("<!DOCTYPE html><html><title>Google Drive - Virus scan warning</title></html>")
     with pytest.raises(WeightsError, match="sent a web page"):
         fetch(Checkpoint("magface", f"file://{page}", "0" * 64), str(tmp_path / "c"))
+
+
+def _memory_source(tmp_path, data: bytes) -> str:
+    """A remote checkpoint in fsspec's in-process memory filesystem (a URI with a signature in its
+    query): fetch() caches it like an object in a bucket."""
+    import fsspec
+
+    uri = f"memory://cafi-weights/{tmp_path.name}/w.pth?sig=sig-77d2c4e0aa"
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.pipe(path, data)
+    return uri
+
+
+def _state_bytes(tmp_path) -> bytes:
+    torch.save({"params": {"w": torch.arange(4.0)}}, tmp_path / "good.pth")
+    return (tmp_path / "good.pth").read_bytes()
+
+
+def _counting_downloads(monkeypatch) -> list[str]:
+    """The partial file of every download fetch() makes, in order."""
+    from cafi import weights
+
+    partials, real = [], weights._download
+
+    def download(model, uri, partial, storage):
+        partials.append(partial)
+        return real(model, uri, partial, storage)
+
+    monkeypatch.setattr(weights, "_download", download)
+    return partials
+
+
+def test_a_corrupted_cached_copy_is_fetched_again_once_and_loads(tmp_path, monkeypatch):
+    good = _state_bytes(tmp_path)
+    ck = Checkpoint("dbcnn", _memory_source(tmp_path, good), hashlib.sha256(good).hexdigest(), "params")
+    partials = _counting_downloads(monkeypatch)
+    cache = str(tmp_path / "cache")
+    path = fetch(ck, cache)
+    with open(path, "r+b") as fh:  # a truncated, then scribbled-over copy in the cache
+        fh.truncate(len(good) // 2)
+        fh.write(b"garbage")
+    assert fetch(ck, cache) == path and sha256_of(path) == ck.sha256
+    assert len(partials) == 2  # the first fetch, then once again for the corrupted copy
+    assert torch.equal(read_state_dict(ck, path)["w"], torch.arange(4.0))
+    assert fetch(ck, cache) == path and len(partials) == 2  # a good copy is not fetched again
+    assert [f for f in os.listdir(os.path.dirname(path)) if ".partial" in f] == []
+
+
+def test_a_source_that_keeps_sending_a_bad_file_is_one_clear_error(tmp_path, monkeypatch):
+    good = _state_bytes(tmp_path)
+    uri = _memory_source(tmp_path, b"not the pinned checkpoint")
+    ck = Checkpoint("dbcnn", uri, hashlib.sha256(good).hexdigest(), "params")
+    cache = tmp_path / "cache"
+    cached = cache / ck.sha256 / "w.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"a corrupted copy")
+    partials = _counting_downloads(monkeypatch)
+    with pytest.raises(WeightsError) as err:
+        fetch(ck, str(cache))
+    msg = str(err.value)
+    assert len(partials) == 1  # fetched again once, not in a loop
+    assert msg.startswith("dbcnn: sha256 mismatch for memory://cafi-weights/") and "w.pth:" in msg
+    assert "sig-77d2c4e0aa" not in msg  # the checkpoint is named by its redacted URI
+    assert hashlib.sha256(b"not the pinned checkpoint").hexdigest() in msg and "cached copy" in msg
+    assert os.listdir(cached.parent) == [".lock"]  # neither the bad copy nor a partial file stays
+
+
+def test_partial_downloads_are_named_per_host_process_and_call(tmp_path, monkeypatch):
+    """A cache shared between nodes (NFS): two nodes whose downloaders have the same pid must not
+    write into one partial file."""
+    good = _state_bytes(tmp_path)
+    ck = Checkpoint("dbcnn", _memory_source(tmp_path, good), hashlib.sha256(good).hexdigest(), "params")
+    target_dir = tmp_path / "cache" / ck.sha256
+    target_dir.mkdir(parents=True)
+    other_node = target_dir / f"w.pth.partial.{os.getpid()}"  # another host's download in progress
+    other_node.write_bytes(b"half of another node's download")
+    partials = _counting_downloads(monkeypatch)
+    path = fetch(ck, str(tmp_path / "cache"))
+    assert sha256_of(path) == ck.sha256
+    assert other_node.read_bytes() == b"half of another node's download"  # untouched
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())
+    assert f".partial.{host}.{os.getpid()}." in partials[0]
+    os.remove(path)
+    fetch(ck, str(tmp_path / "cache"))
+    assert len(partials) == 2 and partials[0] != partials[1]  # a random part per call
 
 
 def _fake_cfg(fiqa, iqa, **weights):

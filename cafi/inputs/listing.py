@@ -11,6 +11,7 @@ from cafi.config import JobConfig
 from cafi.errors import ConfigError, StorageError
 from cafi.inputs import keep
 from cafi.manifest import arrow_filesystem
+from cafi.redact import redact_text, redact_uri
 
 log = logging.getLogger("cafi")
 
@@ -20,13 +21,13 @@ def is_csv(uri: str) -> bool:
 
 
 def _cannot_read(cfg: JobConfig, exc: Exception) -> StorageError:
-    return StorageError(f"input.manifest: cannot read {cfg.input.manifest}: {exc}")
+    return StorageError(f"input.manifest: cannot read {redact_uri(cfg.input.manifest)}: {redact_text(str(exc))}")
 
 
 def _check_uri_column(cfg: JobConfig, columns: list[str]) -> None:
     inp = cfg.input
     if inp.uri_column not in columns:
-        raise StorageError(f"input.uri_column: {inp.uri_column!r} is not a column of {inp.manifest} "
+        raise StorageError(f"input.uri_column: {inp.uri_column!r} is not a column of {redact_uri(inp.manifest)} "
                            f"(columns: {columns})")
 
 
@@ -95,7 +96,7 @@ def parquet_kept_schema(cfg: JobConfig, uris: list[str], what: str) -> pa.Schema
             continue
         missing = [n for n in names if n not in schema.names]
         if missing:
-            raise ConfigError(f"input.keep_columns: {missing[0]!r} is not a column of {uri} "
+            raise ConfigError(f"input.keep_columns: {missing[0]!r} is not a column of {redact_uri(uri)} "
                               f"(columns: {', '.join(schema.names)})")
         return pa.schema([pa.field(n, _plain(schema.field(n).type)) for n in names])
     return keep.string_schema(names)

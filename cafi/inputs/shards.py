@@ -34,6 +34,7 @@ from cafi.inputs.source import describe
 from cafi.inputs.stream import BlockStream
 from cafi.inputs.uris import SHARD_SUFFIXES
 from cafi.ray_setup import TASK_RETRIES
+from cafi.redact import redact_uri
 from cafi.stages.read import settle
 from cafi.storage import filesystem, unstrip
 from cafi.telemetry import Telemetry
@@ -64,7 +65,7 @@ def list_shards(cfg: JobConfig) -> tuple[list[Shard], int]:
     else:
         fs, root = filesystem(inp.uri, cfg.storage)
         if not fs.exists(root):
-            raise StorageError(f"input.uri: {inp.uri} does not exist or cannot be listed")
+            raise StorageError(f"input.uri: {redact_uri(inp.uri)} does not exist or cannot be listed")
         found = fs.find(root, detail=True)
         suffixes = SHARD_SUFFIXES[inp.format]
         shards = [Shard(unstrip(fs, p, inp.uri), index.stamp_of(info)) for p, info in sorted(found.items())
@@ -185,7 +186,7 @@ class ShardSource:
         missing = [s.uri for s in self.to_read if index.shard_hash(s.uri) not in written]
         if missing:
             raise CafiError(f"run {self.run_id}: {len(missing)} shard(s) were not read to the end (no index; first: "
-                            f"{missing[0]}); not committed")
+                            f"{redact_uri(missing[0])}); not committed")
         parts = [self.skipped_keys]
         stats = {"to_score": 0, "gets": 0, "bytes": 0, "shard_errors": 0, "bad_json": 0, "samples": 0}
         paths = [written[index.shard_hash(s.uri)] for s in self.to_read]
