@@ -32,6 +32,8 @@ class FlakyProxy:
         self.max_requests, self.deadline = max_requests, time.time() + lifetime_s
         self.storm_s, self.storm_after = storm_s, storm_after
         self.storm_start: float | None = None
+        self.failed_paths: set[str] = set()     # matching requests that were failed, by path
+        self.recovered: set[str] = set()        # of those, the paths served later
         self.matching = 0
         self.count = self.failed = 0
         self.by_method: dict[str, int] = {}
@@ -109,13 +111,20 @@ class FlakyProxy:
                 if self.storm_start is None and self.matching > self.storm_after:
                     self.storm_start = time.time()
                 if self.storm_start is None or time.time() > self.storm_start + self.storm_s:
-                    return None
+                    return self._served(path)
                 self.failed += 1
+                self.failed_paths.add(path)
                 return "drop" if self.failed % 3 == 0 else "503"
             if self.permanent or self.count % self.every == 0:
                 self.failed += 1
+                self.failed_paths.add(path)
                 return "drop" if (self.failed % 2 == 0 and not self.permanent) else "503"
-            return None
+            return self._served(path)
+
+    def _served(self, path: str) -> None:
+        if path in self.failed_paths:
+            self.recovered.add(path)
+        return None
 
     def __enter__(self) -> FlakyProxy:
         self.thread.start()
@@ -203,3 +212,112 @@ def check_exactly_once(out, expected_uris, reference_out=None, score_columns=("d
                 if a is not None:
                     assert np.isclose(a, b, rtol=1e-4, atol=1e-5), (uri, col, a, b)
     return rows
+
+
+# ---------------------------------------------------------------- a model actor that holds its batch
+
+GATE_ENV = "CAFI_TEST_GATE_DIR"
+HOLD_S = 600.0  # the longest a gated call holds its batch (the scenario removes the node long before)
+
+
+def hold_batches_on_gated_node() -> None:
+    """A Ray `worker_process_setup_hook` (it runs in every worker process of the job that names it):
+    wraps `FusedModels.__call__` with `_gate`. Without `CAFI_TEST_GATE_DIR` it changes nothing."""
+    gate = os.environ.get(GATE_ENV)
+    if not gate:
+        return
+    from cafi.stages.actor import FusedModels
+
+    call = FusedModels.__call__
+    if getattr(call, "gated", False):
+        return
+
+    def gated(self, batch: dict) -> dict:
+        _gate(gate, batch)
+        return call(self, batch)
+
+    gated.gated = True
+    FusedModels.__call__ = gated
+
+
+def arm_gate(gate: str, run: str, node_id: str, holds: str = "") -> None:
+    """From now on a model actor on node `node_id` holds every batch it is given that has a URI
+    containing `holds` (see `_gate`); other batches it scores as usual."""
+    _write_json(os.path.join(gate, "victim.json"), {"run": run, "node_id": node_id, "holds": holds})
+
+
+def disarm_gate(gate: str) -> None:
+    try:
+        os.remove(os.path.join(gate, "victim.json"))
+    except FileNotFoundError:
+        pass
+
+
+def held_batches(gate: str, run: str, kind: str = "held") -> list[dict]:
+    """What the gated node's calls wrote: `held` when a call took its batch, `released` when it let a
+    batch go because the node was still there after HOLD_S."""
+    import glob
+    import json
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(gate, f"{run}.{kind}.*.json"))):
+        with open(path) as fh:
+            out.append(json.load(fh))
+    return out
+
+
+def wait_for_held(gate: str, run: str, alive, timeout: float) -> list[dict]:
+    """The gated node's held batches, once there is one (or [] when `alive()` turns false or `timeout`
+    passes first)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and alive():
+        held = held_batches(gate, run)
+        if held:
+            return held
+        time.sleep(0.2)
+    return held_batches(gate, run)
+
+
+def _gate(gate: str, batch: dict) -> None:
+    """In a model actor's call, before the models. On the armed node, for a batch with a URI that
+    contains `holds`: write a `held` record (node, actor, the batch's URIs) and wait, without
+    returning, for the node to be removed (the process is killed with it); bounded by HOLD_S, after
+    which a `released` record says the batch was let go. On any other node: wait (bounded) until
+    the armed node holds a batch. The actor pool gives each actor at most a few batches at a time
+    (`max_tasks_in_flight_per_actor`), so with the others waiting the armed node's actor is given
+    such a batch whatever order the pool dispatches in, as long as there are more of them than the
+    others can take."""
+    import json
+    import threading
+
+    import ray
+
+    try:
+        with open(os.path.join(gate, "victim.json")) as fh:
+            victim = json.load(fh)
+    except FileNotFoundError:
+        return  # not armed: an undisturbed run, or the node is gone
+    ctx = ray.get_runtime_context()
+    deadline = time.time() + HOLD_S
+    if ctx.get_node_id() != victim["node_id"]:
+        while not held_batches(gate, victim["run"]) and time.time() < deadline:
+            time.sleep(0.1)
+        return
+    uris = [str(u) for u in batch["uri"]]
+    if not any(victim["holds"] in u for u in uris):
+        return
+    record = {"node_id": ctx.get_node_id(), "actor_id": ctx.get_actor_id(), "pid": os.getpid(), "uris": uris}
+    name = f"{victim['run']}.%s.{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.json"
+    _write_json(os.path.join(gate, name % "held"), record)
+    while time.time() < deadline:
+        time.sleep(0.5)
+    _write_json(os.path.join(gate, name % "released"), record)
+
+
+def _write_json(path: str, obj) -> None:
+    import json
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh)
+    os.replace(tmp, path)  # readers never see a partial file

@@ -114,9 +114,11 @@ def test_a_permanent_write_failure_fails_the_run_without_a_marker(s3, s3_endpoin
     local = write_samples(str(tmp_path / "in"), count=1, seed=61, unusual=False, broken=False)
     s3.put(local[0], "broken-out/in/a.jpg")
     with FlakyProxy(s3_endpoint, methods=("PUT", "POST"), path_contains="/manifest/", permanent=True) as proxy:
+        # a budget of seconds: the failure is the same past any budget, only later
         cfg = load_config(fast_config, ["input.uri=s3://broken-out/in/", "output.uri=s3://broken-out/out",
-                                        f"storage.endpoint_url={proxy.url}"])
-        with pytest.raises(Exception) as err:  # noqa: B017 - Ray wraps the storage error
+                                        f"storage.endpoint_url={proxy.url}", "storage.retry_budget_s=3"])
+        # Ray wraps the storage error; its message is ours
+        with pytest.raises(Exception, match="cannot write .* within storage.retry_budget_s=3 ") as err:
             pipeline.run(cfg)
     assert proxy.failed > 0
     assert not isinstance(err.value, AssertionError)
