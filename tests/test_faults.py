@@ -14,7 +14,14 @@ from cafi.config import load_config
 from cafi.errors import CafiError
 from cafi.samples import write_samples
 
-from .faults import FlakyProxy, kill_tree, pids_with_title
+try:  # tests/ is a package under pytest; a scenario runs this file as a script
+    from . import faults
+    from .faults import FlakyProxy, check_exactly_once, kill_tree
+    from .scenarios import emit, run_scenario
+except ImportError:
+    import faults  # type: ignore[no-redef]
+    from faults import FlakyProxy, check_exactly_once, kill_tree  # type: ignore[no-redef]
+    from scenarios import emit, run_scenario  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.slow  # fault injection on real Ray runs
 
@@ -37,25 +44,62 @@ def _data_files(out):
             if f.endswith(".parquet")]
 
 
-def test_a_killed_model_worker_is_replaced_and_the_run_completes(tmp_path, fast_config, ray_local):
+def test_a_killed_model_worker_is_replaced_and_the_run_completes(tmp_path, fast_config):
+    """The model actor is killed while it holds a batch, by construction: a gate (tests/faults.py) stops
+    its call on a batch of faces and records its pid; the scenario kills that process, then lets the
+    restarted actor through. The run completes with every input once, as an undisturbed run scores it."""
     paths = write_samples(str(tmp_path / "in"), count=6, seed=31, unusual=False, broken=False)
-    out = tmp_path / "out"
-    cfg = load_config(fast_config, [f"input.uri={tmp_path / 'in'}", f"output.uri={out}", *SMALL_BLOCKS])
-    result: dict = {}
-    job = threading.Thread(target=lambda: result.update(pipeline.run(cfg)))
-    job.start()
-    killed = []
-    deadline = time.time() + 300
-    while job.is_alive() and not killed and time.time() < deadline:
-        if _data_files(out):  # the pipeline is mid-run: some blocks are done, others in flight
-            for pid in pids_with_title("MapBatches(dbcnn)"):
-                os.kill(pid, 9)
-                killed.append(pid)
-        time.sleep(0.2)
-    job.join(timeout=600)
-    assert killed, "the DBCNN worker was never seen mid-run"
-    assert result.get("counts", {}).get("rows") == len(paths)
-    _exactly_once(out, paths)
+    outs = {k: str(tmp_path / k) for k in ("undisturbed", "killed")}
+    seen = run_scenario(__file__, "killed_worker", {"files": list(fast_config), "input": str(tmp_path / "in"),
+                                                    "outputs": outs}, timeout=900)
+    assert seen["held"], seen  # the actor held a batch of faces when it was killed
+    assert seen["killed_pid"] == seen["held"][0]["pid"] and not seen["alive_after_kill"], seen
+    assert set(seen["held"][0]["uris"]) <= set(paths)
+    assert seen["counts"]["rows"] == len(paths), seen
+    rows = check_exactly_once(outs["killed"], paths, reference_out=outs["undisturbed"])
+    assert all(rows[u]["status"] == "scored" for u in seen["held"][0]["uris"]), rows
+
+
+def _scenario_killed_worker(args: dict) -> None:
+    import signal
+
+    import ray
+
+    gate = os.path.join(args["tmp"], "gate")
+    os.makedirs(gate)
+    ray.cloudpickle.register_pickle_by_value(faults)  # the hook reaches the workers by value
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": faults.hold_batches_on_gated_node,
+                          "env_vars": {faults.GATE_ENV: gate}})
+    overrides = [f"input.uri={args['input']}", *SMALL_BLOCKS]
+    try:
+        pipeline.run(load_config(args["files"], [*overrides, f"output.uri={args['outputs']['undisturbed']}"]))
+        faults.arm_gate(gate, "killed", ray.get_runtime_context().get_node_id(), holds="/face_")
+        summary: dict = {}
+        job = threading.Thread(target=lambda: summary.update(
+            pipeline.run(load_config(args["files"], [*overrides, f"output.uri={args['outputs']['killed']}"]))))
+        job.start()
+        held = faults.wait_for_held(gate, "killed", job.is_alive, timeout=600)
+        result: dict = {"held": held, "killed_pid": None, "alive_after_kill": None}
+        if held:
+            pid = held[0]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            result["killed_pid"] = pid
+            for _ in range(100):  # gone before the gate opens: the batch cannot have been let through
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                result["alive_after_kill"] = True
+            result["alive_after_kill"] = result["alive_after_kill"] or False
+        faults.disarm_gate(gate)  # the restarted actor scores every batch
+        job.join(timeout=600)
+        result["counts"] = summary.get("counts", {})
+        emit(result)
+    finally:
+        ray.shutdown()
 
 
 def _job(config_files, overrides, cwd):
@@ -153,3 +197,12 @@ def test_counts_that_do_not_add_up_refuse_to_commit(tmp_path, fast_config, ray_l
     with pytest.raises(CafiError, match="have no row; not committed"):
         pipeline.run(load_config(fast_config, [f"input.uri={tmp_path / 'in'}", f"output.uri={tmp_path / 'out'}"]))
     assert manifest.committed_runs(str(tmp_path / "out")) == []
+
+
+if __name__ == "__main__":
+    import json
+    import logging
+
+    logging.basicConfig(level=os.environ.get("CAFI_LOG_LEVEL", "WARNING"))
+    scenario, payload = sys.argv[1], json.loads(sys.argv[2])
+    {"killed_worker": _scenario_killed_worker}[scenario](payload)
