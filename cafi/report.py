@@ -356,7 +356,9 @@ def thumbnails(rows: list[dict], storage: StorageConfig | None, image_cfg: Image
                size: int = THUMB, image_column: str = "jpg") -> dict[str, str | Exception]:
     """uri -> a data: URI of a small JPEG thumbnail, or the reason there is none, for manifest rows
     (uri, shard_offset, shard_size). Reads only these images: whole objects, or a shard sample's
-    member by a ranged read; decoding keeps the pipeline's size limits (bombs stay undecoded)."""
+    member by a ranged read; decoding keeps the pipeline's size limits (bombs stay undecoded), its
+    image formats and its memory bound (pixels, never the square of the longer side: a 4,000,000 x 1
+    PNG is a thin line, not a 48 TB canvas)."""
     from PIL import Image
 
     from cafi import imaging
@@ -374,13 +376,16 @@ def thumbnails(rows: list[dict], storage: StorageConfig | None, image_cfg: Image
             if isinstance(data, Exception):
                 out[uri] = data
                 continue
-            dec = imaging.decode(data, cfg)
-            if dec.error is not None:
-                out[uri] = ValueError(dec.error)
-                continue
-            buf = io.BytesIO()
-            Image.fromarray(dec.image).save(buf, format="JPEG", quality=80)
-            out[uri] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+            try:  # imaging.decode never raises; a thumbnail that cannot be made is a placeholder
+                dec = imaging.decode(data, cfg)
+                if dec.error is not None:
+                    out[uri] = ValueError(dec.error)
+                    continue
+                buf = io.BytesIO()
+                Image.fromarray(dec.image).save(buf, format="JPEG", quality=80)
+                out[uri] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+            except Exception as exc:  # noqa: BLE001 - the page is written with "no preview" instead
+                out[uri] = exc
     return out
 
 

@@ -69,15 +69,26 @@ def encode(img: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height but whose pixel data is a few bytes:
     what a decompression bomb looks like before it is decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + \
-        chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + \
+        _png_chunk(b"IEND", b"")
+
+
+def png_flat(width: int, height: int, level: int = 128) -> bytes:
+    """A real, fully decodable 8-bit grayscale PNG of width x height, every pixel `level`: a few
+    kilobytes however many pixels (1,250,000 x 32 is 39 KB), made one row at a time."""
+    z = zlib.compressobj(9)
+    row = b"\x00" + bytes([level]) * width  # filter type 0, then the row's pixels
+    body = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
 
 
 def unusual_inputs(seed: int = 0) -> dict[str, bytes]:

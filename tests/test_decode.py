@@ -13,7 +13,7 @@ from PIL import ImageFile
 from cafi import imaging
 from cafi.config import ImageConfig, load_config
 from cafi.decision import OK
-from cafi.samples import broken_inputs, draw_face, encode, good_crops, unusual_inputs, write_samples
+from cafi.samples import broken_inputs, draw_face, encode, good_crops, png_flat, unusual_inputs, write_samples
 from cafi.stages.actor import FusedModels
 from cafi.stages.decode import Decode, square_resize_tensor
 from cafi.stages.read import read_objects
@@ -123,3 +123,44 @@ def test_models_run_one_batch_at_a_time_while_the_next_one_decodes(fast_config, 
     spans.sort()
     assert len(spans) == 4
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans  # never two at once
+
+
+def test_one_file_that_cannot_be_decoded_is_its_rows_error_never_a_failed_batch(monkeypatch):
+    """A real 1,250,000 x 32 PNG (exactly image.max_pixels: the header check passes) is decoded in
+    memory bounded by its pixels; whatever else decoding raises for one file (here a MemoryError)
+    is that row's error, and the batch's other rows are decoded."""
+    cfg = ImageConfig(crop_size=128)
+    files = {**good_crops(2, seed=6), "line.png": png_flat(1_250_000, 32, 200)}
+    out = Decode(cfg, CPU, threads=2)(_byte_batch(files))
+    assert list(out["status"]) == [OK] * 3, list(out["error"])
+    assert (out["width"][2], out["height"][2]) == (1_250_000, 32)  # a line far below one pixel of the crop
+    real = imaging.square_resize
+
+    def fails_for_the_first(rgb, size):
+        if rgb.shape[0] == 384:
+            raise MemoryError("Unable to allocate 4.26 TiB")
+        return real(rgb, size)
+
+    monkeypatch.setattr(imaging, "square_resize", fails_for_the_first)
+    files = {"a.png": encode(draw_face(200, 1), "PNG"), **good_crops(1, seed=6)}
+    out = Decode(cfg, CPU, threads=2)(_byte_batch(files))
+    assert list(out["status"]) == [OK, "error"]
+    assert out["error"][1] == "cannot decode image: Unable to allocate 4.26 TiB" and not out["image"][1].any()
+    assert out["image"][0].any()
+
+
+@pytest.mark.parametrize("height, width", [(24, 6000), (6000, 24), (300, 40)])
+def test_device_resize_never_makes_the_square_canvas(height, width, monkeypatch):
+    """The device path pads as the host does, without a max(H, W)^2 canvas for a shrink."""
+    img = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    host = imaging.square_resize(img, 128).astype(int)
+    real = torch.zeros
+
+    def bounded(*shape, **kwargs):
+        out = real(*shape, **kwargs)
+        assert out.numel() <= 3 * 128 * 128, f"a {tuple(out.shape)} canvas"
+        return out
+
+    monkeypatch.setattr(torch, "zeros", bounded)
+    dev = square_resize_tensor(torch.from_numpy(img).permute(2, 0, 1), 128).numpy().astype(int)
+    assert np.abs(host - dev).max() <= 1

@@ -25,7 +25,7 @@ from cafi import columns, fetch, manifest, report, runs
 from cafi.config import DecisionConfig, load_config, to_dict
 from cafi.decision import ERROR, NO_FACE, OK, REASONS, SCORED, reject_reasons
 from cafi.errors import CafiError
-from cafi.samples import broken_inputs, degrade, draw_face, encode
+from cafi.samples import broken_inputs, degrade, draw_face, encode, png_flat
 from cafi.stages import specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -345,6 +345,26 @@ def test_report_out_option_and_root(tmp_path):
     dest = str(tmp_path / "elsewhere" / "r.html")
     assert report.write_report(out, out=dest) == dest
     assert "cafi run report: 20250101T000000Z-aaaaaa" in open(dest, encoding="utf-8").read()
+
+
+def test_thumbnails_of_hostile_images_are_made_in_bounded_memory_or_are_placeholders(tmp_path):
+    """Thumbnails decode with min_side=1: a 3.9 KB PNG of 4,000,000 x 1 (an error row in a run) was
+    padded to a 43.7 TiB square and raised MemoryError in `cafi report` and the end-of-run report."""
+    files = {"face.jpg": encode(draw_face(200, 1), "JPEG"), "line.png": png_flat(4_000_000, 1, 255),
+             "long.png": png_flat(1_250_000, 32, 255), "bomb.png": broken_inputs()["bomb.png"],
+             "doc.eps": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n%%EOF\n"}
+    rows = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        rows.append({"uri": str(tmp_path / name)})
+    thumbs = report.thumbnails(rows, None)
+    got = {os.path.basename(uri): thumb for uri, thumb in thumbs.items()}
+    assert all(isinstance(got[n], str) and got[n].startswith("data:image/jpeg;base64,")
+               for n in ("face.jpg", "line.png", "long.png"))
+    assert "image too large" in str(got["bomb.png"]) and "unsupported image format: EPS" in str(got["doc.eps"])
+    page = report._figure({"uri": rows[-1]["uri"], "status": "error", "error": str(got["doc.eps"])}, thumbs,
+                          "serfiq", "dbcnn")
+    assert 'class="noimg"' in page
 
 
 def test_report_of_run_without_scored_rows(tmp_path):

@@ -29,40 +29,49 @@ _DEVICE_FORMATS = {"JPEG"}
 _DEVICE_MODES = {"RGB", "L"}
 
 
-def area_weights(src: int, dst: int, device=None):
-    """(dst, src) weights of OpenCV's INTER_AREA shrink: each output pixel averages the input
-    pixels its footprint covers, partly covered ones by the covered fraction. Applied as two
-    matrix products it reproduces cv2.resize(..., INTER_AREA) to the rounding."""
+def area_weights(src: int, dst: int, device=None, start: int = 0, count: int | None = None):
+    """(dst, count) weights of OpenCV's INTER_AREA shrink, for the source pixels start .. start+count
+    (default: all): each output pixel averages the input pixels its footprint covers, partly covered
+    ones by the covered fraction. Applied as two matrix products it reproduces
+    cv2.resize(..., INTER_AREA) to the rounding."""
     import torch
 
+    count = src - start if count is None else count
     scale = src / dst
     i = torch.arange(dst, dtype=torch.float64, device=device)[:, None]
-    j = torch.arange(src, dtype=torch.float64, device=device)[None, :]
-    overlap = torch.minimum((i + 1) * scale, j + 1) - torch.maximum(i * scale, j)
-    return (overlap.clamp_min(0) / scale).float()
+    j = torch.arange(start, start + count, dtype=torch.float64, device=device)[None, :]
+    overlap = torch.minimum((i + 1) * scale, j + 1)
+    overlap -= torch.maximum(i * scale, j)
+    return overlap.clamp_(min=0).div_(scale).float()
 
 
 def square_resize_tensor(chw, size: int):
     """uint8 (3,H,W) tensor -> uint8 (size,size,3) on the tensor's device, as imaging.square_resize
     does on the host: a centred black square pad, then INTER_AREA's shrink (as matrix products)
-    or a bicubic enlargement (INTER_CUBIC's kernel, a = -0.75)."""
+    or a bicubic enlargement (INTER_CUBIC's kernel, a = -0.75).
+
+    A shrink never makes the square canvas (its padding only multiplies zeros): the weights of the
+    rows and columns the image covers, applied longer side first. Memory: the image, its float
+    copy, weights of size x (H + W) and a (3, size, shorter side) product -- never max(H, W)^2.
+    A canvas is made only for an enlargement, where it is at most size x size."""
     import torch
     import torch.nn.functional as F
 
     _, h, w = chw.shape
     side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    if side > size:
+        x = chw.float()
+        rows = area_weights(side, size, chw.device, top, h)     # (size, h)
+        cols = area_weights(side, size, chw.device, left, w).T  # (w, size)
+        x = rows @ (x @ cols) if w >= h else (rows @ x) @ cols
+        return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
     if h != w:
         canvas = torch.zeros((3, side, side), dtype=chw.dtype, device=chw.device)
-        top, left = (side - h) // 2, (side - w) // 2
         canvas[:, top:top + h, left:left + w] = chw
         chw = canvas
     if side != size:
-        x = chw.float()
-        if side > size:
-            weights = area_weights(side, size, chw.device)
-            x = weights @ x @ weights.T
-        else:
-            x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False)[0]
+        x = F.interpolate(chw.float()[None], size=(size, size), mode="bicubic", align_corners=False)[0]
         chw = x.round_().clamp_(0, 255).to(torch.uint8)
     return chw.permute(1, 2, 0)
 
