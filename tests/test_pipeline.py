@@ -32,13 +32,29 @@ def _cfg(fast_config, *overrides):
     return load_config(fast_config, list(overrides))
 
 
+def hostile_images() -> dict[str, bytes]:
+    """Crafted files of a few kilobytes: a 1,250,000 x 32 PNG (exactly image.max_pixels; padded to a
+    square it asked for 4.26 TiB and failed the run), a 4,000,000 x 1 PNG (an error row whose report
+    thumbnail raised MemoryError) and an EPS named .jpg (Pillow would start Ghostscript)."""
+    from cafi.samples import png_flat
+
+    return {"long.png": png_flat(1_250_000, 32, 255), "line.png": png_flat(4_000_000, 1),
+            "eps.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n%%EOF\n"}
+
+
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, fast_config, ray_local):
+    """Good, unusual, broken and hostile crops, scored once for the module's tests, with its report."""
     tmp = tmp_path_factory.mktemp("local")
     paths = write_samples(str(tmp / "in"), count=GOOD, seed=5)
+    (tmp / "in" / "hostile").mkdir()
+    for name, data in hostile_images().items():
+        (tmp / "in" / "hostile" / name).write_bytes(data)
+        paths.append(str(tmp / "in" / "hostile" / name))
     out = str(tmp / "out")
     # the suite's one run with a separate actor pool per model (ray.fuse_models=false); the others fuse them
-    summary = pipeline.run(_cfg(fast_config, f"input.uri={tmp / 'in'}", f"output.uri={out}", "ray.fuse_models=false"))
+    summary = pipeline.run(_cfg(fast_config, f"input.uri={tmp / 'in'}", f"output.uri={out}", "ray.fuse_models=false",
+                                "output.report=true"))
     return paths, out, summary
 
 
@@ -50,7 +66,8 @@ def test_every_input_leaves_exactly_one_row(local_run):
     paths, out, summary = local_run
     rows = manifest.read(out)
     assert sorted(rows["uri"].to_pylist()) == sorted(paths)
-    assert summary["inputs"] == len(paths) == GOOD + len(unusual_inputs()) + len(broken_inputs())
+    made = GOOD + len(unusual_inputs()) + len(broken_inputs()) + len(hostile_images())
+    assert summary["inputs"] == len(paths) == made
     counts = summary["counts"]
     assert counts["rows"] == counts["distinct_uris"] == len(paths)
     assert sum(counts["status"].values()) == len(paths)
@@ -180,26 +197,13 @@ def test_systemic_faults_fail_the_run_without_a_marker(fast_config, ray_local, t
         pipeline.run(_cfg(fast_config, f"input.uri={tmp_path / 'absent'}", f"output.uri={out}"))
 
 
-def test_hostile_images_are_error_rows_or_scored_and_never_fail_the_run(fast_config, ray_local, tmp_path):
-    """Crafted files of a few kilobytes: a 1,250,000 x 32 PNG (exactly image.max_pixels; padded to a
-    square it asked for 4.26 TiB and failed the run), a 4,000,000 x 1 PNG (an error row whose report
-    thumbnail raised MemoryError), an EPS named .jpg (Ghostscript) and a 16-bit PNG. Each leaves one row, the
-    run commits, and its report is written."""
-    from cafi.samples import good_crops, png_flat
-
+def test_hostile_images_are_error_rows_or_scored_and_never_fail_the_run(local_run):
+    """Each crafted file leaves one row, the run commits, and its report is written."""
     from .faults import check_exactly_once
 
-    inp, out = tmp_path / "in", str(tmp_path / "out")
-    inp.mkdir()
-    files = {**good_crops(3, seed=7), "long.png": png_flat(1_250_000, 32, 255), "line.png": png_flat(4_000_000, 1),
-             "eps.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n%%EOF\n",
-             "gray16.png": unusual_inputs(7)["gray16.png"]}
-    for name, data in files.items():
-        (inp / name).write_bytes(data)
-    summary = pipeline.run(_cfg(fast_config, f"input.uri={inp}", f"output.uri={out}", "output.report=true"))
-    rows = {os.path.basename(uri): row for uri, row in check_exactly_once(out, [str(inp / n) for n in files]).items()}
-    for name in (*good_crops(3, seed=7), "long.png", "gray16.png"):
-        assert rows[name]["status"] in ("scored", "no_face") and rows[name]["error"] is None, (name, rows[name])
+    paths, out, summary = local_run
+    rows = {os.path.basename(uri): row for uri, row in check_exactly_once(out, paths).items()}
+    assert rows["long.png"]["status"] in ("scored", "no_face") and rows["long.png"]["error"] is None
     assert (rows["long.png"]["width"], rows["long.png"]["height"]) == (1_250_000, 32)
     assert rows["line.png"]["status"] == "error" and "image too small: 4000000x1" in rows["line.png"]["error"]
     assert rows["eps.jpg"]["status"] == "error" and "unsupported image format: EPS" in rows["eps.jpg"]["error"]

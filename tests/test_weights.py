@@ -357,3 +357,24 @@ def test_weights_fetch_copies_the_published_files_and_pins_a_missing_digest(synt
     assert sorted(os.listdir(dest)) == sorted(registry.PUBLISHED[a].file_name for a in
                                               ("retinaface_resnet50", "bisenet", "arcface_ir_se50", "dbcnn"))
     assert sha256_of(str(dest / PUBLISHED["dbcnn"].file_name)) == dbcnn_sha
+
+
+@pytest.mark.parametrize("arch", ["dbcnn", "retinaface_mobile0.25"])
+def test_a_model_built_without_initialising_loads_the_same_tensors(synth_dir, tmp_path, arch):
+    """build_loaded skips the random init (meta device, then the checkpoint's tensors assigned); a module
+    that cannot be built on the meta device (RetinaFace moves itself while built) is built normally."""
+    import torch
+
+    from cafi.models import dbcnn, retinaface
+    from cafi.models.registry import PUBLISHED
+    from cafi.weights import build_loaded, load_into
+
+    builder = dbcnn.build if arch == "dbcnn" else (lambda: retinaface.build(arch, "cpu"))
+    path = os.path.join(synth_dir, PUBLISHED[arch].file_name)
+    rec = PUBLISHED[arch]
+    ckpt = Checkpoint("m", path, sha256_of(path), rec.state_key, strip_prefixes=rec.strip_prefixes)
+    fast = build_loaded(builder, ckpt, str(tmp_path))
+    plain = load_into(builder(), ckpt, str(tmp_path))
+    assert not any(t.is_meta for t in [*fast.parameters(), *fast.buffers()])
+    a, b = fast.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

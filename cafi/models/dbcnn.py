@@ -17,7 +17,7 @@ from torch import nn
 
 from cafi.models.registry import published
 from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, load_into
+from cafi.weights import Checkpoint, build_loaded
 
 # SCNN conv stack: (in, out, stride); each conv is 3x3 followed by BatchNorm and ReLU.
 _SCNN_LAYERS = (
@@ -68,7 +68,7 @@ class DbcnnScorer:
         self.record = published("dbcnn")
         self.device = device
         self.precision = precision
-        self.net = prepare(load_into(build(), ckpt, cache_dir, storage), device)
+        self.net = prepare(build_loaded(build, ckpt, cache_dir, storage), device)
         self.features = maybe_compile(lambda x: (self.net.features1(x), self.net.features2(x)), compile)
 
     @torch.inference_mode()

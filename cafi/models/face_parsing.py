@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cafi.models import bisenet, parsenet
 from cafi.models.registry import published
 from cafi.models.runtime import autocast, maybe_compile, prepare, to_input, upload
-from cafi.weights import Checkpoint, load_into
+from cafi.weights import Checkpoint, build_loaded
 
 _ARCHS = {"bisenet": bisenet, "parsenet": parsenet}
 
@@ -31,7 +31,7 @@ class FaceMasker:
         self.device = device
         self.precision = precision
         self.input_size = input_size
-        self.net = prepare(load_into(build(arch), ckpt, cache_dir, storage), device)
+        self.net = prepare(build_loaded(lambda: build(arch), ckpt, cache_dir, storage), device)
         self.logits = maybe_compile(lambda x: self.arch.logits(self.net, x), compile)
         names = label_names(arch)
         self.face_ids = torch.tensor([names.index(n) for n in face_labels], device=device)

@@ -24,7 +24,7 @@ from cafi.decision import ofiq_unified_quality
 from cafi.models import iresnet
 from cafi.models.registry import published
 from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, load_into
+from cafi.weights import Checkpoint, build_loaded
 
 
 class MagFaceScorer:
@@ -34,7 +34,7 @@ class MagFaceScorer:
         self.device = device
         self.precision = precision
         self.ofiq_mapping = ofiq_mapping
-        self.net = prepare(load_into(iresnet.build(100), ckpt, cache_dir, storage), device)
+        self.net = prepare(build_loaded(lambda: iresnet.build(100), ckpt, cache_dir, storage), device)
         self.forward = maybe_compile(self.net, compile)
 
     @torch.inference_mode()

@@ -16,7 +16,7 @@ from facexlib.detection.retinaface_utils import PriorBox, batched_decode, batche
 
 from cafi.models.registry import Pretrained, published
 from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, load_into
+from cafi.weights import Checkpoint, build_loaded
 
 ARCHS = {"retinaface_resnet50": "resnet50", "retinaface_mobile0.25": "mobile0.25"}
 
@@ -42,7 +42,7 @@ class FaceDetector:
         self.record: Pretrained = published(arch)
         self.device = device
         self.precision = precision
-        self.net = prepare(load_into(build(arch, "cpu"), ckpt, cache_dir, storage), device)
+        self.net = prepare(build_loaded(lambda: build(arch, "cpu"), ckpt, cache_dir, storage), device)
         self.net.device = device
         self.forward = maybe_compile(self.net, compile)
         self._priors: dict[tuple[int, int], torch.Tensor] = {}

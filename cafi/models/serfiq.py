@@ -15,7 +15,7 @@ from cafi.decision import rescale_serfiq
 from cafi.models import arcface
 from cafi.models.registry import published
 from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, load_into
+from cafi.weights import Checkpoint, build_loaded
 
 FEATURES = 512 * 7 * 7
 
@@ -51,7 +51,7 @@ class SerFiq:
         self.device = device
         self.precision = precision
         self.dropout, self.alpha, self.r = dropout, alpha, r
-        self.net = prepare(load_into(arcface.build(dropout), ckpt, cache_dir, storage), device)
+        self.net = prepare(build_loaded(lambda: arcface.build(dropout), ckpt, cache_dir, storage), device)
         self.trunk = maybe_compile(lambda x: arcface.trunk(self.net, x), compile)
         self.masks = dropout_masks(samples, dropout, seed, device)
         # nn.Dropout's inverted scaling folded into the masks: one pass over the repeated features

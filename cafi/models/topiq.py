@@ -32,7 +32,7 @@ from torch import nn
 
 from cafi.models.registry import published
 from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, load_into
+from cafi.weights import Checkpoint, build_loaded
 
 CHANNELS = (64, 256, 512, 1024, 2048)  # stem, layer1..layer4
 DIM, HEADS, FEEDFORWARD = 256, 4, 1024
@@ -179,7 +179,7 @@ class TopiqFaceScorer:
         self.record = published("topiq_nr_face")
         self.device = device
         self.precision = precision
-        self.net = prepare(load_into(build(), ckpt, cache_dir, storage), device)
+        self.net = prepare(build_loaded(build, ckpt, cache_dir, storage), device)
         self.forward = maybe_compile(self.net, compile)
 
     @torch.inference_mode()
