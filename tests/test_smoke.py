@@ -17,7 +17,8 @@ def test_readme_smoke_command_scores_generated_crops(tmp_path):
     env["CAFI_LOG_LEVEL"] = "WARNING"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "jobs", "score.py"), "--config", os.path.join(ROOT, "configs/smoke.yaml"),
-         "ray.progress_bars=false", "smoke.samples=8"],
+         # the README command; smaller (documented keys) so that the suite stays within its time
+         "ray.progress_bars=false", "smoke.samples=8", "image.crop_size=160", "models.serfiq.samples=8"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
