@@ -3,14 +3,18 @@ the rows are; the driver holds sorted numpy arrays of keys only, never URIs."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from cafi.manifest import uri_keys
-
 EMPTY = np.array([], dtype="S16")
+
+
+def uri_keys(uris: list[str]) -> np.ndarray:
+    """16-byte BLAKE2b keys of URIs: what resume and reuse hold per row instead of the URI string."""
+    return np.array([hashlib.blake2b(u.encode(), digest_size=16).digest() for u in uris], dtype="S16")
 
 
 def contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:

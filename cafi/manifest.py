@@ -10,7 +10,6 @@ A run without `_SUCCESS` is not committed, and readers here skip its rows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
@@ -27,6 +26,7 @@ from cafi import columns
 from cafi.config import StorageConfig
 from cafi.fetch import RetryingWrites, write_bytes
 from cafi.inputs.keep import schema_from_text
+from cafi.keys import uri_keys
 from cafi.storage import filesystem, join
 
 log = logging.getLogger("cafi")
@@ -173,11 +173,6 @@ def committed_run_ids(output: str, version: str, storage: StorageConfig | None =
     """Run ids whose rows make up the committed result of a version: committed runs and the
     crashed attempts a committed resume took over."""
     return _committed_ids(committed_runs(output, storage), version)
-
-
-def uri_keys(uris: list[str]) -> np.ndarray:
-    """16-byte BLAKE2b keys of URIs: what resume and reuse hold per row instead of the URI string."""
-    return np.array([hashlib.blake2b(u.encode(), digest_size=16).digest() for u in uris], dtype="S16")
 
 
 def version_files(output: str, version: str, storage: StorageConfig | None = None) -> list[tuple[str, str]]:

@@ -90,14 +90,13 @@ def omitted_stages(cfg: JobConfig, plan: reuse.ReusePlan | None, todo_ref, n_tod
     return tuple(s.name for s in specs.specs_for(cfg) if plan.stages.get(s.name))
 
 
-def score(cfg: JobConfig, source: InputSource, done: np.ndarray, version: str, run_id: str, reuse_plan,
+def score(cfg: JobConfig, source: InputSource, done: np.ndarray, todo_ref, version: str, run_id: str, reuse_plan,
           omit: tuple[str, ...]) -> dict:
     """Run the pipeline into the manifest (files written as blocks finish); its operator stats."""
-    import ray
     from ray.data.datasource import FilenameProvider
 
     models_run = any(s.name not in omit for s in specs.specs_for(cfg))
-    todo_ds = source.dataset(done, ray.put(source.todo), models_run)
+    todo_ds = source.dataset(done, todo_ref, models_run)
     sized = autoscale.sized(cfg, rows=None if source.unread else len(source.todo))
     scored = build(todo_ds, sized, version, run_id, reuse_plan, omit, read=source.read_step, kept=source.kept)
     fs, path = manifest.arrow_filesystem(manifest.manifest_uri(cfg.output.uri), cfg.storage, run_id)
@@ -139,12 +138,13 @@ def run(cfg: JobConfig) -> dict:
 
     work = len(source.todo) or source.unread
     reuse_plan = reuse.plan(out, version, fingerprints, cfg, storage) if cfg.incremental and work else None
-    omit = omitted_stages(cfg, reuse_plan, ray.put(source.todo), len(source.todo)) if not source.unread else ()
+    todo_ref = ray.put(source.todo)
+    omit = omitted_stages(cfg, reuse_plan, todo_ref, len(source.todo)) if not source.unread else ()
     phases.mark("reuse_plan")
     stats: dict = {}
     collector = telemetry.start(run_id)
     if work:
-        stats = score(cfg, source, done, version, run_id, reuse_plan, omit)
+        stats = score(cfg, source, done, todo_ref, version, run_id, reuse_plan, omit)
     # else: a crashed attempt wrote every row but did not commit; this run commits its rows.
     del done
     phases.mark("score_and_write")

@@ -66,8 +66,8 @@ class ModelStage:
             self.load()
 
     @property
-    def settings(self):
-        """Its config section (models.<section>)."""
+    def section(self):
+        """Its config section (models.<section>): settings and resources."""
         return self.spec.resources(self.cfg)
 
     def load(self) -> None:

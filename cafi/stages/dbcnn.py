@@ -17,7 +17,7 @@ class DbcnnStage(ModelStage):
         self.model = DbcnnScorer(self._checkpoint(), **self._common())
 
     def process(self, batch: dict, rows: np.ndarray) -> None:
-        pixels = scored_pixels(batch, rows, self.settings.masked, self.cfg.models.parser.fill, self.device)
+        pixels = scored_pixels(batch, rows, self.section.masked, self.cfg.models.parser.fill, self.device)
         batch["dbcnn"][rows] = self.model(pixels)
 
 

@@ -13,7 +13,7 @@ class Detect(ModelStage):
     def load(self) -> None:
         from cafi.models.retinaface import FaceDetector
 
-        d = self.settings
+        d = self.section
         self.detector = None
         if d.align != "none":
             self.detector = FaceDetector(d.arch, self._checkpoint(), **self._common())
@@ -27,7 +27,7 @@ class Detect(ModelStage):
         if self.detector is None:  # align: none -- crops are already aligned faces
             return
         det = self.detector(batch["image"][rows])
-        found = det.score >= self.settings.conf_threshold
+        found = det.score >= self.section.conf_threshold
         batch["det_score"][rows] = det.score
         batch["landmarks"][rows] = det.landmarks.reshape(len(rows), 10)
         batch["status"][rows[~found]] = NO_FACE

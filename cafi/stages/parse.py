@@ -23,7 +23,7 @@ class Mask(ModelStage):
     def load(self) -> None:
         from cafi.models.face_parsing import FaceMasker
 
-        p = self.settings
+        p = self.section
         self.masker = FaceMasker(p.arch, self._checkpoint(), face_labels=list(p.face_labels), fill=list(p.fill),
                                  input_size=p.input_size, **self._common())
 
@@ -75,5 +75,5 @@ SPEC = StageSpec(
     reads=lambda cfg: ("crop",),
     settings=_settings,
     arch=lambda cfg: cfg.models.parser.arch, archs=("bisenet", "parsenet"), synth=_synth,
-    extra={"validate": _validate},
+    validate=_validate,
 )

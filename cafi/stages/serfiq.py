@@ -19,7 +19,7 @@ class SerFiqStage(ModelStage):
     def load(self) -> None:
         from cafi.models.serfiq import SerFiq
 
-        s = self.settings
+        s = self.section
         self.model = SerFiq(self._checkpoint(), samples=s.samples, dropout=s.dropout, alpha=s.alpha, r=s.r,
                             seed=s.seed, **self._common())
 

@@ -12,7 +12,7 @@ registry (cafi/stages/specs.py), which imports the stage modules.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Families in pipeline order: detection, then the FIQA scorers (on the aligned original face), then
@@ -47,7 +47,7 @@ class StageSpec:
     joins: str | None = None  # runs in the actor of this stage (it reads what that one leaves in the actor)
     title: str = ""  # report: histogram title
     value_range: tuple[float, float] | None = None  # report: fixed histogram range (scores of a known scale)
-    extra: dict = field(default_factory=dict)
+    validate: Callable[[Any], None] | None = None  # cfg -> raises ConfigError: checks needing its model tables
 
     def __post_init__(self):
         if self.family not in FAMILIES:

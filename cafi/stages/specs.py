@@ -119,14 +119,13 @@ def live_mask_users(cfg: JobConfig) -> list[str]:
 
 def validate(cfg: JobConfig) -> None:
     """The checks that need the model tables (cafi/config.py checks the rest without them): each stage's
-    own (`extra["validate"]`), and that every checkpoint a run loads has a digest to verify."""
+    own (`validate`), and that every checkpoint a run loads has a digest to verify."""
     for s in specs_for(cfg):
         arch = s.arch(cfg) if s.arch is not None else None
         if arch is not None and arch not in s.archs:
             raise ConfigError(f"models.{s.section}.arch: {arch!r} is not allowed; expected one of {s.archs}")
-        check = s.extra.get("validate")
-        if check is not None:
-            check(cfg)
+        if s.validate is not None:
+            s.validate(cfg)
         try:
             s.checkpoint(cfg)
         except KeyError as exc:

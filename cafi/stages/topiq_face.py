@@ -23,7 +23,7 @@ class TopiqFaceStage(ModelStage):
         from cafi.faces.align import align_ffhq
         from cafi.models.runtime import to_host
 
-        pixels = scored_pixels(batch, rows, self.settings.masked, self.cfg.models.parser.fill, self.device)
+        pixels = scored_pixels(batch, rows, self.section.masked, self.cfg.models.parser.fill, self.device)
         pixels = to_host(pixels)
         if self.cfg.models.detector.align == "none":  # crops are already aligned faces
             faces = np.stack([cv2.resize(p, (512, 512), interpolation=cv2.INTER_CUBIC) for p in pixels])
