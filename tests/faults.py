@@ -236,6 +236,7 @@ def hold_batches_on_gated_node() -> None:
         return
 
     def gated(self, batch: dict) -> dict:
+        _poison_waits_for_the_kill(gate, batch)
         _gate(gate, batch)
         return call(self, batch)
 
@@ -267,6 +268,16 @@ def arm_poison(gate: str) -> None:
     """From now on a worker that decodes bytes carrying POISON_MARK dies on the spot (as a kill for
     memory or a crash in a native decoder would end it)."""
     _write_json(os.path.join(gate, "poison.json"), {})
+
+
+def _poison_waits_for_the_kill(gate: str, batch: dict) -> None:
+    """A batch with the poison input waits while the gate is armed: its deaths come after the gated
+    kill, never in the process the scenario is about to kill."""
+    if not any("poison" in str(u) for u in batch["uri"]):
+        return
+    deadline = time.time() + HOLD_S
+    while os.path.exists(os.path.join(gate, "victim.json")) and time.time() < deadline:
+        time.sleep(0.1)
 
 
 def _kill_on_poison(gate: str) -> None:

@@ -108,7 +108,8 @@ class Attempt:
         return self.blamed.get(step, 0) >= self.watch.limit
 
     def error(self, times: int, what: str) -> str:
-        return (f"the model worker died {times} times while {what} (killed for memory, or a crash in a native "
+        return (f"the model worker died {'once' if times == 1 else f'{times} times'} while {what} (killed for "
+                f"memory, or a crash in a native "
                 f"decoder); not tried again (ray.max_worker_deaths={self.watch.limit})")
 
     def fail_rows(self, batch: dict, rows, what: str, step: str) -> None:
