@@ -147,6 +147,8 @@ class InputConfig:
     key_column: str | None = "key"
     keep_columns: list[str] = field(default_factory=list)
     shard_buffer_mb: int = 256
+    # URI schemes an input may name (a manifest's rows, a listing's objects); null: the input's own.
+    schemes: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,8 @@ class RayConfig:
     object_store_mb: int | None = 256
     # Calls in flight per model actor: 2 overlaps one batch's host work with the previous one's models.
     actor_concurrency: int = 2
+    # Deaths of a model worker while on the same input before that input is an error row (cafi/stages/deaths.py).
+    max_worker_deaths: int = 2
 
 
 @dataclass(frozen=True)
@@ -362,6 +366,8 @@ def validate(cfg: JobConfig) -> None:
 
     _check(1 <= cfg.ray.actor_concurrency <= 8, "ray.actor_concurrency", "an integer in [1, 8]",
            cfg.ray.actor_concurrency)
+    _check(isinstance(cfg.ray.max_worker_deaths, int) and cfg.ray.max_worker_deaths >= 1, "ray.max_worker_deaths",
+           "an integer >= 1", cfg.ray.max_worker_deaths)
     _check(cfg.ray.object_store_mb is None or cfg.ray.object_store_mb >= 64, "ray.object_store_mb",
            "null or at least 64 (MiB)", cfg.ray.object_store_mb)
     _check(cfg.ray.scale_gpu_pools in SCALE_GPU_POOLS, "ray.scale_gpu_pools", f"one of {SCALE_GPU_POOLS}",
@@ -389,6 +395,11 @@ def _validate_input(cfg: JobConfig) -> None:
            inp.key_column)
     _check(1 <= inp.shard_buffer_mb <= 65536, "input.shard_buffer_mb", "an integer in [1, 65536] (MiB)",
            inp.shard_buffer_mb)
+    _check(inp.schemes is None or (len(inp.schemes) > 0 and all(
+        isinstance(s, str) and s.replace("+", "").replace("-", "").replace(".", "").isalnum() and s[:1].isalpha()
+        for s in inp.schemes)), "input.schemes",
+        "null (the input's own scheme) or a non-empty list of URI schemes such as [s3] or [file, s3], without ://",
+        inp.schemes)
     from cafi.columns import SCHEMA  # local: keeps config import light
 
     for name in inp.keep_columns:

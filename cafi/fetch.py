@@ -88,16 +88,18 @@ def read_bytes(uris: list[str], storage: StorageConfig | None, counts: dict | No
         by_proto[protocol_of(uri)].append(i)
     out: list[bytes | Exception] = [b""] * len(uris)
     for idx in by_proto.values():
-        fs, _ = filesystem(uris[idx[0]], storage, client_retries=False)  # the retrying is done here
-        pending = {filesystem(uris[i], storage, client_retries=False)[1]: i for i in idx}
+        try:
+            fs, _ = filesystem(uris[idx[0]], storage, client_retries=False)  # the retrying is done here
+            pending = {filesystem(uris[i], storage, client_retries=False)[1]: i for i in idx}
+        except Exception as exc:  # noqa: BLE001 - an unknown or uninstalled scheme: each item's error
+            for i in idx:
+                out[i] = exc
+            continue
         backoff = Backoff(storage.retry_budget_s)  # the batch's objects started together: one clock
         end = None if max_bytes is None else max_bytes + 1
         while pending:
             paths = list(pending)
-            try:
-                got = fs.cat_ranges(paths, [0] * len(paths), [end] * len(paths), on_error="return")
-            except Exception as exc:  # noqa: BLE001 - the whole call failed: every item gets the reason
-                got = [exc] * len(paths)
+            got = _fetch(fs, paths, end)
             retry = {}
             for p, result in zip(paths, got, strict=True):
                 i = pending[p]
@@ -110,6 +112,42 @@ def read_bytes(uris: list[str], storage: StorageConfig | None, counts: dict | No
                 counts["read_retries"] = counts.get("read_retries", 0) + len(retry)
             pending = retry
     return out
+
+
+# Servers that may answer a ranged GET with the whole body (HTTP 200 without Content-Range): read as a
+# stream and stop at the limit, so `image.max_bytes` holds whatever the server does.
+STREAMED = ("http", "https")
+STREAM_CHUNK = 1 << 20
+
+
+def _fetch(fs, paths: list[str], end: int | None) -> list[bytes | Exception]:
+    """The first `end` bytes of each path (all of it when None), or the exception each one raised."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if end is not None and set(protocols) & set(STREAMED):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(16, len(paths))) as pool:
+            return list(pool.map(lambda p: _capped(fs, p, end), paths))
+    try:
+        return fs.cat_ranges(paths, [0] * len(paths), [end] * len(paths), on_error="return")
+    except Exception as exc:  # noqa: BLE001 - the whole call failed: every item gets the reason
+        return [exc] * len(paths)
+
+
+def _capped(fs, path: str, end: int) -> bytes | Exception:
+    """At most `end` bytes of a streamed body: never more than one chunk past the limit in memory."""
+    try:
+        parts, size = [], 0
+        with fs.open(path, "rb", block_size=0) as fh:  # block_size=0: a plain streamed GET, no Range, no HEAD
+            while size < end:
+                chunk = fh.read(min(STREAM_CHUNK, end - size))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+        return b"".join(parts)
+    except Exception as exc:  # noqa: BLE001 - this item's error
+        return exc
 
 
 def read_error(exc: Exception) -> str:

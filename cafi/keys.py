@@ -30,11 +30,16 @@ def not_done(keys: np.ndarray, done: np.ndarray) -> np.ndarray:
     return keys if len(done) == 0 else keys[~contains(done, keys)]
 
 
+def is_blank(uri) -> bool:
+    """A manifest row that names no input: a null or empty URI."""
+    return uri is None or (isinstance(uri, str) and not uri.strip())
+
+
 def keys_column(batch: pa.Table) -> pa.Table:
-    """The 16-byte key of each URI, computed where the rows are (the driver only receives keys)."""
-    keys = uri_keys(batch.column("uri").to_pylist())
-    return pa.table({"key": pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(keys),
-                                                                  [None, pa.py_buffer(keys.tobytes())])})
+    """The 16-byte key of each URI, computed where the rows are (the driver only receives keys); null
+    for a blank one."""
+    return pa.table({"key": pa.array([None if is_blank(u) else hashlib.blake2b(u.encode(), digest_size=16).digest()
+                                      for u in batch.column("uri").to_pylist()], pa.binary(16))})
 
 
 def as_keys(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -49,17 +54,22 @@ class InputKeys:
     keys: np.ndarray        # sorted unique 16-byte keys of every input URI
     duplicated: np.ndarray  # the keys listed more than once
     listed: int             # inputs as listed, duplicates included
+    blank: int = 0          # manifest rows with a null or empty URI: no input, counted in the summary
 
 
 def input_keys(ds) -> InputKeys:
     """Hash the input URIs in Ray tasks and stream only the keys to the driver: 16 bytes per input,
     sorted in place (the peak is about twice that, not the several copies np.unique makes)."""
-    parts = [as_keys(b.column("key")) for b in ds.map_batches(keys_column, batch_format="pyarrow", batch_size=None)
-             .iter_batches(batch_size=None, batch_format="pyarrow")]
+    parts, blank = [], 0
+    for b in ds.map_batches(keys_column, batch_format="pyarrow", batch_size=None).iter_batches(
+            batch_size=None, batch_format="pyarrow"):
+        column = b.column("key")
+        blank += column.null_count
+        parts.append(as_keys(column.filter(column.is_valid()) if column.null_count else column))
     listed = np.concatenate(parts) if parts else EMPTY.copy()
     del parts
     listed.sort()
     first = np.ones(len(listed), dtype=bool)
     np.not_equal(listed[1:], listed[:-1], out=first[1:])
     again = np.unique(listed[~first])  # keys listed more than once (few)
-    return InputKeys(listed[first], again, len(listed))
+    return InputKeys(listed[first], again, len(listed), blank)

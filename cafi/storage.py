@@ -4,12 +4,17 @@ Credentials come only from the providers' standard chains (environment, shared c
 files, instance/pod identity); nothing here reads or writes a secret. An S3-compatible
 endpoint (MinIO, Ceph, moto) comes from `storage.endpoint_url` or the standard
 `AWS_ENDPOINT_URL` variable.
+
+A URI is `scheme://path` or a local path, and nothing else: fsspec's chained URLs
+(`simplecache::s3://...`) are not parsed, so an object named `a::b.jpg` is that object, never
+`a` read through a `b.jpg` filesystem.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 from collections.abc import Iterator
 
 import fsspec
@@ -17,9 +22,29 @@ from fsspec import AbstractFileSystem
 
 from cafi.config import StorageConfig
 
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
 
 def protocol_of(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else "file"
+    """The URI's scheme, lower-case; "file" for a plain path (even one whose name holds "://")."""
+    m = _SCHEME.match(uri)
+    return m.group(1).lower() if m else "file"
+
+
+def allowed_schemes(inp) -> tuple[str, ...]:
+    """input.schemes, or by default the scheme of the input itself (input.uri, else input.manifest)."""
+    if inp.schemes:
+        return tuple(s.lower() for s in inp.schemes)
+    return (protocol_of(inp.uri or inp.manifest or ""),)
+
+
+def refused_scheme(uri: str, allowed: tuple[str, ...]) -> str | None:
+    """Why an input URI is not read (its scheme is not allowed), or None."""
+    proto = protocol_of(uri)
+    if proto in allowed:
+        return None
+    return (f"scheme {proto!r} is not allowed for inputs (input.schemes: {list(allowed)}; by default only the "
+            "input's own scheme)")
 
 
 def storage_options(uri: str, cfg: StorageConfig | None, client_retries: bool = True) -> dict:
@@ -48,8 +73,13 @@ def storage_options(uri: str, cfg: StorageConfig | None, client_retries: bool = 
 
 def filesystem(uri: str, cfg: StorageConfig | None = None, client_retries: bool = True
                ) -> tuple[AbstractFileSystem, str]:
-    """The filesystem for a URI and the path inside it."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri, cfg, client_retries))
+    """The filesystem for a URI and the path inside it (ValueError: unknown scheme; ImportError: its
+    package is not installed). Chained URLs are not parsed (the module's docstring)."""
+    proto = protocol_of(uri)
+    cls = fsspec.get_filesystem_class(proto)
+    options = {**cls._get_kwargs_from_urls(uri), **storage_options(uri, cfg, client_retries)}
+    fs = fsspec.filesystem(proto, **options)
+    path = cls._strip_protocol(uri)
     if not client_retries and hasattr(fs, "retries"):
         fs.retries = 1  # s3fs's own retry loop (a class attribute; config_kwargs keeps this instance apart)
     return fs, path

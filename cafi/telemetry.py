@@ -24,8 +24,20 @@ def actor_name(run_id: str) -> str:
 
 class _Collector:
     def __init__(self):
+        from cafi.stages.deaths import Ledger
+
         self.counts: Counter = Counter()
         self.busy: dict[str, list[tuple[float, float, int]]] = {}
+        self.ledger = Ledger()  # batches in progress in the model actors (cafi/stages/deaths.py)
+
+    def batch_begin(self, key: str) -> dict:
+        return self.ledger.begin(key)
+
+    def batch_mark(self, key: str, step: str) -> None:
+        self.ledger.mark(key, step)
+
+    def batch_done(self, key: str) -> None:
+        self.ledger.done(key)
 
     def add(self, counts: dict) -> None:
         self.counts.update({k: v for k, v in counts.items() if v})
@@ -90,6 +102,25 @@ class Telemetry:
     def add(self, counts: dict) -> None:
         if any(counts.values()) and self._actor() is not None:
             self.handle.add.remote(counts)
+
+    # The ledger of batches in progress (cafi/stages/deaths.py). Begin and mark wait for the collector:
+    # a worker that dies right after must have told it. Without a collector no batch is ever retried.
+    def batch_begin(self, key: str) -> dict:
+        if self._actor() is None:
+            return {"earlier": 0, "blamed": {}}
+        import ray
+
+        return ray.get(self.handle.batch_begin.remote(key))
+
+    def batch_mark(self, key: str, step: str) -> None:
+        if self._actor() is not None:
+            import ray
+
+            ray.get(self.handle.batch_mark.remote(key, step))
+
+    def batch_done(self, key: str) -> None:
+        if self._actor() is not None:
+            self.handle.batch_done.remote(key)
 
     def busy(self, start: float, end: float, rows: int) -> None:
         if self._actor() is not None:

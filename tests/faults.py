@@ -182,7 +182,8 @@ def pids_with_title(fragment: str) -> list[int]:
 
 
 def check_exactly_once(out, expected_uris, reference_out=None, score_columns=("det_score", "serfiq_raw",
-                                                                               "mask_fraction", "dbcnn")):
+                                                                               "mask_fraction", "dbcnn"),
+                       differ=()):
     """The committed output of the latest model version, row by row against the input: every input
     URI in exactly one row of the committed data files (read raw, not de-duplicated), no other
     row; with `reference_out`, every row's status and scores equal to that (undisturbed) run's."""
@@ -205,6 +206,8 @@ def check_exactly_once(out, expected_uris, reference_out=None, score_columns=("d
     if reference_out is not None:
         ref = {r["uri"]: r for r in manifest.read(str(reference_out)).to_pylist()}
         for uri, row in rows.items():
+            if uri in differ:  # inputs the disturbance itself is meant to change
+                continue
             assert row["status"] == ref[uri]["status"], (uri, row["status"], ref[uri]["status"])
             for col in score_columns:
                 a, b = row[col], ref[uri][col]
@@ -233,11 +236,61 @@ def hold_batches_on_gated_node() -> None:
         return
 
     def gated(self, batch: dict) -> dict:
+        _poison_waits_for_the_kill(gate, batch)
         _gate(gate, batch)
         return call(self, batch)
 
     gated.gated = True
     FusedModels.__call__ = gated
+    _kill_on_poison(gate)
+
+
+POISON_MARK = b"CAFI-TEST-POISON"
+
+
+def poison_png(seed: int = 0) -> bytes:
+    """A valid PNG face whose bytes carry POISON_MARK (a tEXt chunk): scored as any other unless armed."""
+    import io
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from cafi.samples import draw_face
+
+    info = PngInfo()
+    info.add_text("note", POISON_MARK.decode())
+    buf = io.BytesIO()
+    Image.fromarray(draw_face(160, seed)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def arm_poison(gate: str) -> None:
+    """From now on a worker that decodes bytes carrying POISON_MARK dies on the spot (as a kill for
+    memory or a crash in a native decoder would end it)."""
+    _write_json(os.path.join(gate, "poison.json"), {})
+
+
+def _poison_waits_for_the_kill(gate: str, batch: dict) -> None:
+    """A batch with the poison input waits while the gate is armed: its deaths come after the gated
+    kill, never in the process the scenario is about to kill."""
+    if not any("poison" in str(u) for u in batch["uri"]):
+        return
+    deadline = time.time() + HOLD_S
+    while os.path.exists(os.path.join(gate, "victim.json")) and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def _kill_on_poison(gate: str) -> None:
+    from cafi import imaging
+
+    decode = imaging.decode
+
+    def deadly(data, cfg):
+        if POISON_MARK in bytes(data) and os.path.exists(os.path.join(gate, "poison.json")):
+            os._exit(137)
+        return decode(data, cfg)
+
+    imaging.decode = deadly
 
 
 def arm_gate(gate: str, run: str, node_id: str, holds: str = "") -> None:
@@ -321,3 +374,33 @@ def _write_json(path: str, obj) -> None:
     with open(tmp, "w") as fh:
         json.dump(obj, fh)
     os.replace(tmp, path)  # readers never see a partial file
+
+
+class ServerIgnoringRange:
+    """An HTTP server on loopback serving a folder, answering every GET with the whole body."""
+
+    def __init__(self, folder):
+        import functools
+        import http.server
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def handle(self):
+                try:
+                    super().handle()
+                except (BrokenPipeError, ConnectionResetError):  # the reader stopped at its limit
+                    pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                      functools.partial(Handler, directory=str(folder)))
+
+    def __enter__(self) -> str:
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()

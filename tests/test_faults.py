@@ -47,17 +47,23 @@ def _data_files(out):
 def test_a_killed_model_worker_is_replaced_and_the_run_completes(tmp_path, fast_config):
     """The model actor is killed while it holds a batch, by construction: a gate (tests/faults.py) stops
     its call on a batch of faces and records its pid; the scenario kills that process, then lets the
-    restarted actor through. The run completes with every input once, as an undisturbed run scores it."""
+    restarted actor through. The run completes with every input once, as an undisturbed run scores it.
+    In the same run, an input that kills the worker decoding it every time (as a kill for memory would:
+    it looped forever before) is tried alone and becomes an error row after ray.max_worker_deaths deaths
+    with it in progress (1 here: each death restarts the actor; 2 and 3 are tests/test_worker_deaths.py);
+    the rest of its batch is scored."""
     paths = write_samples(str(tmp_path / "in"), count=6, seed=31, unusual=False, broken=False)
+    poison = str(tmp_path / "in" / "poison.png")
     outs = {k: str(tmp_path / k) for k in ("undisturbed", "killed")}
     seen = run_scenario(__file__, "killed_worker", {"files": list(fast_config), "input": str(tmp_path / "in"),
-                                                    "outputs": outs}, timeout=900)
+                                                    "poison": poison, "outputs": outs}, timeout=900)
     assert seen["held"], seen  # the actor held a batch of faces when it was killed
     assert seen["killed_pid"] == seen["held"][0]["pid"] and not seen["alive_after_kill"], seen
     assert set(seen["held"][0]["uris"]) <= set(paths)
-    assert seen["counts"]["rows"] == len(paths), seen
-    rows = check_exactly_once(outs["killed"], paths, reference_out=outs["undisturbed"])
+    assert seen["counts"]["rows"] == len(paths) + 1, seen
+    rows = check_exactly_once(outs["killed"], [*paths, poison], reference_out=outs["undisturbed"], differ=(poison,))
     assert all(rows[u]["status"] == "scored" for u in seen["held"][0]["uris"]), rows
+    assert rows[poison]["status"] == "error" and "died once while decoding this input" in rows[poison]["error"]
 
 
 def _scenario_killed_worker(args: dict) -> None:
@@ -74,10 +80,13 @@ def _scenario_killed_worker(args: dict) -> None:
     overrides = [f"input.uri={args['input']}", *SMALL_BLOCKS]
     try:
         pipeline.run(load_config(args["files"], [*overrides, f"output.uri={args['outputs']['undisturbed']}"]))
+        with open(args["poison"], "wb") as fh:  # an input that kills its worker, in the killed run only
+            fh.write(faults.poison_png(seed=7))
+        faults.arm_poison(gate)
         faults.arm_gate(gate, "killed", ray.get_runtime_context().get_node_id(), holds="/face_")
         summary: dict = {}
-        job = threading.Thread(target=lambda: summary.update(
-            pipeline.run(load_config(args["files"], [*overrides, f"output.uri={args['outputs']['killed']}"]))))
+        job = threading.Thread(target=lambda: summary.update(pipeline.run(load_config(args["files"], [
+            *overrides, f"output.uri={args['outputs']['killed']}", "ray.max_worker_deaths=1"]))))
         job.start()
         held = faults.wait_for_held(gate, "killed", job.is_alive, timeout=600)
         result: dict = {"held": held, "killed_pid": None, "alive_after_kill": None}

@@ -21,11 +21,11 @@ from cafi.samples import write_samples
 
 try:  # tests/ is a package under pytest; a scenario runs this file as a script
     from . import faults
-    from .faults import FlakyProxy, check_exactly_once
+    from .faults import FlakyProxy, ServerIgnoringRange, check_exactly_once
     from .scenarios import emit, run_scenario
 except ImportError:
     import faults  # type: ignore[no-redef]
-    from faults import FlakyProxy, check_exactly_once  # type: ignore[no-redef]
+    from faults import FlakyProxy, ServerIgnoringRange, check_exactly_once  # type: ignore[no-redef]
     from scenarios import emit, run_scenario  # type: ignore[no-redef]
 
 # Blocks of 2 rows, each written as its own file: the run is observably mid-way for a while.
@@ -219,9 +219,13 @@ ODD_NAMES = ["with space.jpg", "한글 얼굴.jpg", "hash#tag.jpg", "what?.jpg",
 
 @pytest.mark.slow
 def test_odd_keys_duplicates_and_vanished_objects(s3, fast_config, ray_local, tmp_path):
-    """Keys with spaces, Hangul, #, ?, % and + are read and scored like any other (a `#` in a plain
-    object's key is part of its name); a manifest that lists objects twice gets one row each and
-    says how many were duplicated; a vanished object is an error row that says so."""
+    """Keys with spaces, Hangul, #, ?, %, + and `::` are read and scored like any other (a `#` in a plain
+    object's key is part of its name; `a::b.jpg` is that object, not fsspec's chained URL `a` through
+    `b.jpg`); a manifest that lists objects twice gets one row each and says how many were duplicated;
+    a vanished object is an error row that says so. Hostile rows of an S3 manifest: a local file
+    (`file:///etc/hostname`), an unknown or uninstalled scheme -- error rows, never read and never a
+    failed task; an http(s) object over image.max_bytes from a server that ignores Range -- an error
+    row; a blank row names no input and is counted."""
     from cafi.samples import draw_face, encode
 
     s3.mkdir("odd")
@@ -231,17 +235,34 @@ def test_odd_keys_duplicates_and_vanished_objects(s3, fast_config, ray_local, tm
         uris.append(f"s3://odd/in/{name}")
     listed = sorted("s3://" + k for k in s3.find("odd/in"))
     assert sorted(listed) == sorted(uris)  # the listing gives the keys back as they are
+    s3.pipe("odd/in/a", b"another object")  # what `a::b.jpg` was read as (not listed: no image suffix)
+    s3.pipe("odd/in/a::b.jpg", encode(draw_face(160, 120), "JPEG"))
+    uris.append("s3://odd/in/a::b.jpg")
     vanished = "s3://odd/in/gone #1.jpg"
-    csv = tmp_path / "list.csv"
-    pd.DataFrame({"uri": uris + uris[:2] + uris[:1] + [vanished]}).to_csv(csv, index=False)
-    s3.put(str(csv), "odd/lists/list.csv")
-    summary = pipeline.run(load_config(fast_config, ["input.manifest=s3://odd/lists/list.csv",
-                                                     "output.uri=s3://odd/out", *SMALL_BLOCKS]))
-    assert summary["inputs"] == len(uris) + 1 and summary["duplicate_inputs"] == 3
-    rows = check_exactly_once("s3://odd/out", [*uris, vanished])
+    refused = ["file:///etc/hostname", "foo://b/x.jpg", "sftp://host/x.jpg"]
+    big = tmp_path / "web" / "big.jpg"
+    big.parent.mkdir()
+    big.write_bytes(encode(draw_face(160, 121), "JPEG") + os.urandom(3 << 20))
+    with ServerIgnoringRange(big.parent) as web:
+        csv = tmp_path / "list.csv"
+        pd.DataFrame({"uri": uris + uris[:2] + uris[:1] + [vanished, *refused, f"{web}/big.jpg", ""]}).to_csv(
+            csv, index=False)
+        s3.put(str(csv), "odd/lists/list.csv")
+        summary = pipeline.run(load_config(fast_config, ["input.manifest=s3://odd/lists/list.csv",
+                                                         "output.uri=s3://odd/out", "input.schemes=[s3,http]",
+                                                         "image.max_bytes=2000000", *SMALL_BLOCKS]))
+    hostile = [vanished, *refused, f"{web}/big.jpg"]
+    assert summary["inputs"] == len(uris) + len(hostile) and summary["duplicate_inputs"] == 3
+    assert summary["input"]["blank_uris"] == 1
+    rows = check_exactly_once("s3://odd/out", [*uris, *hostile])
     for uri in uris:
         assert rows[uri]["status"] in ("scored", "no_face"), (uri, rows[uri]["error"])
     assert rows[vanished]["status"] == "error" and "not found" in rows[vanished]["error"]
+    for uri in refused[:1]:
+        assert rows[uri]["status"] == "error" and "scheme 'file' is not allowed" in rows[uri]["error"]
+    for uri in refused[1:]:
+        assert rows[uri]["status"] == "error" and "is not allowed for inputs" in rows[uri]["error"]
+    assert rows[f"{web}/big.jpg"]["status"] == "error" and "too large" in rows[f"{web}/big.jpg"]["error"]
     # the same keys by prefix listing: every one read, none an error row
     summary = pipeline.run(load_config(fast_config, ["input.uri=s3://odd/in/", "output.uri=s3://odd/out2",
                                                      *SMALL_BLOCKS]))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 
@@ -13,6 +15,8 @@ from cafi.inputs.source import describe
 from cafi.ray_setup import TASK_RETRIES, rows_per_block
 from cafi.stages.read import read_objects
 from cafi.storage import list_files
+
+log = logging.getLogger("cafi")
 
 
 def uri_dataset(cfg: JobConfig):
@@ -44,8 +48,9 @@ def _keep_todo(batch: dict, todo: list, drop: list) -> dict:
     from `duplicate_rows`."""
     import ray
 
-    keys = K.uri_keys([str(u) for u in batch["uri"]])
-    chosen = K.contains(ray.get(todo[0]), keys) & ~K.contains(ray.get(drop[0]), keys)
+    blank = np.array([K.is_blank(u) for u in batch["uri"]], dtype=bool)
+    keys = K.uri_keys(["" if b else str(u) for u, b in zip(batch["uri"], blank, strict=True)])
+    chosen = K.contains(ray.get(todo[0]), keys) & ~K.contains(ray.get(drop[0]), keys) & ~blank
     return {k: v[chosen] for k, v in batch.items()}
 
 
@@ -54,7 +59,7 @@ def duplicate_rows(ds, duplicated: np.ndarray):
     import ray.data
 
     def pick(batch: dict) -> dict:
-        chosen = K.contains(duplicated, K.uri_keys([str(u) for u in batch["uri"]]))
+        chosen = K.contains(duplicated, K.uri_keys(["" if K.is_blank(u) else str(u) for u in batch["uri"]]))
         return {k: v[chosen] for k, v in batch.items()}
 
     rows: dict[str, dict] = {}  # the first row of each URI (its kept columns, if any)
@@ -77,14 +82,17 @@ class FileSource:
         self.cfg, self.run_id = cfg, run_id
         self.kept = kept_schema(cfg)
         self.keys = self.todo = self.duplicated = K.EMPTY
-        self.listed = 0
+        self.listed = self.blank = 0
         self._ds = None
 
     def plan(self, done: np.ndarray) -> None:
         self._ds = uri_dataset(self.cfg)
         found = K.input_keys(self._ds)
-        self.keys, self.duplicated, self.listed = found.keys, found.duplicated, found.listed
+        self.keys, self.duplicated, self.listed, self.blank = found.keys, found.duplicated, found.listed, found.blank
         self.todo = K.not_done(found.keys, done)
+        if self.blank:
+            log.warning("input.manifest: %d row(s) have a null or empty %s: they name no input (summary: "
+                        "input.blank_uris)", self.blank, self.cfg.input.uri_column)
 
     def dataset(self, done: np.ndarray, todo_ref, models_run: bool):
         """The rows to score: inputs without a row yet, each once, in blocks sized for what runs."""
@@ -107,4 +115,5 @@ class FileSource:
         return len(self.todo)
 
     def summary(self) -> dict:
-        return describe(self.cfg, self.kept)
+        # manifest rows naming no input (null or empty uri): no row can carry them, so they are counted here
+        return {**describe(self.cfg, self.kept), "blank_uris": self.blank}

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from cafi import manifest
 from cafi.config import StorageConfig
 from cafi.fetch import write_bytes
+from cafi.inputs.uris import sample_uri
 from cafi.storage import filesystem, join
 
 SHARDS_DIR = "shards"
@@ -94,7 +95,7 @@ def parse(data: bytes) -> tuple[pa.Table, dict]:
 
 def uris(table: pa.Table, shard: str) -> list[str]:
     """The uris an index lists: `<shard>#<key>`, or the shard itself for its own row."""
-    return [shard if k is None else f"{shard}#{k}" for k in table.column("key").to_pylist()]
+    return [shard if k is None else sample_uri(shard, k) for k in table.column("key").to_pylist()]
 
 
 def read_many(paths: list[str], fs, chunk: int = 256):

@@ -98,9 +98,5 @@ def parquet_kept_schema(cfg: JobConfig, uris: list[str], what: str) -> pa.Schema
         if missing:
             raise ConfigError(f"input.keep_columns: {missing[0]!r} is not a column of {redact_uri(uri)} "
                               f"(columns: {', '.join(schema.names)})")
-        return pa.schema([pa.field(n, _plain(schema.field(n).type)) for n in names])
+        return pa.schema([pa.field(n, keep.stored_type(schema.field(n).type)) for n in names])
     return keep.string_schema(names)
-
-
-def _plain(typ: pa.DataType) -> pa.DataType:
-    return typ.value_type if pa.types.is_dictionary(typ) else typ

@@ -53,15 +53,25 @@ def check_columns(schema: pa.Schema, image_column: str, key_column: str | None) 
     return None
 
 
+def _image_bytes(md: pq.RowGroupMetaData, image_column: str) -> int:
+    """Decoded bytes of a row group's image column (every leaf of it: `jpg`, or `jpg.bytes` of a struct)."""
+    return sum(md.column(c).total_uncompressed_size for c in range(md.num_columns)
+               if md.column(c).path_in_schema.split(".")[0] == image_column)
+
+
 def samples(source, shard: str, image_cfg: ImageConfig, image_column: str, key_column: str | None,
-            kept: pa.Schema) -> Iterator[Sample]:
+            kept: pa.Schema, max_group_bytes: int | None = None) -> Iterator[Sample]:
     """Every row of a Parquet file as a sample, then (if the file breaks part-way) the file's own row.
     `source`: the file's bytes, or a seekable file object. `kept`: the kept columns with the types the
-    manifest stores (a column missing here is null; one whose values do not cast to that type, too)."""
+    manifest stores (a column missing here is null; one whose values do not cast to that type, too).
+    `max_group_bytes`: a row group whose image column is bigger decoded is not read (pyarrow holds a
+    row group's column about twice while it reads it); its rows are error rows that say so."""
     keys = Keys(shard)
     watched = None if isinstance(source, bytes) else _Watched(source)
     try:
-        pf = pq.ParquetFile(pa.BufferReader(source) if watched is None else watched)
+        # pre_buffer off: pyarrow would otherwise fetch and hold every column chunk of a row group at once
+        pf = pq.ParquetFile(pa.BufferReader(source) if watched is None else watched, pre_buffer=False,
+                            buffer_size=1 << 20)
         schema = pf.schema_arrow
     except Exception as exc:  # noqa: BLE001 - whatever pyarrow says, the file gives one error row
         storage = watched is not None and watched.error is not None
@@ -76,15 +86,21 @@ def samples(source, shard: str, image_cfg: ImageConfig, image_column: str, key_c
     columns = list(dict.fromkeys([image_column, *([key_column] if key_column else []), *present]))
     row = 0
     try:
-        for batch in pf.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns):
-            images = image_values(batch.column(image_column), image_column)
-            names = [None if k is None else str(k) for k in batch.column(key_column).to_pylist()] \
-                if key_column else [str(row + i) for i in range(batch.num_rows)]
-            values = {k: _kept_text(batch.column(k), kept.field(k).type) for k in present}
-            for i, (data, key) in enumerate(zip(images, names, strict=True)):
-                yield _sample(keys, key, data, row + i, {k: v[i] for k, v in values.items()}, image_column,
-                              key_column, image_cfg)
-            row += batch.num_rows
+        for group in range(pf.num_row_groups):
+            size = _image_bytes(pf.metadata.row_group(group), image_column)
+            too_big = max_group_bytes is not None and size > max_group_bytes
+            why = (f"Parquet row group {group} holds {size / 2**20:.0f} MiB of images, over the "
+                   f"{max_group_bytes / 2**20:.0f} MiB a shard task reads at once (half of input.shard_buffer_mb); "
+                   "not read") if too_big else None
+            for batch in _batches(pf, group, [c for c in columns if c != image_column] if too_big else columns):
+                images = [None] * batch.num_rows if too_big else image_values(batch.column(image_column), image_column)
+                names = [None if k is None else str(k) for k in batch.column(key_column).to_pylist()] \
+                    if key_column else [str(row + i) for i in range(batch.num_rows)]
+                values = {k: _kept_text(batch.column(k), kept.field(k).type) for k in present}
+                for i, (data, key) in enumerate(zip(images, names, strict=True)):
+                    yield _sample(keys, key, data, row + i, {k: v[i] for k, v in values.items()}, image_column,
+                                  key_column, image_cfg, why)
+                row += batch.num_rows
     except TypeError as exc:
         yield Sample(shard, None, error=str(exc))
     except Exception as exc:  # noqa: BLE001 - a corrupt row group, or storage gone: the rows before it stand
@@ -93,6 +109,14 @@ def samples(source, shard: str, image_cfg: ImageConfig, image_column: str, key_c
                                             "missing)")
         else:
             yield Sample(shard, None, error=f"cannot read the Parquet file past row {row}: {_first_line(exc)}")
+
+
+def _batches(pf: pq.ParquetFile, group: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """One row group's columns in batches of ROWS_PER_BATCH rows (no column: its row count alone)."""
+    if not columns:
+        yield pa.record_batch({"rows": pa.nulls(pf.metadata.row_group(group).num_rows)})
+        return
+    yield from pf.iter_batches(batch_size=ROWS_PER_BATCH, row_groups=[group], columns=columns)
 
 
 class _Watched:
@@ -119,8 +143,7 @@ class _Watched:
 
 
 def _sample(keys: Keys, key: str | None, data: bytes | None, row: int, kept: dict, image_column: str,
-            key_column: str | None, image_cfg: ImageConfig) -> Sample:
-    error = None
+            key_column: str | None, image_cfg: ImageConfig, error: str | None = None) -> Sample:
     if key is None:
         key, error = f"row{row}", f"input.key_column {key_column!r} is null in row {row}"
     uri, dup = keys.uri(key)
@@ -131,8 +154,12 @@ def _sample(keys: Keys, key: str | None, data: bytes | None, row: int, kept: dic
 
 
 def _kept_text(column: pa.Array, typ: pa.DataType) -> list:
+    """The in-flight text of a kept column stored as `typ`: a string column takes any type's text form;
+    another type takes the values that cast to it (the others are null)."""
+    if pa.types.is_string(typ) or column.type == typ:
+        return keep.as_text(column)
     try:
-        return keep.as_text(column if column.type == typ else column.cast(typ))
+        return keep.as_text(column.cast(typ))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         return [None] * len(column)
 

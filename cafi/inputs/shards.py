@@ -36,7 +36,7 @@ from cafi.inputs.uris import SHARD_SUFFIXES
 from cafi.ray_setup import TASK_RETRIES
 from cafi.redact import redact_uri
 from cafi.stages.read import settle
-from cafi.storage import filesystem, unstrip
+from cafi.storage import allowed_schemes, filesystem, refused_scheme, unstrip
 from cafi.telemetry import Telemetry
 
 log = logging.getLogger("cafi")
@@ -77,8 +77,12 @@ def list_shards(cfg: JobConfig) -> tuple[list[Shard], int]:
     return unique, listed
 
 
-def _head(fs, path: str) -> str | None:
+def _head(uri: str, storage, allowed: tuple[str, ...]) -> str | None:
+    """A shard's current state (size and ETag/mtime); None when it cannot be asked (its read says why)."""
+    if refused_scheme(uri, allowed) is not None:
+        return None
     try:
+        fs, path = filesystem(uri, storage)
         return index.stamp_of(fs.info(path))
     except Exception:  # noqa: BLE001 - an unreadable shard: its read gives the reason
         return None
@@ -119,12 +123,11 @@ class ShardSource:
         storage = self.cfg.storage
         prior = index.listing(self.out, storage)
         hashes = {name.split("-", 1)[0] for name in prior}
-        fs = filesystem(self.shards[0].uri, storage)[0] if self.shards else None
         ask = [s for s in self.shards if s.stamp is None and index.shard_hash(s.uri) in hashes]
+        allowed = allowed_schemes(self.cfg.input)
         if ask:  # shards named by a manifest: their state, for the indexes that may describe it
             with ThreadPoolExecutor(32) as pool:
-                for s, stamp in zip(ask, pool.map(lambda s: _head(fs, filesystem(s.uri, storage)[1]), ask),
-                                    strict=True):
+                for s, stamp in zip(ask, pool.map(lambda s: _head(s.uri, storage, allowed), ask), strict=True):
                     s.stamp = stamp
         known: dict[str, Shard] = {}
         for s in self.shards:
@@ -240,7 +243,13 @@ def read_shards(batch: dict, cfg: JobConfig, run_id: str, done: list, kept: pa.S
 def shard_samples(conf: JobConfig, shard: str, kept: pa.Schema, counts: dict) -> tuple[Iterator[Sample], BlockStream]:
     """The samples of one shard, streamed; and the stream (its GET and byte counts)."""
     inp, storage = conf.input, conf.storage
-    fs, path = filesystem(shard, storage)
+    why = refused_scheme(shard, allowed_schemes(inp))
+    try:
+        fs, path = filesystem(shard, storage) if why is None else (None, "")
+    except Exception as exc:  # noqa: BLE001 - an unknown or uninstalled scheme: the shard's own row
+        why = read_error(exc)
+    if why is not None:
+        return iter([Sample(shard, None, error=why)]), _NOT_READ
 
     def retried(_exc):
         counts["read_retries"] = counts.get("read_retries", 0) + 1
@@ -253,6 +262,15 @@ def shard_samples(conf: JobConfig, shard: str, kept: pa.Schema, counts: dict) ->
     return _guarded(source, stream, shard), stream
 
 
+class _NotRead:
+    """The stream of a shard that is not read (its scheme is refused or unknown): no GET, no byte."""
+
+    gets = bytes = pos = 0
+
+
+_NOT_READ = _NotRead()
+
+
 def _parquet_samples(stream: BlockStream, fs, path: str, conf: JobConfig, shard: str, kept: pa.Schema):
     inp = conf.input
     data = stream.whole()
@@ -260,7 +278,8 @@ def _parquet_samples(stream: BlockStream, fs, path: str, conf: JobConfig, shard:
         source = fs.open(path, "rb", block_size=inp.shard_buffer_mb * 2**20, cache_type="readahead")
     else:
         source = data
-    yield from parquet.samples(source, shard, conf.image, inp.image_column, inp.key_column, kept)
+    yield from parquet.samples(source, shard, conf.image, inp.image_column, inp.key_column, kept,
+                               max_group_bytes=inp.shard_buffer_mb * 2**20 // 2)
 
 
 def _guarded(source: Iterator[Sample], stream: BlockStream, shard: str) -> Iterator[Sample]:
@@ -285,7 +304,7 @@ def read_shard(conf: JobConfig, shard: str, stamp: str | None, written: np.ndarr
     """One shard: its rows still to score, in blocks of `read.batch_size`; then its index."""
     counts: dict = {}
     if stamp is None:
-        stamp = _head(*filesystem(shard, conf.storage))
+        stamp = _head(shard, conf.storage, allowed_schemes(conf.input))
     samples, stream = shard_samples(conf, shard, kept, counts)
     rows = Rows(list(kept.names), with_size=conf.input.format == "webdataset")
     entries = index.IndexWriter()

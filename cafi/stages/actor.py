@@ -19,6 +19,7 @@ import numpy as np
 
 from cafi.config import JobConfig
 from cafi.stages.base import ModelStage, torch_threads
+from cafi.stages.deaths import DeathWatch
 from cafi.stages.specs import specs_for, stage_columns
 from cafi.telemetry import Telemetry
 
@@ -54,6 +55,7 @@ class FusedModels:
         self.last = last
         self.model_lock = threading.Lock()
         self.telemetry = Telemetry.of(run_id)
+        self.deaths = DeathWatch(self.telemetry, cfg.ray.max_worker_deaths, cfg.image)
 
     @staticmethod
     def resources(cfg: JobConfig, stages) -> dict:
@@ -64,14 +66,17 @@ class FusedModels:
                               max_actors=max(s.max_actors for s in sts), concurrency=cfg.ray.actor_concurrency)
 
     def __call__(self, batch: dict) -> dict:
-        if self.decode is not None:
-            self.decode(batch)  # outside the lock: overlaps the models working on the previous batch
-        with self.model_lock:
-            start = time.time()
-            for stage in self.stages:
-                stage(batch)
-            self._sync()
-            end = time.time()
+        with self.deaths.attempt(batch) as attempt:  # an input that keeps killing this worker: an error row
+            if self.decode is not None:
+                attempt.before_decode(batch)
+                self.decode(batch)  # outside the lock: overlaps the models working on the previous batch
+            attempt.before_models(batch)
+            with self.model_lock:
+                start = time.time()
+                for stage in self.stages:
+                    stage(batch)
+                self._sync()
+                end = time.time()
         self.telemetry.busy(start, end, len(batch["uri"]))
         return self._leave(batch)
 

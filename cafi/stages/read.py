@@ -11,6 +11,7 @@ from cafi import imaging
 from cafi.config import ImageConfig, JobConfig
 from cafi.decision import ERROR, OK
 from cafi.fetch import read_bytes, read_error
+from cafi.storage import allowed_schemes, refused_scheme
 from cafi.telemetry import Telemetry
 
 
@@ -59,6 +60,11 @@ def read_objects(batch: dict, cfg: JobConfig, run_id: str | None = None) -> dict
     need = start_rows(batch, n)
     data = np.full(n, b"", dtype=object)
     counts: dict = {}
+    allowed = allowed_schemes(cfg.input)
+    for i in np.flatnonzero(need):
+        why = refused_scheme(uris[i], allowed)
+        if why is not None:
+            batch["status"][i], batch["error"][i], need[i] = ERROR, why, False
     todo = np.flatnonzero(need)
     fetched = read_bytes([uris[i] for i in todo], storage, counts, max_bytes=image_cfg.max_bytes)
     for i, got in zip(todo, fetched, strict=True):
