@@ -119,12 +119,17 @@ def write_shard(rows: pa.Table, number: int, first: int, to: str, fmt: str, mtim
     rows = rows.drop_columns([c for c in SKIP if c in rows.column_names])
     readable = [i for i, d in enumerate(data) if not isinstance(d, Exception)]
     skipped: dict[str, int] = {}
+    example = None
     for uri, got in zip(rows.column("uri").to_pylist(), data, strict=True):
         if isinstance(got, Exception):
             reason = skip_reason(got)
             skipped[reason] = skipped.get(reason, 0) + 1
-            log.warning("export: %s skipped (%s): %s: %s", redact_uri(uri), reason, type(got).__name__,
-                        redact_text(str(got).splitlines()[0] if str(got) else ""))
+            example = example or (uri, got)
+    if example is not None:  # one line per shard, not per sample
+        uri, exc = example
+        text = redact_text(str(exc).splitlines()[0]) if str(exc) else ""
+        log.warning("export: shard %06d: %d sample(s) skipped %s; first: %s: %s: %s", number, sum(skipped.values()),
+                    skipped, redact_uri(uri), type(exc).__name__, text)
     keys = [f"{first + i:0{KEY_DIGITS}d}" for i in readable]
     blob = _shard_bytes(rows.take(pa.array(readable, pa.int64())), [data[i] for i in readable], keys, fmt, mtime)
     name = f"{number:06d}.{'tar' if fmt == 'webdataset' else 'parquet'}"

@@ -89,7 +89,7 @@ def test_a_repeated_parquet_key_is_indexed_under_its_own_uri(env):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [21, 22, 23])
+@pytest.mark.parametrize("seed", [21, 22])
 def test_more_fuzzed_inputs_each_leave_one_row(env, traced, seed):
     counts = {k: 3 * v for k, v in FAST.items()}
     assert _fuzz(env, counts, seed=seed) == sum(counts.values())
