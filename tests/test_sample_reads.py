@@ -105,6 +105,18 @@ def test_vanished_objects_and_rows_without_bytes_are_named_reasons(tmp_path, cro
     _exactly_once(got, uris, {uris[2]: crops[0]})
 
 
+def test_a_shard_sample_without_an_image_is_no_image_and_never_fetched_as_an_object(tmp_path, crops):
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(tar_bytes([("a.jpg", crops[0])]))
+    (tmp_path / "s.tar#b").write_bytes(crops[1])  # an object named like the sample: must not be read for it
+    uris = [f"{shard}#a", f"{shard}#b"]  # b: a sample without an image member (null offset and size)
+    got = read_samples(uris, [512, None], [len(crops[0]), None], None, max_bytes=LIMIT, input_format="webdataset")
+    assert skip_reason(got[1]) == "no_image"
+    files = read_samples([uris[1]], [None], [None], None, max_bytes=LIMIT, input_format="files")
+    assert files == [crops[1]]  # a files input: a '#' is part of the object's name
+    _exactly_once(got, uris, {uris[0]: crops[0]})
+
+
 def test_report_thumbnails_do_not_read_an_oversized_member(tmp_path, crops):
     from cafi.report import thumbnails
 

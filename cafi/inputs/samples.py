@@ -74,22 +74,28 @@ def _missing(value) -> bool:
 
 
 def read_samples(uris: list[str], shard_offsets: list, shard_sizes: list, storage: StorageConfig | None,
-                 image_column: str = "jpg", *, max_bytes: int, max_chunk_bytes: int | None = None
-                 ) -> list[bytes | Exception]:
+                 image_column: str = "jpg", *, max_bytes: int, max_chunk_bytes: int | None = None,
+                 input_format: str | None = None) -> list[bytes | Exception]:
     """Each sample's encoded bytes, or the exception that prevented reading them.
 
     `shard_offsets` / `shard_sizes` are the manifest columns (null for files inputs). `image_column`
     is the Parquet image column the run read (`config.input.image_column` in its summary).
     `max_bytes`: the run's `image.max_bytes`, held on every read (see the module's docstring);
     `max_chunk_bytes`: the largest Parquet image column chunk read (default `chunk_limit(max_bytes)`).
+    `input_format`: the run's `input.format` when known. A shard input's row without an offset is a
+    sample without an image (no image member, a null cell): a LookupError, never fetched as an object
+    named `<shard>#<key>`; a files input's uris are whole objects, a '#' in them included.
     """
+    shards = input_format in ("webdataset", "parquet")
     chunk = max_chunk_bytes if max_chunk_bytes is not None else chunk_limit(max_bytes)
     storage = storage if storage is not None else StorageConfig()
     out: list[bytes | Exception] = [b""] * len(uris)
     whole, tar_parts, parquet_parts = [], defaultdict(list), defaultdict(list)
     for i, (uri, offset, size) in enumerate(zip(uris, shard_offsets, shard_sizes, strict=True)):
-        split = split_sample_uri(uri) if not _missing(offset) else None
-        if split is None and uri.lower().endswith(SHARD_NAMES):  # a shard's own (error) row: no image to show
+        split = split_sample_uri(uri) if not _missing(offset) and input_format != "files" else None
+        if split is None and shards and split_sample_uri(uri) is not None:
+            out[i] = LookupError(f"{uri}: the sample has no image bytes (its row says why)")
+        elif split is None and uri.lower().endswith(SHARD_NAMES):  # a shard's own (error) row: no image to show
             out[i] = WholeShard(f"{uri} is a whole shard (its row says why it could not be read), not one image")
         elif split is None:
             whole.append(i)
