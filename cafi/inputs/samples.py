@@ -47,7 +47,7 @@ SKIP_REASONS = ("shard_row", "not_found", "too_large", "no_image", "unreadable")
 
 def skip_reason(exc: BaseException) -> str:
     """Why a sample could not be read, as one of SKIP_REASONS: a shard's own error row, an object
-    (or shard) that vanished, a sample over a read limit, a Parquet row without image bytes, or any
+    (or shard) that vanished, a sample over a read limit, a shard sample without image bytes, or any
     other failure of the read (storage, a shard changed since the run)."""
     if isinstance(exc, WholeShard):
         return "shard_row"
