@@ -154,7 +154,8 @@ def thumbnails(cfg, fmt: str, endpoint: str, k: int = 24) -> tuple[int, int]:
         seen = Requests(proxy)
         storage = load_config([], [f"input.uri={cfg.input.uri}", "output.uri=/tmp", f"storage.endpoint_url={proxy.url}"]
                               ).storage
-        got = read_samples([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], storage)
+        got = read_samples([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], storage,
+                           max_bytes=ImageConfig().max_bytes)
     assert all(isinstance(g, bytes) and g for g in got), got
     return len(rows), seen.count("GET", f"/{BUCKET}/{fmt}/")
 

@@ -160,6 +160,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                      samples_per_shard=args.samples_per_shard, storage=_storage(args))
     print(f"exported {summary['samples']} {args.decision} samples of run {summary['run_id']} as "
           f"{len(summary['shards'])} {args.format} shard(s), {summary['bytes']} bytes: {redact_uri(args.to)}")
+    if summary["skipped"]:  # what could not be read is left out, never an aborted export
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in summary["skipped"].items())
+        print(f"skipped {sum(summary['skipped'].values())} sample(s) that could not be read ({reasons}); "
+              "see export.json")
     return 0
 
 

@@ -1,15 +1,25 @@
 """`cafi export`: a committed run's curated rows as new shards -- the training set.
 
   <to>/000000.tar, 000001.tar, ...   (or .parquet)   the samples, sorted by uri, N per shard
-  <to>/export.json                                    what was exported: run, filter, shards, samples, bytes
+  <to>/export.json                                    what was exported: run, filter, shards, samples, bytes,
+                                                      and the samples skipped, per reason
   <to>/_SUCCESS                                       written last: the export is complete
 
 Each sample's original bytes, untouched (read by ranged GETs of tar members, row-group reads of
 Parquet shards, one GET per file input), with its manifest row: scores, decision, kept columns --
 as `<key>.json` beside `<key>.<ext>` (WebDataset) or as columns beside `key` and `jpg` (Parquet).
-Keys are the sample's position in the sorted export, zero-padded (`000000042`); `source_uri` names
-where it came from. The same run gives the same shard contents, byte for byte, and the shards are
-themselves valid input (`input.format: webdataset | parquet` with the default keys and columns).
+Keys are the sample's position among the selected rows sorted by uri, zero-padded (`000000042`);
+`source_uri` names where it came from.
+
+The export writes what it can: a selected row whose bytes cannot be read -- a shard's own error row
+(it names a whole shard, not an image), an object or shard that vanished since the run, a sample over
+the run's `image.max_bytes` (never read: cafi/inputs/samples.py), a shard sample without image bytes
+(no image member, a null Parquet cell),
+a read that failed past the storage retry budget -- is left out (its key is not used) and counted
+per reason (`skipped` in export.json, cafi.inputs.samples.SKIP_REASONS), never an aborted export.
+
+The same run gives the same shard contents, byte for byte, and the shards are themselves valid
+input (`input.format: webdataset | parquet` with the default keys and columns).
 
 Shards are written under their final names by Ray tasks, one shard each. A crashed export leaves
 no `_SUCCESS`; running it again rewrites the same names with the same bytes and removes shards left
@@ -35,7 +45,7 @@ from cafi import manifest, runs
 from cafi.config import StorageConfig
 from cafi.errors import CafiError
 from cafi.fetch import write_bytes
-from cafi.inputs.samples import read_samples
+from cafi.inputs.samples import read_samples, skip_reason
 from cafi.inputs.tar import TarWriter
 from cafi.redact import redact_text, redact_uri
 from cafi.storage import filesystem, join
@@ -102,22 +112,32 @@ def _shard_bytes(rows: pa.Table, data: list[bytes], keys: list[str], fmt: str, m
 
 
 def write_shard(rows: pa.Table, number: int, first: int, to: str, fmt: str, mtime: int, storage: StorageConfig,
-                image_storage: StorageConfig, image_column: str) -> dict:
-    """One output shard (a Ray task): read its samples' bytes, write the shard; its name, samples, bytes."""
+                image_storage: StorageConfig, image_column: str, max_bytes: int, input_format: str | None) -> dict:
+    """One output shard (a Ray task): read its samples' bytes (none over `max_bytes`), write the ones read;
+    its name, samples, bytes, and the samples skipped per reason (a shard with none read is written empty)."""
     data = read_samples(rows.column("uri").to_pylist(), rows.column("shard_offset").to_pylist(),
-                        rows.column("shard_size").to_pylist(), image_storage, image_column)
+                        rows.column("shard_size").to_pylist(), image_storage, image_column, max_bytes=max_bytes,
+                        input_format=input_format)
     rows = rows.drop_columns([c for c in SKIP if c in rows.column_names])
-    failed = [(u, d) for u, d in zip(rows.column("uri").to_pylist(), data, strict=True) if isinstance(d, Exception)]
-    if failed:
-        raise CafiError(f"export: {len(failed)} sample(s) of shard {number:06d} cannot be read (first: "
-                        f"{redact_uri(failed[0][0])}: {type(failed[0][1]).__name__}: "
-                        f"{redact_text(str(failed[0][1]))}); nothing is committed")
-    keys = [f"{first + i:0{KEY_DIGITS}d}" for i in range(rows.num_rows)]
-    blob = _shard_bytes(rows, data, keys, fmt, mtime)
+    readable = [i for i, d in enumerate(data) if not isinstance(d, Exception)]
+    skipped: dict[str, int] = {}
+    example = None
+    for uri, got in zip(rows.column("uri").to_pylist(), data, strict=True):
+        if isinstance(got, Exception):
+            reason = skip_reason(got)
+            skipped[reason] = skipped.get(reason, 0) + 1
+            example = example or (uri, got)
+    if example is not None:  # one line per shard, not per sample
+        uri, exc = example
+        text = redact_text(str(exc).splitlines()[0]) if str(exc) else ""
+        log.warning("export: shard %06d: %d sample(s) skipped %s; first: %s: %s: %s", number, sum(skipped.values()),
+                    skipped, redact_uri(uri), type(exc).__name__, text)
+    keys = [f"{first + i:0{KEY_DIGITS}d}" for i in readable]
+    blob = _shard_bytes(rows.take(pa.array(readable, pa.int64())), [data[i] for i in readable], keys, fmt, mtime)
     name = f"{number:06d}.{'tar' if fmt == 'webdataset' else 'parquet'}"
     fs, path = filesystem(join(to, name), storage)
     write_bytes(fs, path, blob, storage.retry_budget_s)
-    return {"name": name, "samples": rows.num_rows, "bytes": len(blob)}
+    return {"name": name, "samples": len(readable), "bytes": len(blob), "skipped": dict(sorted(skipped.items()))}
 
 
 def select(ref: runs.RunRef, storage: StorageConfig | None, decision: str) -> pa.Table:
@@ -167,6 +187,8 @@ def export(run_uri: str, to: str, decision: str = "accepted", fmt: str = "webdat
     ref = runs.resolve_run(run_uri, storage)
     image_storage = image_storage if image_storage is not None else runs.storage_config(ref.summary)
     image_column = runs.config_section(ref.summary, "input").get("image_column") or IMAGE_COLUMN
+    max_bytes = runs.image_config(ref.summary).max_bytes  # the run's read limit holds here too
+    input_format = runs.config_section(ref.summary, "input").get("format")
     rows = select(ref, storage, decision)
     leftovers = _prepare(to, storage)
     finished = ref.summary.get("finished_at")
@@ -182,15 +204,21 @@ def export(run_uri: str, to: str, decision: str = "accepted", fmt: str = "webdat
             shards.append(ray.get(pending.pop(0)))
         part = rows.take(pa.array(range(first, min(first + samples_per_shard, rows.num_rows))))  # a copy: a
         # slice would carry the whole table's buffers to every task
-        pending.append(task.remote(part, number, first, to, fmt, mtime, storage, image_storage, image_column))
+        pending.append(task.remote(part, number, first, to, fmt, mtime, storage, image_storage, image_column,
+                                   max_bytes, input_format))
     shards += ray.get(pending)
     fs, root = filesystem(to, storage)
     for name in sorted(set(leftovers) - {s["name"] for s in shards}):
         fs.rm(posixpath.join(root, name))
+    skipped: dict[str, int] = {}
+    for s in shards:
+        for reason, n in s["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
     summary = {
         "source_run": redact_uri(ref.uri), "run_id": ref.run_id, "model_version": ref.summary.get("model_version"),
-        "decision": decision, "format": fmt, "samples_per_shard": samples_per_shard,
-        "samples": rows.num_rows, "bytes": sum(s["bytes"] for s in shards), "shards": shards,
+        "decision": decision, "format": fmt, "samples_per_shard": samples_per_shard, "selected": rows.num_rows,
+        "samples": sum(s["samples"] for s in shards), "skipped": dict(sorted(skipped.items())),
+        "bytes": sum(s["bytes"] for s in shards), "shards": shards,
         "columns": ["key", "source_uri", *(c for c in rows.column_names if c not in ("uri", *SKIP))],
         "started_at": started.isoformat(), "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
     }

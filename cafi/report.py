@@ -353,10 +353,12 @@ def _show_schema() -> pa.Schema:
 # ---------------------------------------------------------------- thumbnails
 
 def thumbnails(rows: list[dict], storage: StorageConfig | None, image_cfg: ImageConfig | None = None,
-               size: int = THUMB, image_column: str = "jpg") -> dict[str, str | Exception]:
+               size: int = THUMB, image_column: str = "jpg", input_format: str | None = None
+               ) -> dict[str, str | Exception]:
     """uri -> a data: URI of a small JPEG thumbnail, or the reason there is none, for manifest rows
     (uri, shard_offset, shard_size). Reads only these images: whole objects, or a shard sample's
-    member by a ranged read; decoding keeps the pipeline's size limits (bombs stay undecoded), its
+    member by a ranged read, never more than the run's image.max_bytes (an oversized one is a
+    placeholder, unread); decoding keeps the pipeline's size limits (bombs stay undecoded), its
     image formats and its memory bound (pixels, never the square of the longer side: a 4,000,000 x 1
     PNG is a thin line, not a 48 TB canvas)."""
     from PIL import Image
@@ -371,7 +373,8 @@ def thumbnails(rows: list[dict], storage: StorageConfig | None, image_cfg: Image
     for start in range(0, len(unique), 64):
         chunk = unique[start:start + 64]
         got = read_samples([r["uri"] for r in chunk], [r.get("shard_offset") for r in chunk],
-                           [r.get("shard_size") for r in chunk], storage, image_column=image_column)
+                           [r.get("shard_size") for r in chunk], storage, image_column=image_column,
+                           max_bytes=cfg.max_bytes, input_format=input_format)
         for uri, data in zip([r["uri"] for r in chunk], got, strict=True):
             if isinstance(data, Exception):
                 out[uri] = data
@@ -578,8 +581,9 @@ def build(uri: str, storage: StorageConfig | None = None, image_storage: Storage
     rows = [r for t in shown for r in t.select(["uri", "shard_offset", "shard_size"]).to_pylist()]
     if image_storage is None:
         image_storage = runs.storage_config(ref.summary)
-    image_column = runs.config_section(ref.summary, "input").get("image_column", "jpg")
-    thumbs = thumbnails(rows, image_storage, runs.image_config(ref.summary), image_column=image_column)
+    inp = runs.config_section(ref.summary, "input")
+    thumbs = thumbnails(rows, image_storage, runs.image_config(ref.summary),
+                        image_column=inp.get("image_column", "jpg"), input_format=inp.get("format"))
     return ref, render(ref, agg, thumbs)
 
 

@@ -91,6 +91,14 @@ def png_flat(width: int, height: int, level: int = 128) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
 
 
+def hostile_images() -> dict[str, bytes]:
+    """Crafted files of a few kilobytes: a 1,250,000 x 32 PNG (exactly image.max_pixels; padded to a
+    square it asked for 4.26 TiB and failed the run), a 4,000,000 x 1 PNG (an error row whose report
+    thumbnail raised MemoryError) and an EPS named .jpg (Pillow would start Ghostscript)."""
+    return {"long.png": png_flat(1_250_000, 32, 255), "line.png": png_flat(4_000_000, 1),
+            "eps.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n%%EOF\n"}
+
+
 def unusual_inputs(seed: int = 0) -> dict[str, bytes]:
     """Decodable but unusual: each must be converted and scored."""
     face = draw_face(256, seed)

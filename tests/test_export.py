@@ -15,24 +15,35 @@ from cafi.errors import CafiError
 from cafi.inputs import parquet
 from cafi.samples import write_samples
 
-from .shardkit import key_of, webdataset_shards
+from .shardkit import key_of, tar_bytes, webdataset_shards
 
 pytestmark = pytest.mark.slow  # a scored run to export (and one scoring of the export)
+
+MAX_BYTES = 128 * 1024  # the run's image.max_bytes: over every crop, under big.tar's member
 
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, fast_config, ray_local):
-    """A committed run over two WebDataset shards (good and broken crops), with kept columns."""
+    """A committed run over two WebDataset shards (good and broken crops), with kept columns; and three
+    hostile ones: bad.tar (not a tar: the shard's own error row), big.tar (a member one byte over
+    image.max_bytes: a "file too large" row that records the member's size) and vanish.tar (a good
+    crop, for a test to take away)."""
     tmp = tmp_path_factory.mktemp("export")
     paths = sorted(write_samples(str(tmp / "crops"), count=4, seed=23, unusual=False, broken=False))
     paths += sorted(write_samples(str(tmp / "broken"), count=0, unusual=False, broken=True))[:2]
     (tmp / "in").mkdir()
     for n, blob in enumerate(webdataset_shards(paths, per_shard=3)):
         (tmp / "in" / f"{n:06d}.tar").write_bytes(blob)
+    (tmp / "in" / "bad.tar").write_bytes(b"not a tar archive\n" * 64)
+    (tmp / "in" / "big.tar").write_bytes(tar_bytes([("big.png", b"\x89PNG\r\n\x1a\n" + bytes(MAX_BYTES - 7))]))
+    first = open(paths[0], "rb").read()
+    (tmp / "in" / "vanish.tar").write_bytes(tar_bytes([("vanish.jpg", first)]))
     out = str(tmp / "out")
     summary = pipeline.run(load_config(fast_config, [f"input.uri={tmp / 'in'}", f"output.uri={out}",
-                                                     "input.format=webdataset", "input.keep_columns=[identity]"]))
+                                                     "input.format=webdataset", "input.keep_columns=[identity]",
+                                                     f"image.max_bytes={MAX_BYTES}"]))
     originals = {key_of(p): open(p, "rb").read() for p in paths}
+    originals["vanish"] = first
     return tmp, out, summary, originals
 
 
@@ -142,3 +153,73 @@ def test_export_refuses_bad_arguments(scored):
     with pytest.raises(CafiError, match="--samples-per-shard"):
         export.export(out, str(tmp / "x"), samples_per_shard=0)
 
+
+
+def _exported(dest: str) -> list[tuple[str, bytes]]:
+    """(source_uri, image bytes) of every sample of an export's WebDataset shards, read by cafi's own
+    shard reader (the shards are valid input: no shard error row)."""
+    import fsspec
+
+    from cafi.inputs import webdataset
+    from cafi.inputs.stream import BlockStream
+
+    got = []
+    for name in sorted(n for n in os.listdir(dest) if n.endswith(".tar")):
+        path = os.path.join(dest, name)
+        stream = BlockStream(fsspec.filesystem("file"), path, 1 << 20, budget_s=1)
+        samples = list(webdataset.samples(stream, path, ImageConfig(min_side=1), ["png", "jpg", "bin"], ["source_uri"]))
+        assert all(s.key is not None for s in samples), [s.error for s in samples if s.key is None]
+        members = _members(path)
+        for s in samples:
+            image = next(v for k, v in members.items() if k.startswith(s.key + ".") and not k.endswith(".json"))
+            got.append((s.kept["source_uri"], image))
+    return got
+
+
+def test_export_of_all_rows_writes_what_it_can_and_counts_what_it_cannot(scored, capsys):
+    """A shard's own error row, a vanished shard and an oversized member are skipped and counted per
+    reason (export.json, the CLI's output); every other row is exported once, as valid input."""
+    from cafi.cli import main
+
+    from .faults import check_exactly_once
+
+    tmp, out, summary, originals = scored
+    rows = manifest.read(out).to_pylist()
+    by_uri = check_exactly_once(out, [r["uri"] for r in rows])
+    bad, big = by_uri[str(tmp / "in" / "bad.tar")], by_uri[f"{tmp / 'in' / 'big.tar'}#big"]
+    assert "not a tar archive" in bad["error"] and bad["shard_size"] is None
+    assert "file too large" in big["error"] and big["shard_size"] == MAX_BYTES + 1  # recorded, never read again
+    vanish = tmp / "in" / "vanish.tar"
+    dest = str(tmp / "all")
+    os.rename(vanish, tmp / "vanished")  # gone since the run
+    try:
+        assert main(["export", manifest.run_uri(out, summary["run_id"]), "--to", dest, "--decision", "all",
+                     "--samples-per-shard", "2"]) == 0
+    finally:
+        os.rename(tmp / "vanished", vanish)
+    printed = capsys.readouterr().out
+    assert "skipped 3 sample(s) that could not be read (not_found: 1, shard_row: 1, too_large: 1)" in printed
+    with open(os.path.join(dest, "export.json")) as fh:
+        doc = json.load(fh)
+    assert doc["skipped"] == {"not_found": 1, "shard_row": 1, "too_large": 1} and export.is_complete(dest)
+    assert doc["selected"] == len(rows) and doc["samples"] == len(rows) - 3
+    assert sum(s["samples"] for s in doc["shards"]) == doc["samples"]
+    assert any(s["samples"] == 0 for s in doc["shards"])  # bad.tar and big.tar#big: a shard of neither, written
+    got = _exported(dest)
+    skipped = {bad["uri"], big["uri"], f"{vanish}#vanish"}
+    assert [u for u, _ in got] == sorted(set(by_uri) - skipped)  # every readable row once, in uri order
+    for uri, image in got:
+        assert image == originals[uri.split("#")[1]]
+    pq_dest = str(tmp / "rejected-pq")  # Parquet, the rejected rows (the error rows among them), vanish.tar back
+    result = export.export(manifest.run_uri(out, summary["run_id"]), pq_dest, decision="rejected", fmt="parquet",
+                           samples_per_shard=2)
+    assert result["skipped"] == {"shard_row": 1, "too_large": 1}
+    table = pa.concat_tables([pq.read_table(os.path.join(pq_dest, n)) for n in sorted(os.listdir(pq_dest))
+                              if n.endswith(".parquet")])
+    rejected = sorted(u for u, r in by_uri.items() if r["decision"] == "rejected")
+    assert table.column("source_uri").to_pylist() == sorted(set(rejected) - {bad["uri"], big["uri"]})
+    for n in sorted(os.listdir(pq_dest)):
+        if n.endswith(".parquet"):
+            content = open(os.path.join(pq_dest, n), "rb").read()
+            read = list(parquet.samples(content, n, ImageConfig(), "jpg", "key", pa.schema([])))
+            assert all(s.key is not None for s in read)  # valid input: no file-level error row

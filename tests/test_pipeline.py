@@ -13,7 +13,7 @@ import pytest
 from cafi import manifest, pipeline
 from cafi.config import load_config
 from cafi.errors import StorageError, WeightsError
-from cafi.samples import broken_inputs, unusual_inputs, write_samples
+from cafi.samples import broken_inputs, hostile_images, unusual_inputs, write_samples
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the job
 
@@ -30,16 +30,6 @@ BROKEN_REASONS = {
 
 def _cfg(fast_config, *overrides):
     return load_config(fast_config, list(overrides))
-
-
-def hostile_images() -> dict[str, bytes]:
-    """Crafted files of a few kilobytes: a 1,250,000 x 32 PNG (exactly image.max_pixels; padded to a
-    square it asked for 4.26 TiB and failed the run), a 4,000,000 x 1 PNG (an error row whose report
-    thumbnail raised MemoryError) and an EPS named .jpg (Pillow would start Ghostscript)."""
-    from cafi.samples import png_flat
-
-    return {"long.png": png_flat(1_250_000, 32, 255), "line.png": png_flat(4_000_000, 1),
-            "eps.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n%%EOF\n"}
 
 
 @pytest.fixture(scope="module")

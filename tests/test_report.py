@@ -299,11 +299,13 @@ def test_report_only_counts_its_own_run(tmp_path):
 def test_report_is_self_contained_and_fetches_shown_rows_only(tmp_path, monkeypatch):
     out, run, table = face_run(tmp_path, n=80)
     fetched: list[str] = []
+    caps: list = []
     real = fetch.read_bytes
 
-    def counting(uris, storage, counts=None):
+    def counting(uris, storage, counts=None, max_bytes=None):
         fetched.extend(uris)
-        return real(uris, storage, counts)
+        caps.append(max_bytes)
+        return real(uris, storage, counts, max_bytes=max_bytes)
 
     monkeypatch.setattr(fetch, "read_bytes", counting)
     path = report.write_report(run)
@@ -313,6 +315,7 @@ def test_report_is_self_contained_and_fetches_shown_rows_only(tmp_path, monkeypa
     agg = report.aggregate(ref)
     shown = {u for t in (agg.best, agg.worst, *agg.samples.values()) for u in t.column("uri").to_pylist()}
     assert set(fetched) == shown and len(fetched) == len(shown) < table.num_rows
+    assert caps and set(caps) == {runs.image_config(ref.summary).max_bytes}  # every read capped at the run's limit
 
     # Nothing is loaded from elsewhere when the page is viewed.
     for attr in re.findall(r'(?:src|href)="([^"]*)"', page):

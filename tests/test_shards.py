@@ -251,7 +251,8 @@ def test_read_samples_reads_tar_members_parquet_rows_and_files(tmp_path):
     s1 = next(m for m in infos if m.name == "s1.jpg")
     got = read_samples([f"{tmp_path}/s.tar#s1", f"{tmp_path}/p.parquet#c", f"{tmp_path}/f.jpg",
                         f"{tmp_path}/p.parquet#b", f"{tmp_path}/s.tar#s9"],
-                       [s1.offset_data, 2, None, 1, 10**9], [s1.size, None, None, float("nan"), 10], None)
+                       [s1.offset_data, 2, None, 1, 10**9], [s1.size, None, None, float("nan"), 10], None,
+                       max_bytes=ImageConfig().max_bytes)
     assert got[:4] == [JPEG, PNG, JPEG, JPEG]
     assert isinstance(got[4], Exception)
 
@@ -479,7 +480,7 @@ def test_the_same_crops_as_files_webdataset_and_parquet_give_the_same_rows(s3, s
         storage = load_config([], ["input.uri=x", "output.uri=y", f"storage.endpoint_url={proxy.url}"]).storage
         got = read_samples([sample["uri"], pq_rows[0]["uri"], bad["bad-001.tar"]["uri"]],
                            [sample["shard_offset"], pq_rows[0]["shard_offset"], None],
-                           [sample["shard_size"], None, None], storage)
+                           [sample["shard_size"], None, None], storage, max_bytes=ImageConfig().max_bytes)
     assert got[0] == open(next(p for p in paths if key_of(p) == sample["uri"].split("#")[1]), "rb").read()
     assert got[1] == open(next(p for p in paths if key_of(p) == pq_rows[0]["uri"].split("#")[1]), "rb").read()
     assert isinstance(got[2], ValueError)  # a shard's own row: the shard is not downloaded for a thumbnail

@@ -48,17 +48,23 @@ class Keys:
         self.shard, self.seen = shard, set()
         self.next: dict[str, int] = {}  # repeated key -> the suffix to try first next time
 
-    def uri(self, key: str) -> tuple[str, str | None]:
+    def unique(self, key: str) -> tuple[str, str | None]:
+        """The key the sample is known by in this shard (its uri's key, and its shard index's), and the
+        error of a repeated one."""
         if key not in self.seen:
             self.seen.add(key)
-            return sample_uri(self.shard, key), None
+            return key, None
         n = self.next.get(key, 2)  # every suffix below it is taken (by this key or by a key named so)
         while f"{key}#{n}" in self.seen:
             n += 1
         self.next[key] = n + 1
         self.seen.add(f"{key}#{n}")
-        return (sample_uri(self.shard, f"{key}#{n}"),
-                f"duplicate key in shard: {key!r} appears again (occurrence {n}); only the first one is scored")
+        return f"{key}#{n}", (f"duplicate key in shard: {key!r} appears again (occurrence {n}); only the first "
+                              "one is scored")
+
+    def uri(self, key: str) -> tuple[str, str | None]:
+        unique, dup = self.unique(key)
+        return sample_uri(self.shard, unique), dup
 
 
 class _Group:
@@ -88,8 +94,8 @@ def samples(stream, shard: str, image_cfg: ImageConfig, image_extensions: list[s
     def finish(group: _Group) -> Sample:
         nonlocal read
         read += 1
-        uri, dup = keys.uri(group.key)
-        return _sample(group, uri, dup, exts, kept, image_cfg)
+        key, dup = keys.unique(group.key)
+        return _sample(group, key, sample_uri(shard, key), dup, exts, kept, image_cfg)
 
     def ended(fault: tar.TarError) -> Sample:
         """The shard's own row: why the archive ends here, and how many samples it gave before."""
@@ -134,10 +140,10 @@ def samples(stream, shard: str, image_cfg: ImageConfig, image_extensions: list[s
         yield finish(group)
 
 
-def _sample(group: _Group, uri: str, dup: str | None, exts: list[str], kept: list[str],
+def _sample(group: _Group, key: str, uri: str, dup: str | None, exts: list[str], kept: list[str],
             image_cfg: ImageConfig) -> Sample:
     image = next((group.members[e] for e in exts if e in group.members), None)
-    sample = Sample(uri, group.key, error=dup)
+    sample = Sample(uri, key, error=dup)  # a repeated key's sample is `key#n`, in its uri and in the index
     if image is not None:
         sample.offset, sample.size = image.offset, image.size
     if sample.error is None and group.cut is not None:
