@@ -112,12 +112,11 @@ def _shard_bytes(rows: pa.Table, data: list[bytes], keys: list[str], fmt: str, m
 
 
 def write_shard(rows: pa.Table, number: int, first: int, to: str, fmt: str, mtime: int, storage: StorageConfig,
-                image_storage: StorageConfig, image_column: str, max_bytes: int, input_format: str | None) -> dict:
+                image_storage: StorageConfig, reads: dict) -> dict:
     """One output shard (a Ray task): read its samples' bytes (none over `max_bytes`), write the ones read;
     its name, samples, bytes, and the samples skipped per reason (a shard with none read is written empty)."""
     data = read_samples(rows.column("uri").to_pylist(), rows.column("shard_offset").to_pylist(),
-                        rows.column("shard_size").to_pylist(), image_storage, image_column, max_bytes=max_bytes,
-                        input_format=input_format)
+                        rows.column("shard_size").to_pylist(), image_storage, **reads)
     rows = rows.drop_columns([c for c in SKIP if c in rows.column_names])
     readable = [i for i, d in enumerate(data) if not isinstance(d, Exception)]
     skipped: dict[str, int] = {}
@@ -186,9 +185,7 @@ def export(run_uri: str, to: str, decision: str = "accepted", fmt: str = "webdat
     started = _dt.datetime.now(_dt.timezone.utc)
     ref = runs.resolve_run(run_uri, storage)
     image_storage = image_storage if image_storage is not None else runs.storage_config(ref.summary)
-    image_column = runs.config_section(ref.summary, "input").get("image_column") or IMAGE_COLUMN
-    max_bytes = runs.image_config(ref.summary).max_bytes  # the run's read limit holds here too
-    input_format = runs.config_section(ref.summary, "input").get("format")
+    reads = runs.sample_reads(ref.summary)  # the run's image column, read limit and schemes hold here too
     rows = select(ref, storage, decision)
     leftovers = _prepare(to, storage)
     finished = ref.summary.get("finished_at")
@@ -204,8 +201,7 @@ def export(run_uri: str, to: str, decision: str = "accepted", fmt: str = "webdat
             shards.append(ray.get(pending.pop(0)))
         part = rows.take(pa.array(range(first, min(first + samples_per_shard, rows.num_rows))))  # a copy: a
         # slice would carry the whole table's buffers to every task
-        pending.append(task.remote(part, number, first, to, fmt, mtime, storage, image_storage, image_column,
-                                   max_bytes, input_format))
+        pending.append(task.remote(part, number, first, to, fmt, mtime, storage, image_storage, reads))
     shards += ray.get(pending)
     fs, root = filesystem(to, storage)
     for name in sorted(set(leftovers) - {s["name"] for s in shards}):

@@ -353,8 +353,8 @@ def _show_schema() -> pa.Schema:
 # ---------------------------------------------------------------- thumbnails
 
 def thumbnails(rows: list[dict], storage: StorageConfig | None, image_cfg: ImageConfig | None = None,
-               size: int = THUMB, image_column: str = "jpg", input_format: str | None = None
-               ) -> dict[str, str | Exception]:
+               size: int = THUMB, image_column: str = "jpg", input_format: str | None = None,
+               schemes: tuple[str, ...] | None = None) -> dict[str, str | Exception]:
     """uri -> a data: URI of a small JPEG thumbnail, or the reason there is none, for manifest rows
     (uri, shard_offset, shard_size). Reads only these images: whole objects, or a shard sample's
     member by a ranged read, never more than the run's image.max_bytes (an oversized one is a
@@ -374,7 +374,7 @@ def thumbnails(rows: list[dict], storage: StorageConfig | None, image_cfg: Image
         chunk = unique[start:start + 64]
         got = read_samples([r["uri"] for r in chunk], [r.get("shard_offset") for r in chunk],
                            [r.get("shard_size") for r in chunk], storage, image_column=image_column,
-                           max_bytes=cfg.max_bytes, input_format=input_format)
+                           max_bytes=cfg.max_bytes, input_format=input_format, schemes=schemes)
         for uri, data in zip([r["uri"] for r in chunk], got, strict=True):
             if isinstance(data, Exception):
                 out[uri] = data
@@ -581,9 +581,9 @@ def build(uri: str, storage: StorageConfig | None = None, image_storage: Storage
     rows = [r for t in shown for r in t.select(["uri", "shard_offset", "shard_size"]).to_pylist()]
     if image_storage is None:
         image_storage = runs.storage_config(ref.summary)
-    inp = runs.config_section(ref.summary, "input")
-    thumbs = thumbnails(rows, image_storage, runs.image_config(ref.summary),
-                        image_column=inp.get("image_column", "jpg"), input_format=inp.get("format"))
+    reads = runs.sample_reads(ref.summary)  # what the run could read, and no more
+    thumbs = thumbnails(rows, image_storage, runs.image_config(ref.summary), image_column=reads["image_column"],
+                        input_format=reads["input_format"], schemes=reads["schemes"])
     return ref, render(ref, agg, thumbs)
 
 

@@ -109,6 +109,20 @@ def image_config(summary: dict) -> ImageConfig:
                           if k in ("max_pixels", "max_bytes")})
 
 
+def sample_reads(summary: dict) -> dict:
+    """How the run read its samples, for reading them again (cafi.inputs.samples.read_samples keywords):
+    its image column, format, read limit and the URI schemes its input could name."""
+    from types import SimpleNamespace
+
+    from cafi.storage import allowed_schemes
+
+    inp = config_section(summary, "input")
+    schemes = allowed_schemes(SimpleNamespace(schemes=inp.get("schemes"), uri=inp.get("uri"),
+                                              manifest=inp.get("manifest")))
+    return {"image_column": inp.get("image_column") or "jpg", "input_format": inp.get("format"),
+            "max_bytes": image_config(summary).max_bytes, "schemes": schemes}
+
+
 def scorers(summary: dict) -> tuple[str, str]:
     """(FIQA column, IQA column) the run decided with: `models.fiqa.kind` and `models.iqa.kind`."""
     models = config_section(summary, "models")

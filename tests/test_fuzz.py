@@ -82,8 +82,6 @@ def test_a_repeated_tar_key_is_indexed_under_its_own_uri(env):
     assert rows["dup.tar#a#2"]["status"] == "error" and "duplicate key" in rows["dup.tar#a#2"]["error"]
 
 
-@pytest.mark.xfail(strict=True, reason="cafi/inputs/parquet.py (lead's): a repeated key's Sample.key is the raw key, "
-                                       "so the shard index lists `a` twice and not `a#2` (tar: fixed in webdataset.py)")
 def test_a_repeated_parquet_key_is_indexed_under_its_own_uri(env):
     _repeated_keys(env, "parquet")
 

@@ -263,6 +263,13 @@ def test_odd_keys_duplicates_and_vanished_objects(s3, fast_config, ray_local, tm
     for uri in refused[1:]:
         assert rows[uri]["status"] == "error" and "is not allowed for inputs" in rows[uri]["error"]
     assert rows[f"{web}/big.jpg"]["status"] == "error" and "too large" in rows[f"{web}/big.jpg"]["error"]
+    # the curated set of every row: what the run could not name is not read for it either
+    from cafi.export import export
+
+    with ServerIgnoringRange(big.parent):
+        done = export("s3://odd/out", "s3://odd/export", decision="all")
+    assert done["skipped"] == {"not_allowed": 3, "not_found": 1, "too_large": 1}, done
+    assert done["samples"] == len(uris) and done["selected"] == len(uris) + len(hostile)
     # the same keys by prefix listing: every one read, none an error row
     summary = pipeline.run(load_config(fast_config, ["input.uri=s3://odd/in/", "output.uri=s3://odd/out2",
                                                      *SMALL_BLOCKS]))

@@ -128,3 +128,15 @@ def test_report_thumbnails_do_not_read_an_oversized_member(tmp_path, crops):
     assert isinstance(thumbs[rows[1]["uri"]], TooLarge)
     assert thumbs[rows[0]["uri"]].startswith("data:image/jpeg;base64,")  # the readable one, once
     assert len(thumbs) == 2
+
+
+def test_a_uri_the_run_could_not_name_is_never_read(tmp_path):
+    """`file:///etc/hostname` in an S3 manifest was an error row of the run, but export read it."""
+    from cafi.inputs.samples import NotAllowed, skip_reason
+
+    (tmp_path / "secret.txt").write_bytes(b"do not export")
+    got = read_samples([f"file://{tmp_path}/secret.txt", "s3://b/s.tar#k"], [None, 0], [None, 10], None,
+                       max_bytes=LIMIT, schemes=("s3",))
+    assert isinstance(got[0], NotAllowed) and skip_reason(got[0]) == "not_allowed"
+    assert "scheme 'file' is not allowed" in str(got[0])
+    assert not isinstance(got[1], NotAllowed)  # an allowed one is read (and fails here: no such bucket)

@@ -25,6 +25,7 @@ from cafi.config import ImageConfig
 from cafi.fetch import read_error
 from cafi.inputs import keep
 from cafi.inputs.rows import Sample
+from cafi.inputs.uris import sample_uri
 from cafi.inputs.webdataset import Keys
 
 ROWS_PER_BATCH = 256
@@ -146,7 +147,8 @@ def _sample(keys: Keys, key: str | None, data: bytes | None, row: int, kept: dic
             key_column: str | None, image_cfg: ImageConfig, error: str | None = None) -> Sample:
     if key is None:
         key, error = f"row{row}", f"input.key_column {key_column!r} is null in row {row}"
-    uri, dup = keys.uri(key)
+    key, dup = keys.unique(key)  # the key its uri and the shard's index carry (`a#2` for a repeated `a`)
+    uri = sample_uri(keys.shard, key)
     error = error or dup
     if error is None and data is None:
         error = f"input.image_column {image_column!r} is null in row {row}"

@@ -27,7 +27,7 @@ from cafi import fetch
 from cafi.config import StorageConfig
 from cafi.fetch import Backoff, is_final, with_retries
 from cafi.inputs.uris import split_sample_uri
-from cafi.storage import filesystem
+from cafi.storage import filesystem, refused_scheme
 
 MERGE_GAP = 1 * 2**20
 SHARD_NAMES = (".tar", ".parquet")
@@ -42,7 +42,11 @@ class WholeShard(ValueError):
     """A shard's own (error) row: it names the shard, not one image."""
 
 
-SKIP_REASONS = ("shard_row", "not_found", "too_large", "no_image", "unreadable")
+class NotAllowed(ValueError):
+    """A URI of a scheme the run's input could not name (input.schemes): never read."""
+
+
+SKIP_REASONS = ("shard_row", "not_found", "too_large", "no_image", "not_allowed", "unreadable")
 
 
 def skip_reason(exc: BaseException) -> str:
@@ -57,6 +61,8 @@ def skip_reason(exc: BaseException) -> str:
         return "too_large"
     if isinstance(exc, LookupError):
         return "no_image"
+    if isinstance(exc, NotAllowed):
+        return "not_allowed"
     return "unreadable"
 
 
@@ -75,7 +81,8 @@ def _missing(value) -> bool:
 
 def read_samples(uris: list[str], shard_offsets: list, shard_sizes: list, storage: StorageConfig | None,
                  image_column: str = "jpg", *, max_bytes: int, max_chunk_bytes: int | None = None,
-                 input_format: str | None = None) -> list[bytes | Exception]:
+                 input_format: str | None = None, schemes: tuple[str, ...] | None = None
+                 ) -> list[bytes | Exception]:
     """Each sample's encoded bytes, or the exception that prevented reading them.
 
     `shard_offsets` / `shard_sizes` are the manifest columns (null for files inputs). `image_column`
@@ -85,6 +92,8 @@ def read_samples(uris: list[str], shard_offsets: list, shard_sizes: list, storag
     `input_format`: the run's `input.format` when known. A shard input's row without an offset is a
     sample without an image (no image member, a null cell): a LookupError, never fetched as an object
     named `<shard>#<key>`; a files input's uris are whole objects, a '#' in them included.
+    `schemes`: the URI schemes the run's input could name (cafi.runs.sample_reads): any other uri (an
+    error row of the run, `file:///etc/...` in an S3 manifest) is a NotAllowed, never read.
     """
     shards = input_format in ("webdataset", "parquet")
     chunk = max_chunk_bytes if max_chunk_bytes is not None else chunk_limit(max_bytes)
@@ -93,7 +102,10 @@ def read_samples(uris: list[str], shard_offsets: list, shard_sizes: list, storag
     whole, tar_parts, parquet_parts = [], defaultdict(list), defaultdict(list)
     for i, (uri, offset, size) in enumerate(zip(uris, shard_offsets, shard_sizes, strict=True)):
         split = split_sample_uri(uri) if not _missing(offset) and input_format != "files" else None
-        if split is None and shards and split_sample_uri(uri) is not None:
+        why = refused_scheme(split[0] if split else uri, schemes) if schemes is not None else None
+        if why is not None:
+            out[i] = NotAllowed(f"{uri}: {why}")
+        elif split is None and shards and split_sample_uri(uri) is not None:
             out[i] = LookupError(f"{uri}: the sample has no image bytes (its row says why)")
         elif split is None and uri.lower().endswith(SHARD_NAMES):  # a shard's own (error) row: no image to show
             out[i] = WholeShard(f"{uri} is a whole shard (its row says why it could not be read), not one image")
