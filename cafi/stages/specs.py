@@ -14,7 +14,6 @@ from cafi.config import JobConfig
 from cafi.errors import ConfigError
 from cafi.stages.spec import FAMILIES, StageSpec
 
-
 # Thresholds added after model versions were first recorded enter the decision's fingerprint only when
 # set: null turns a rule off, as an absent key does, so every version made before them keeps its name.
 _LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa")
