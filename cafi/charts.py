@@ -92,7 +92,8 @@ class _Frame:
                 f'<text x="8" y="17" class="t">{esc(title)}</text>',
                 f'<rect x="{self.ml}" y="{self.mt}" width="{self.pw}" height="{self.ph}" class="plot"/>']
 
-    def grid(self, x_grid: bool = True, y_format=tick, y_integers: bool = False) -> list[str]:
+    def grid(self, x_grid: bool = True, y_format=tick, y_integers: bool = False,
+             y_ticks: Sequence[float] | None = None) -> list[str]:
         parts = []
         for v in ticks(self.xlo, self.xhi):
             x = self.sx(v)
@@ -100,7 +101,7 @@ class _Frame:
             parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y1}" y2="{self.mt + self.ph + 4}" '
                          f'class="{"grid" if x_grid else "axis"}"/>'
                          f'<text x="{x:.1f}" y="{self.mt + self.ph + 16}" class="xl">{tick(v)}</text>')
-        for v in ticks(self.ylo, self.yhi, 4 if y_integers else 5):
+        for v in (y_ticks if y_ticks is not None else ticks(self.ylo, self.yhi, 4 if y_integers else 5)):
             if y_integers and v != int(v):
                 continue
             y = self.sy(v)
@@ -252,6 +253,7 @@ class Series:
     dash: str = ""
     step: bool = True
     width: float = 1.6
+    opacity: float = 1.0  # below 1: drawn faintly (a context curve beside the ones compared)
 
 
 def _path(f: _Frame, s: Series) -> str:
@@ -268,23 +270,42 @@ def _path(f: _Frame, s: Series) -> str:
     return "".join(d)
 
 
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """log10 of the ticks of a log axis over [lo, hi] (> 0): every decade, and 2 and 5 times it when the
+    range spans fewer than three decades."""
+    a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    steps = (1, 2, 5) if b - a < 3 else (1,)
+    vals = [m * 10.0 ** k for k in range(a, b + 1) for m in steps]
+    return [math.log10(v) for v in vals if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+
+
 def line_chart_svg(chart_id: str, title: str, series: Sequence[Series], x_range: tuple[float, float],
                    y_range: tuple[float, float], x_label: str, y_label: str, vlines: Sequence[Line] = (),
-                   empty_text: str = "no data", w: int = 760, h: int = 460) -> str:
-    """Several curves over shared axes with a legend on the right."""
+                   empty_text: str = "no data", w: int = 760, h: int = 460, log_y: bool = False) -> str:
+    """Several curves over shared axes with a legend on the right. `log_y`: a log10 y axis over y_range
+    (> 0); values below its bottom (a FNMR of 0) are drawn on the bottom edge."""
+    y_ticks, y_format = None, tick
+    if log_y:
+        lo, hi = y_range
+        series = [Series(s.name, s.xs, np.log10(np.maximum(np.asarray(s.ys, float), lo)), s.color, s.dash, s.step,
+                         s.width, s.opacity) for s in series]
+        y_range, y_ticks = (math.log10(lo), math.log10(hi)), log_ticks(lo, hi)
+        y_format = lambda v: tick(10.0 ** v)  # noqa: E731 - the axis labels in the data's units
     f = _Frame(w, h, (56, 210, 28, 42), x_range, y_range)
-    parts = f.open(chart_id, title) + f.grid()
+    parts = f.open(chart_id, title) + f.grid(y_format=y_format, y_ticks=y_ticks)
     for i, s in enumerate(series):
         d = _path(f, s)
         dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
+        faint = f' stroke-opacity="{s.opacity:g}"' if s.opacity < 1 else ""
         if d:
-            parts.append(f'<path d="{d}" stroke="{s.color}" stroke-width="{s.width}"{dash} class="curve">'
+            parts.append(f'<path d="{d}" stroke="{s.color}" stroke-width="{s.width}"{dash}{faint} class="curve">'
                          f'<title>{esc(s.name)}</title></path>')
         ly = f.mt + 10 + i * 15
         lx = f.ml + f.pw + 10
+        text_faint = f' fill-opacity="{max(s.opacity, 0.5):g}"' if s.opacity < 1 else ""
         parts.append(f'<line x1="{lx}" x2="{lx + 22}" y1="{ly - 4}" y2="{ly - 4}" stroke="{s.color}" '
-                     f'stroke-width="{s.width + 0.4}"{dash}/>'
-                     f'<text x="{lx + 28}" y="{ly}" class="lg">{esc(s.name)}</text>')
+                     f'stroke-width="{s.width + 0.4}"{dash}{faint}/>'
+                     f'<text x="{lx + 28}" y="{ly}" class="lg"{text_faint}>{esc(s.name)}</text>')
     parts += f.vlines(vlines)
     if not series:
         parts.append(f.empty(empty_text))

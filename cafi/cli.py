@@ -85,12 +85,20 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
     from cafi.weights import Checkpoint, fetch, fetch_unpinned
 
     cfg = load_config(args.config, list(args.overrides) + ["output.uri=unused", "input.uri=unused"])
-    specs.validate(cfg)
+    specs.validate(cfg, pinned=False)  # a record without a published digest is what this command pins
     m = cfg.models
     archs = {s.section: s.arch(cfg) for s in specs.specs_for(cfg) if s.arch is not None and s.arch(cfg)}
     lines = ["models:"]
     for key, arch in archs.items():
         rec = published(arch)
+        # What the weights may be used for travels with them: printed with the config block.
+        lines.append(f"  # {arch}: licence {rec.licence or 'unknown'} ({rec.source}); trained on "
+                     f"{rec.training_data or 'unknown'}")
+        if rec.manual_download:  # the URI is a web page listing the file: nothing to copy automatically
+            lines += [f"  # {key}: download {rec.file_name} by hand from {rec.uri}, copy it to DEST, then:",
+                      f"  {key}:", "    weights:", f"      uri: {join(args.dest, rec.file_name)}",
+                      "      sha256: <sha256sum of your copy>"]
+            continue
         if rec.sha256:
             local = fetch(Checkpoint(key, rec.uri, rec.sha256, rec.state_key), m.cache_dir, cfg.storage)
             sha, note = rec.sha256, ""

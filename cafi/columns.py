@@ -73,6 +73,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("magface", _F, "MagFace quality: the embedding norm, or OFIQ's 0..100 mapping of it if configured",
            "norm or 0..100", "higher"),
     Column("magface_raw", _F, "MagFace embedding L2 norm", "norm (~10..110)", "higher"),
+    Column("crfiqa", _F, "CR-FIQA: the quality head's regression of the relative classifiability", "raw",
+           "higher"),
+    Column("sddfiqa", _F, "SDD-FIQA: IR-50 regression of the similarity-distribution-distance label", "~0..100",
+           "higher"),
     # -- image-quality (IQA) scorers
     Column("dbcnn", _F, "DBCNN on the masked face (KonIQ-10k MOS scale for the published weights)", "0..100",
            "higher"),

@@ -87,6 +87,22 @@ class MagfaceConfig(StageConfig):
 
 
 @dataclass(frozen=True)
+class CrfiqaConfig(StageConfig):
+    family: ClassVar[str] = "fiqa"
+
+    # crfiqa_iresnet100 (CR-FIQA(L), MS1MV2) | crfiqa_iresnet50 (CR-FIQA(S), CASIA-WebFace)
+    arch: str = "crfiqa_iresnet100"
+    weights: WeightsConfig | None = None
+
+
+@dataclass(frozen=True)
+class SddfiqaConfig(StageConfig):
+    family: ClassVar[str] = "fiqa"
+
+    weights: WeightsConfig | None = None
+
+
+@dataclass(frozen=True)
 class TopiqFaceConfig(StageConfig):
     family: ClassVar[str] = "iqa"
 
@@ -127,6 +143,8 @@ class ModelsConfig:
     parser: ParserConfig = field(default_factory=ParserConfig)
     serfiq: SerfiqConfig = field(default_factory=SerfiqConfig)
     magface: MagfaceConfig = field(default_factory=MagfaceConfig)
+    crfiqa: CrfiqaConfig = field(default_factory=CrfiqaConfig)
+    sddfiqa: SddfiqaConfig = field(default_factory=SddfiqaConfig)
     dbcnn: DbcnnConfig = field(default_factory=DbcnnConfig)
     topiq_face: TopiqFaceConfig = field(default_factory=TopiqFaceConfig)
 
@@ -174,6 +192,8 @@ class DecisionConfig:
 
     min_serfiq: float = 0.3
     min_magface: float | None = None
+    min_crfiqa: float | None = None
+    min_sddfiqa: float | None = None
     min_mask_fraction: float = 0.05
     min_dbcnn: float | None = None
     min_topiq_face: float | None = None

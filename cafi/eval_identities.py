@@ -25,6 +25,14 @@ class EdcSection:
     found: int                    # ... whose URI is in the manifest
     embedded: int                 # ... with an embedding: the samples compared
     result: edc.Result
+    embedding_model: dict | None = None  # the recognizer of the embeddings (None: not recorded)
+
+    def recognizer(self) -> str:
+        """Which recognizer made the embeddings compared, in words."""
+        m = self.embedding_model
+        if m is None:
+            return "not recorded (scored before cafi recorded it)"
+        return f"{m['arch']} (the {m['stage']} stage's own pass; sha256 {m['sha256'][:12]})"
 
     def target_of(self, s: edc.ScoreResult) -> dict | None:
         t = s.target
@@ -65,6 +73,7 @@ class EdcSection:
                     f"a seeded sample of {r.nonmated:,} non-mated pairs, uniform with replacement (seed {o.seed})")
         return {
             "identities_file": self.file, "identity_column": self.identity_column, "listed": self.listed,
+            "embedding_model": self.embedding_model,
             "found": self.found, "samples": r.samples, "identities": r.identities, "mated_pairs": r.mated,
             "nonmated_pairs": r.nonmated, "nonmated_sampling": sampling if o.start_fnmr is None else None,
             "threshold": {"similarity": r.threshold, "set_by": "fmr" if o.start_fnmr is None else "start_fnmr",
@@ -101,6 +110,7 @@ def evaluate_identities(rows: runs.Rows, ids: pa.Table, ids_uri: str, column: st
     if sample.num_rows == 0:
         raise CafiError(f"{rows.source} has no embeddings for these {found} samples: re-score with "
                         "output.embeddings=true to store them")
+    model = one_recognizer(rows)
     vectors = _vectors(rows.table["embedding"].filter(keep))
     identities = ids["identity"].take(pos.filter(keep)).to_numpy(zero_copy_only=False)
     qualities = {c.name: c.oriented(floats(sample, c.name)) for c in present_quality(sample)}
@@ -108,4 +118,18 @@ def evaluate_identities(rows: runs.Rows, ids: pa.Table, ids_uri: str, column: st
         result = edc.evaluate(vectors, identities, qualities, options)
     except ValueError as exc:  # too many mated pairs to hold
         raise CafiError(str(exc)) from None
-    return EdcSection(ids_uri, column, ids.num_rows, found, sample.num_rows, result)
+    return EdcSection(ids_uri, column, ids.num_rows, found, sample.num_rows, result, model)
+
+
+def one_recognizer(rows: runs.Rows) -> dict | None:
+    """The one recognizer the rows' embeddings come from (from the manifest files' `embedding` metadata).
+    Rows of one model version share it (the embedding source is part of the version); rows embedded by
+    different recognizers are not comparable pairs, so they are refused rather than mixed. Files written
+    before cafi recorded it (no metadata) are of the same model version, hence of the same recognizer."""
+    models = [m for m in rows.embedding_models if m is not None]
+    if len(models) > 1:
+        names = ", ".join(f"{m['arch']} (sha256 {m['sha256'][:12]})" for m in models)
+        raise CafiError(f"the embeddings of {rows.source} come from {len(models)} recognizers ({names}): "
+                        "an EDC compares pairs of one recognizer; evaluate one run whose embeddings come "
+                        "from one model")
+    return models[0] if models else None

@@ -15,6 +15,8 @@ import datetime as _dt
 import io
 import math
 
+import numpy as np
+
 from cafi import charts, edc
 from cafi.charts import Line, Series, esc, num, table_html
 from cafi.config import StorageConfig
@@ -81,17 +83,48 @@ def pauc_csv(e: EdcSection) -> str:
 
 # ---------------------------------------------------------------- the page
 
+# More curves than this: the face-quality and image-quality scores are drawn prominently, the other
+# columns (components, detector confidence) faintly behind them.
+HANDFUL = 6
+FAINT = 0.3
+
+
+def scorer_columns() -> set[str]:
+    """The columns of the FIQA and IQA scorers (their scores and raw outputs) and cafi's own score."""
+    from cafi.stages.specs import all_specs
+
+    return {"cafi"} | {c for s in all_specs() if s.family in ("fiqa", "iqa") for c in (*s.outputs, s.score) if c}
+
+
 def _series(e: EdcSection) -> list[Series]:
     r = e.result
     out = []
+    many = len(r.scores) > HANDFUL
+    scorers = scorer_columns()
     for i, s in enumerate(r.scores):
         color, dash = charts.series_style(i)
         x, y = edc.resample(s.curve, CHART_POINTS)
-        out.append(Series(f"{s.name}  {s.pauc:.4f}", x, y, color, dash))
+        strong = not many or s.name in scorers
+        width, opacity = (2.0 if many else 1.6, 1.0) if strong else (1.0, FAINT)
+        out.append(Series(f"{s.name}  {s.pauc:.4f}", x, y, color, dash, width=width, opacity=opacity))
     for s, color, dash in ((r.ideal, "#111", "5 3"), (r.random, "#999", "2 3")):
         x, y = edc.resample(s.curve, CHART_POINTS)
         out.append(Series(f"({s.order})  {s.pauc:.4f}", x, y, color, dash, width=2.0))
     return out
+
+
+def window_range(series: list[Series], limit: float, log: bool) -> tuple[float, float]:
+    """The FNMR range of the curves up to the pAUC limit (a step curve holds its value up to the next
+    point, so each curve's last point at or before the limit counts): 0 to a little above their top, or
+    on a log axis from the decade under their smallest positive value (FNMR 0 sits on that edge)."""
+    values = np.concatenate([np.asarray(s.ys, float)[np.asarray(s.xs, float) <= limit] for s in series] or [[]])
+    values = values[np.isfinite(values)]
+    top = float(values.max()) if len(values) else 0.0
+    if not log:
+        return 0.0, max(top, 1e-6) * 1.05
+    positive = values[values > 0]
+    lo = 10.0 ** math.floor(math.log10(positive.min())) if len(positive) else 1e-4
+    return lo, max(top, lo * 10) * 1.2
 
 
 def edc_charts(e: EdcSection) -> str:
@@ -102,9 +135,14 @@ def edc_charts(e: EdcSection) -> str:
     x_label, y_label = "fraction of mated comparisons discarded (lowest pair quality first)", "FNMR"
     whole = charts.line_chart_svg("edc", "EDC: FNMR vs fraction discarded (legend: pAUC)", series, (0.0, 1.0),
                                   (0.0, top), x_label, y_label, limit)
-    zoom = charts.line_chart_svg("edc-zoom", f"EDC up to the pAUC limit ({o.pauc_limit:.0%})", series,
-                                 (0.0, o.pauc_limit), (0.0, top), x_label, y_label)
-    return whole + zoom
+    # The window's own FNMR scale: the whole curve's top (its last few pairs) would flatten it onto zero.
+    title = f"EDC up to the pAUC limit ({o.pauc_limit:.0%})"
+    zoom = charts.line_chart_svg("edc-zoom", title, series, (0.0, o.pauc_limit),
+                                 window_range(series, o.pauc_limit, log=False), x_label, y_label)
+    log = charts.line_chart_svg("edc-zoom-log", f"{title}, log FNMR", series, (0.0, o.pauc_limit),
+                                window_range(series, o.pauc_limit, log=True), x_label, "FNMR (log)", log_y=True)
+    return (whole + zoom + '<details class="log-axis"><summary>log FNMR axis (as the FIQA literature plots the '
+            f"EDC)</summary>{log}</details>")
 
 
 def edc_section(e: EdcSection) -> str:
@@ -112,6 +150,7 @@ def edc_section(e: EdcSection) -> str:
     d = e.as_dict()
     facts = [("identities file", e.file), ("URIs listed / in the manifest / with an embedding",
                                             f"{e.listed:,} / {e.found:,} / {e.embedded:,}"),
+             ("embeddings (recognizer)", e.recognizer()),
              ("identities", f"{r.identities:,}"), ("mated pairs", f"{r.mated:,}")]
     if o.start_fnmr is None:
         facts.append(("non-mated pairs", f"{r.nonmated:,}: {d['nonmated_sampling']}"))

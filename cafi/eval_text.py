@@ -79,6 +79,7 @@ def format_edc(e: EdcSection) -> list[str]:
              f"{e.embedded:,} with an embedding; {r.identities:,} identities, {r.mated:,} mated pairs"
              + (f", {r.nonmated:,} non-mated pairs" + (f" (seeded sample, seed {o.seed})" if r.nonmated_sampled
                                                        else " (all)") if o.start_fnmr is None else "")]
+    lines.append(f"  embeddings: {e.recognizer()}")
     if r.message:
         return lines + [f"  {r.message[0].upper()}{r.message[1:]}."]
     if o.start_fnmr is None:

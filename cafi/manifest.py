@@ -100,6 +100,26 @@ def is_committed(output: str, run_id: str, storage: StorageConfig | None = None)
     return fs.exists(path)
 
 
+# Field metadata of `embedding`: which recognizer (stage, arch, sha256; cafi.stages.specs.embedding_model)
+# the run took its embeddings from. Every file a run writes carries it in its Arrow schema.
+EMBEDDING_MODEL = b"cafi.embedding_model"
+
+
+def with_embedding_model(schema: pa.Schema, model: dict | None) -> pa.Schema:
+    """The schema with `embedding`'s recognizer recorded in its field metadata (unchanged without one)."""
+    if model is None:
+        return schema
+    i = schema.get_field_index("embedding")
+    return schema.set(i, schema.field(i).with_metadata({EMBEDDING_MODEL: json.dumps(model, sort_keys=True)}))
+
+
+def embedding_model_of(schema: pa.Schema) -> dict | None:
+    """The recognizer a file's `embedding` came from (None: not recorded, as before cafi recorded it)."""
+    meta = schema.field("embedding").metadata if "embedding" in schema.names else None
+    text = (meta or {}).get(EMBEDDING_MODEL)
+    return json.loads(text) if text else None
+
+
 def with_kept(kept: pa.Schema | None) -> pa.Schema:
     """The schema a run writes: the cafi columns, then its input.keep_columns (cafi/inputs/keep.py)."""
     return SCHEMA if not kept else pa.schema([*SCHEMA, *kept])

@@ -102,7 +102,9 @@ def score(cfg: JobConfig, source: InputSource, done: np.ndarray, todo_ref, versi
     fs, path = manifest.arrow_filesystem(manifest.manifest_uri(cfg.output.uri), cfg.storage, run_id)
     files = FilenameProvider(dataset_uuid=run_id, file_format="parquet")  # every file name starts with the run id
     scored.write_parquet(path, filesystem=fs, partition_cols=list(cfg.output.partition_by),
-                         filename_provider=files, schema=manifest.with_kept(source.kept),
+                         filename_provider=files,
+                         schema=manifest.with_embedding_model(manifest.with_kept(source.kept),
+                                                              specs.embedding_model(cfg)),
                          min_rows_per_file=cfg.output.min_rows_per_file)
     return stage_stats(scored)
 
@@ -167,6 +169,7 @@ def run(cfg: JobConfig) -> dict:
         stages_run=[s.name for s in specs.specs_for(cfg) if s.name not in omit] if scored_now else [],
         observed=observed, counts=counts, phases=phases, elapsed=elapsed, input_section=source.summary(),
         stats=stats, output={"manifest": manifest.manifest_uri(out), "run": manifest.run_uri(out, run_id)},
+        embedding_model=specs.embedding_model(cfg),
         config=cfg)  # written redacted: URIs without userinfo or query, interpolations as their text
     manifest.commit(out, run_id, summary, storage)
     if cfg.output.report:

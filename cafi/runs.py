@@ -155,6 +155,20 @@ class Rows:
     table: pa.Table
     source: str            # what was read, for the printout
     summary: dict          # the summary of the (latest) run: its decision config and scorers
+    # with `embedding` read: the recognizers the read rows' embeddings came from (None: not recorded)
+    embedding_models: list[dict | None] = dataclasses.field(default_factory=list)
+
+
+def _embedding_models(output: str, storage: StorageConfig | None, files: pa.ChunkedArray) -> list[dict | None]:
+    """The distinct recognizers recorded in the `embedding` field metadata of these manifest files."""
+    import pyarrow.parquet as pq
+
+    fs, _ = manifest.arrow_filesystem(manifest.manifest_uri(output), storage)
+    found: dict[str, dict | None] = {}
+    for path in pc.unique(files).to_pylist():
+        model = manifest.embedding_model_of(pq.read_schema(path, filesystem=fs))
+        found.setdefault(json.dumps(model, sort_keys=True), model)
+    return list(found.values())
 
 
 def read_rows(uri: str, storage: StorageConfig | None, cols: list[str], uris: pa.Array | None = None) -> Rows:
@@ -172,5 +186,10 @@ def read_rows(uri: str, storage: StorageConfig | None, cols: list[str], uris: pa
     if uris is not None:
         flt = flt & pc.field("uri").isin(uris)
     read = list(dict.fromkeys([*cols, "uri", "scored_at"]))
+    if "embedding" in cols:  # which file each row comes from: the recognizer is recorded per file
+        read.append("__filename")
     table = manifest.latest_per_uri(manifest.dataset(ref.output, storage).to_table(columns=read, filter=flt))
-    return Rows(table.select(cols), source, ref.summary)
+    models = []
+    if "embedding" in cols:
+        models = _embedding_models(ref.output, storage, table["__filename"].filter(pc.is_valid(table["embedding"])))
+    return Rows(table.select(cols), source, ref.summary, models)

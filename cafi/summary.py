@@ -38,7 +38,7 @@ def _utc(t: float) -> str:
 def run_summary(*, run_id: str, version: str, synthetic: bool, fingerprints: dict, inputs: int, listed: int,
                 scored_now: int, includes: list[str], reuse: dict | None, stages_run: list[str], observed: dict,
                 counts: dict, phases: Phases, elapsed: float, input_section: dict, stats: dict, output: dict,
-                config) -> dict:
+                config, embedding_model: dict | None = None) -> dict:
     """The summary a committed run leaves: what ran, what was reused, counts, timing, the config.
 
     `config` is the run's JobConfig: written redacted (cafi/redact.py), like the `output` URIs, so no
@@ -54,6 +54,8 @@ def run_summary(*, run_id: str, version: str, synthetic: bool, fingerprints: dic
         "includes_runs": includes,
         "reuse": reuse,
         "stages_run": stages_run,
+        # the recognizer of the `embedding` column (stage, arch, sha256), null without output.embeddings
+        "embedding_model": embedding_model,
         "retries": {k: observed.get("counts", {}).get(k, 0) for k in ("read_retries", "write_retries")},
         "model_actors": telemetry.busy_summary(observed.get("busy", {})),
         "counts": counts,

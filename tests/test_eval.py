@@ -583,6 +583,82 @@ def test_cli_eval_without_embeddings_is_one_line(ladder, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "has no embeddings" in err and "output.embeddings=true" in err
 
 
+def _record_recognizers(identity_run, dest, models) -> str:
+    """A copy of the identity run whose manifest files carry these recognizers (cycled over the files) in
+    the `embedding` field metadata, as the pipeline writes it."""
+    import glob
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from cafi import manifest
+
+    out = str(dest / "out")
+    shutil.copytree(identity_run["out"], out)
+    for i, path in enumerate(sorted(glob.glob(os.path.join(out, "manifest", "**", "*.parquet"), recursive=True))):
+        table = pq.read_table(path, partitioning=None)
+        pq.write_table(table.cast(manifest.with_embedding_model(table.schema, models[i % len(models)])), path)
+    return identity_run["run"].replace(identity_run["out"], out)
+
+
+def test_cli_eval_edc_names_the_recognizer_and_refuses_to_mix_two(identity_run, tmp_path, capsys):
+    crfiqa = {"stage": "crfiqa", "arch": "crfiqa_iresnet100", "sha256": "ab" * 32}
+    serfiq = {"stage": "serfiq", "arch": "arcface_ir_se50", "sha256": "cd" * 32}
+    argv = ["--identities", identity_run["ids"], "--identity-column", "person", "--nonmated", "2000"]
+    run = _record_recognizers(identity_run, tmp_path / "one", [crfiqa])
+    assert main(["eval", run, *argv]) == 0
+    assert "  embeddings: crfiqa_iresnet100 (the crfiqa stage's own pass; sha256 abababababab)" in \
+        capsys.readouterr().out
+    assert main(["eval", run, *argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["edc"]["embedding_model"] == crfiqa
+    mixed = _record_recognizers(identity_run, tmp_path / "two", [crfiqa, serfiq])
+    assert main(["eval", mixed, *argv]) == 1
+    err = capsys.readouterr().err
+    assert "come from 2 recognizers (crfiqa_iresnet100 (sha256 abababababab), arcface_ir_se50 (sha256 " in err
+    assert main(["eval", identity_run["run"], *argv]) == 0  # written before cafi recorded it: said so
+    assert "  embeddings: not recorded" in capsys.readouterr().out
+
+
+def test_edc_window_chart_scales_to_the_window_offers_a_log_axis_and_fades_the_components():
+    """A constructed set whose curves stay low up to the pAUC limit while the whole curve's tail is high:
+    the window chart's FNMR axis is the window's; with many columns the scorers are drawn, the
+    components faded."""
+    from cafi import edc as edc_mod
+    from cafi.eval_identities import EdcSection
+    from cafi.eval_page import FAINT, edc_charts, window_range
+
+    emb, ids, q, rng = identity_set(n_ids=40, per=4, seed=5)
+    names = ["crfiqa", "sddfiqa", "serfiq", "magface", "yaw", "sharpness", "luma_mean", "det_score"]
+    qualities = {n: q + rng.normal(0, 0.05 * (i + 1), len(q)) for i, n in enumerate(names)}
+    qualities["luma_mean"] = -q  # a column that orders the samples backwards: its tail climbs to FNMR 1
+    result = edc_mod.evaluate(emb, ids, qualities, edc_mod.Options(nonmated=5000, start_fnmr=0.02, pauc_limit=0.2,
+                                                                   min_mated=10))
+    html_ = edc_charts(EdcSection("ids.csv", "identity", len(ids), len(ids), len(ids), result))
+    charts_ = dict(re.findall(r'<svg class="chart" data-chart="([^"]+)"(.*?)</svg>', html_, flags=re.S))
+    assert set(charts_) == {"edc", "edc-zoom", "edc-zoom-log"}
+
+    def y_labels(svg):
+        return [float(v) for v in re.findall(r'class="yl">([^<]+)<', svg)]
+
+    window = [*result.scores, result.ideal, result.random]
+    in_window = max(float(s.curve.fnmr[s.curve.discard <= 0.2].max()) for s in window)
+    whole_top, zoom_top = max(y_labels(charts_["edc"])), max(y_labels(charts_["edc-zoom"]))
+    assert in_window < 0.05 and whole_top > 5 * zoom_top  # the tail is far above the window's curves
+    assert in_window <= zoom_top * 1.3 and zoom_top <= in_window * 1.06  # the window's own scale
+    # log axis: labels at 1, 2 and 5 times a power of ten, from the decade under the smallest FNMR in the window
+    logs = y_labels(charts_["edc-zoom-log"])
+    assert len(logs) >= 3 and all(round(v / 10 ** math.floor(math.log10(v) + 1e-9), 6) in (1, 2, 5) for v in logs)
+    smallest = min(float(v) for s in window for v in s.curve.fnmr[s.curve.discard <= 0.2] if v > 0)
+    assert min(logs) <= smallest and max(logs) >= in_window / 2.5
+    assert window_range([], 0.2, log=True)[0] > 0  # no curve: still a valid log range
+    faded = re.findall(rf'stroke-opacity="{FAINT:g}" class="curve"><title>(\w+) ', charts_["edc-zoom"])
+    assert sorted(faded) == ["det_score", "luma_mean", "sharpness", "yaw"]
+    strong = re.findall(r'stroke-width="2.0" class="curve"><title>(\w+) ', charts_["edc-zoom"])
+    assert sorted(strong) == ["crfiqa", "magface", "sddfiqa", "serfiq"]
+    few = edc_mod.evaluate(emb, ids, {n: qualities[n] for n in names[4:]}, result.options)
+    assert "stroke-opacity" not in edc_charts(EdcSection("ids.csv", "identity", 1, 1, 1, few))  # a handful: all
+
+
 @pytest.mark.parametrize("args, message", [
     (["--fmr", "0"], "--fmr 0.0 is not in (0, 1)"),
     (["--start-fnmr", "1.5"], "--start-fnmr 1.5 is not in (0, 1)"),
@@ -602,5 +678,5 @@ def test_eval_page_renders_in_headless_chromium(identity_run, ladder, tmp_path, 
                  "--nonmated", "20000", "--out", str(out_dir)]) == 0
     capsys.readouterr()
     html, attrs = load_in_chromium(chromium_binary(), tmp_path, str(out_dir / "eval.html"))
-    assert attrs["data-broken-images"] == "0" and int(attrs["data-charts"]) == 2
-    assert len(re.findall(r'<path [^>]*class="curve"', html)) >= 2 * 11  # 9 scores + ideal + random, twice
+    assert attrs["data-broken-images"] == "0" and int(attrs["data-charts"]) == 3  # whole, window, window (log)
+    assert len(re.findall(r'<path [^>]*class="curve"', html)) >= 3 * 11  # 9 scores + ideal + random, thrice

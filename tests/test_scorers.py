@@ -1,5 +1,6 @@
-"""The optional scorers: MagFace (iResNet100 embedding norm) and TOPIQ face (pyiqa's topiq_nr-face),
-loaded strictly from synthetic checkpoints in the published layouts, and the FFHQ alignment."""
+"""The optional scorers: MagFace (iResNet100 embedding norm), CR-FIQA (iResNet + quality head), SDD-FIQA
+(TFace's IR-50 regressor) and TOPIQ face (pyiqa's topiq_nr-face), loaded strictly from synthetic
+checkpoints in the published layouts, and the FFHQ alignment."""
 
 import os
 
@@ -11,7 +12,7 @@ import torch
 from cafi.config import WeightsConfig
 from cafi.errors import WeightsError
 from cafi.faces.align import FFHQ_BORDER_RGB, FFHQ_TEMPLATE_512, align_ffhq
-from cafi.models import iresnet, magface, topiq
+from cafi.models import crfiqa, iresnet, magface, sddfiqa, topiq
 from cafi.models.registry import PUBLISHED, checkpoint
 from cafi.samples import draw_face
 from cafi.weights import Checkpoint, load_into, read_state_dict, sha256_of
@@ -110,6 +111,49 @@ def test_iresnet_depths_and_input_layout():
     rec = PUBLISHED["magface_iresnet100"]
     assert rec.channel_order == "bgr" and rec.mean == (0, 0, 0) and rec.std == (1, 1, 1) and rec.input_size == 112
     assert rec.higher_is_better and rec.score_range == (10.0, 110.0)
+
+
+# ------------------------------------------------------------------ CR-FIQA and SDD-FIQA
+
+def _as_their_input(faces: np.ndarray) -> torch.Tensor:
+    """CR-FIQA's QualityModel and TFace's eval.py, written out: RGB, / 255, - 0.5, / 0.5, NCHW."""
+    return (torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+
+
+def test_crfiqa_loads_the_published_layout_strictly_and_one_pass_gives_quality_and_embedding(
+        synth_dir, aligned112):
+    arch = "crfiqa_iresnet50"  # CR-FIQA(S): the iResNet100 variant loads in tests/test_specs.py (slow tier)
+    scorer = crfiqa.CrFiqaScorer(arch, _ck(synth_dir, arch, "crfiqa"), "/tmp", CPU)
+    raw = torch.load(os.path.join(synth_dir, PUBLISHED[arch].file_name), weights_only=True)
+    state = scorer.net.state_dict()
+    assert list(state) == list(raw) and all(torch.equal(v, raw[k]) for k, v in state.items())
+    quality, emb = scorer(aligned112)
+    assert quality.shape == (2,) and emb.shape == (2, 512) and quality.dtype == emb.dtype == np.float32
+    with torch.inference_mode():
+        ref_emb, ref_q = scorer.net(_as_their_input(aligned112))
+    np.testing.assert_allclose(quality, ref_q.view(-1).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(emb, torch.nn.functional.normalize(ref_emb, dim=1).numpy(), atol=1e-5)
+    # the quality is the head on the same embedding, not a second pass
+    np.testing.assert_allclose(quality, (ref_emb @ raw["qs.weight"].T + raw["qs.bias"]).view(-1).numpy(),
+                               rtol=1e-4, atol=1e-5)
+    assert [a.shape for a in scorer(aligned112[:0])] == [(0,), (0, 512)]
+    # insightface's batch-norm eps, not MagFace's
+    assert {m.eps for m in scorer.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)} == {1e-5}
+
+
+def test_sddfiqa_loads_the_dataparallel_layout_strictly_and_scores_as_tface(synth_dir, aligned112):
+    ck = _ck(synth_dir, "sddfiqa_ir50", "sddfiqa")
+    scorer = sddfiqa.SddFiqaScorer(ck, "/tmp", CPU)
+    raw = torch.load(os.path.join(synth_dir, PUBLISHED["sddfiqa_ir50"].file_name), weights_only=True)
+    state = scorer.net.state_dict()
+    assert [f"module.{k}" for k in state] == list(raw)  # TFace's names and order, DataParallel's prefix
+    assert all(torch.equal(v, raw[f"module.{k}"]) for k, v in state.items())
+    scores = scorer(aligned112)
+    assert scores.shape == (2,) and scores.dtype == np.float32 and np.all(np.isfinite(scores))
+    with torch.inference_mode():
+        ref = scorer.net(_as_their_input(aligned112)).view(-1).numpy()
+    np.testing.assert_allclose(scores, ref, rtol=1e-4, atol=1e-5)
+    assert len(scorer(aligned112[:0])) == 0
 
 
 # ------------------------------------------------------------------ TOPIQ face

@@ -41,7 +41,8 @@ def _downstream(name: str, ups: dict) -> set[str]:
 
 def test_the_specs_are_found_and_every_family_is_there():
     names = [s.name for s in specs.all_specs()]
-    assert {"detect", "serfiq", "magface", "parse", "components", "dbcnn", "topiq_face", "decide"} <= set(names)
+    assert {"detect", "serfiq", "magface", "crfiqa", "sddfiqa", "parse", "components", "dbcnn", "topiq_face",
+            "decide"} <= set(names)
     assert len(names) == len(set(names))
     assert [s.name for s in specs.specs_for(_cfg())][:1] == ["detect"]
 
@@ -138,3 +139,43 @@ def test_the_config_is_immutable():
     cfg = load_config([], BASE)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.models.serfiq.samples = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("fiqa, source", [
+    (["models.fiqa.kind=crfiqa"], "crfiqa"),
+    (["models.fiqa.kind=sddfiqa", "models.fiqa.also=[crfiqa]"], "crfiqa"),
+    (["models.fiqa.kind=crfiqa", "models.fiqa.also=[magface]"], "magface"),
+    (["models.fiqa.kind=magface", "models.fiqa.also=[crfiqa,serfiq]"], "serfiq"),
+])
+def test_one_pass_gives_the_embedding_and_the_run_names_its_recognizer(fiqa, source):
+    cfg = load_config([], [*BASE, *WEIGHTS, "output.embeddings=true", "models.crfiqa.arch=crfiqa_iresnet50", *fiqa])
+    specs.validate(cfg)
+    assert specs.embedding_source(cfg) == source
+    assert [s.name for s in specs.specs_for(cfg) if "embedding" in specs.stage_columns(s, cfg)] == [source]
+    arch = {"crfiqa": "crfiqa_iresnet50", "magface": "magface_iresnet100", "serfiq": "arcface_ir_se50"}[source]
+    assert specs.embedding_model(cfg) == {"stage": source, "arch": arch, "sha256": "1" * 64}
+    assert specs.embedding_model(load_config([], [*BASE, *WEIGHTS, *fiqa])) is None  # no embeddings asked for
+
+
+def test_embeddings_from_a_run_whose_fiqa_scorers_yield_none_is_a_config_error():
+    from cafi.errors import ConfigError
+
+    cfg = load_config([], [*BASE, *WEIGHTS, "output.embeddings=true", "models.fiqa.kind=sddfiqa"])
+    with pytest.raises(ConfigError, match=r"output.embeddings: .*\(sddfiqa\) yields an embedding.*crfiqa"):
+        specs.validate(cfg)
+
+
+def test_a_checkpoint_published_on_a_web_page_only_asks_to_be_downloaded_by_hand():
+    from cafi.errors import ConfigError
+
+    cfg = load_config([], [*BASE, "models.fiqa.kind=crfiqa", "models.crfiqa.arch=crfiqa_iresnet50"])
+    with pytest.raises(ConfigError, match=r"models.crfiqa.weights: .*32572backbone.pth only on a web page.*by hand"):
+        specs.validate(cfg)
+    specs.validate(cfg, pinned=False)  # what `cafi weights fetch` checks: the digest is what it pins
+
+
+def test_a_new_threshold_moves_only_the_decision_and_only_once_set():
+    before = stage_fingerprints(_cfg())
+    after = stage_fingerprints(_cfg("decision.min_crfiqa=1.5"))
+    assert {s for s in before if before[s] != after[s]} == {"decide"}
+    assert stage_fingerprints(_cfg("decision.min_sddfiqa=null")) == before  # unset: as before the key existed

@@ -69,8 +69,35 @@ def test_synthetic_checkpoints_have_the_published_names_keys_and_wrapping(synth_
             assert state["attn_pool.linear1.weight"].shape == (1024, 256)
             assert state["score_linear.6.weight"].shape == (1, 256)
             assert sum(v.numel() for k, v in state.items() if "running" not in k and "batches" not in k) == 45196934
+        elif arch.startswith("crfiqa_"):
+            # CR-FIQA's `<step>backbone.pth`: the backbone's plain state dict, quality head `qs` included
+            depth = {"crfiqa_iresnet100": 100, "crfiqa_iresnet50": 50}[arch]
+            assert len(raw) == (927 if depth == 100 else 477) and not any(k.startswith("module.") for k in raw)
+            assert raw["conv1.weight"].shape == (64, 3, 3, 3)
+            assert raw["layer3.13.conv2.weight"].shape == (256, 256, 3, 3)
+            assert ("layer3.29.bn3.running_var" in raw) == (depth == 100)
+            assert raw["fc.weight"].shape == (512, 512 * 7 * 7) and raw["features.running_mean"].shape == (512,)
+            assert raw["qs.weight"].shape == (1, 512) and raw["qs.bias"].shape == (1,)
+        elif arch == "sddfiqa_ir50":
+            # TFace's R50(use_type="Qua") state dict, saved under DataParallel
+            assert len(raw) == 340 and all(k.startswith("module.") for k in raw)
+            assert list(raw)[:8] == ["module.input_layer.0.weight", *(f"module.input_layer.1.{k}" for k in (
+                "weight", "bias", "running_mean", "running_var", "num_batches_tracked")), "module.input_layer.2.weight",
+                "module.quality.1.weight"]
+            assert raw["module.quality.1.weight"].shape == (512 * 7 * 7,)  # PReLU over the flattened map
+            assert raw["module.quality.3.weight"].shape == (1, 512 * 7 * 7)
+            assert raw["module.body.3.shortcut_layer.0.weight"].shape == (128, 64, 1, 1)
+            assert "module.body.4.shortcut_layer.0.weight" not in raw  # MaxPool2d(1, 1): no parameters
+            assert raw["module.body.23.res_layer.3.weight"].shape == (512, 512, 3, 3)
         else:
             assert "module." not in next(iter(raw))
+
+
+def test_every_published_record_names_its_licence_source_and_training_data():
+    for arch, rec in PUBLISHED.items():
+        assert rec.licence and rec.source and rec.training_data, arch
+    nc = {a for a, r in PUBLISHED.items() if "NC" in r.licence}
+    assert {"crfiqa_iresnet100", "crfiqa_iresnet50", "dbcnn", "topiq_nr_face", "parsenet"} == nc
 
 
 def test_fetch_local_verifies_in_place(synth_dir):
@@ -342,21 +369,34 @@ def test_weights_fetch_copies_the_published_files_and_pins_a_missing_digest(synt
     from cafi.cli import main
     from cafi.models import registry
 
-    for arch in ("retinaface_resnet50", "bisenet", "arcface_ir_se50", "dbcnn"):
+    for arch in ("retinaface_resnet50", "bisenet", "arcface_ir_se50", "dbcnn", "sddfiqa_ir50"):
         rec = registry.PUBLISHED[arch]
         path = os.path.join(synth_dir, rec.file_name)
         sha = sha256_of(path)
-        pinned = arch != "dbcnn"
+        pinned = arch not in ("dbcnn", "sddfiqa_ir50")
         monkeypatch.setitem(registry.PUBLISHED, arch, dataclasses.replace(
-            rec, uri=path, sha256=sha if pinned else "", sha256_prefix="" if pinned else sha[:8]))
+            rec, uri=path, sha256=sha if pinned else "", sha256_prefix=sha[:8] if arch == "dbcnn" else ""))
     dest = tmp_path / "dest"
-    assert main(["weights", "fetch", str(dest), f"models.cache_dir={tmp_path / 'c'}", "--config", synth_config]) == 0
+    # No weights configured for the scorers without a published digest: this command is how they get one.
+    assert main(["weights", "fetch", str(dest), f"models.cache_dir={tmp_path / 'c'}",
+                 "models.fiqa.also=[crfiqa,sddfiqa]", "models.crfiqa.weights=null", "models.sddfiqa.weights=null",
+                 "--config", synth_config]) == 0
     out = capsys.readouterr().out
     dbcnn_sha = sha256_of(os.path.join(synth_dir, PUBLISHED["dbcnn"].file_name))
     assert f"sha256: {dbcnn_sha}  # computed from the copy fetched now" in out
-    assert sorted(os.listdir(dest)) == sorted(registry.PUBLISHED[a].file_name for a in
-                                              ("retinaface_resnet50", "bisenet", "arcface_ir_se50", "dbcnn"))
+    sdd_sha = sha256_of(os.path.join(synth_dir, PUBLISHED["sddfiqa_ir50"].file_name))
+    assert f"sha256: {sdd_sha}  # computed from the copy fetched now" in out
+    assert sorted(os.listdir(dest)) == sorted(registry.PUBLISHED[a].file_name for a in (
+        "retinaface_resnet50", "bisenet", "arcface_ir_se50", "dbcnn", "sddfiqa_ir50"))  # CR-FIQA: by hand
     assert sha256_of(str(dest / PUBLISHED["dbcnn"].file_name)) == dbcnn_sha
+    # Each model's licence and training data, printed with its block; CR-FIQA's Drive folder by hand.
+    assert "  # crfiqa_iresnet100: licence CC BY-NC 4.0 (fdbtrs/CR-FIQA); trained on MS1MV2" in out
+    assert "  # dbcnn: licence CC BY-NC-SA 4.0 (chaofengc/IQA-PyTorch (pyiqa)); trained on KonIQ-10k" in out
+    assert "  # sddfiqa_ir50: licence Apache-2.0 (Tencent/TFace (quality/)); trained on MS1MV2" in out
+    assert len([ln for ln in out.splitlines() if ": licence " in ln]) == 6  # one per model the config loads
+    assert (f"  # crfiqa: download 181952backbone.pth by hand from {PUBLISHED['crfiqa_iresnet100'].uri}, copy it "
+            f"to DEST, then:\n  crfiqa:\n    weights:\n      uri: {dest}/181952backbone.pth\n"
+            "      sha256: <sha256sum of your copy>") in out
 
 
 @pytest.mark.parametrize("arch", ["dbcnn", "retinaface_mobile0.25"])

@@ -10,7 +10,8 @@ Each block is pre-activation style, bn1 -> conv1 -> bn2 -> prelu -> conv2 (carri
 -> bn3, plus the identity or a 1x1-conv+BN downsample, with nothing after the sum. Every stage
 halves the size (112 -> 56 -> 28 -> 14 -> 7), so every stage's first block has a downsample.
 `features` is an affine BatchNorm1d over the 512-d embedding; MagFace's quality is the norm of
-its output. All batch norms use eps 2e-5 (the momentum only matters in training).
+its output. MagFace's batch norms use eps 2e-5; CR-FIQA's iResNet (cafi/models/crfiqa.py), the same
+net with insightface's defaults, uses 1e-5 (`eps`). The momentum only matters in training.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from torch import nn
 DEPTHS = {50: (3, 4, 14, 3), 100: (3, 13, 30, 3)}
 WIDTHS = (64, 128, 256, 512)
 EMBEDDING = 512
-_EPS = 2e-5
+MAGFACE_EPS = 2e-5
 
 
-def _bn(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=_EPS, momentum=0.9)
+def _bn(channels: int, eps: float) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=0.9)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -33,17 +34,18 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class IBasicBlock(nn.Module):
-    def __init__(self, inplanes: int, planes: int, stride: int):
+    def __init__(self, inplanes: int, planes: int, stride: int, eps: float):
         super().__init__()
-        self.bn1 = _bn(inplanes)
+        self.bn1 = _bn(inplanes, eps)
         self.conv1 = _conv3x3(inplanes, planes)
-        self.bn2 = _bn(planes)
+        self.bn2 = _bn(planes, eps)
         self.prelu = nn.PReLU(planes)
         self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn3 = _bn(planes)
+        self.bn3 = _bn(planes, eps)
         self.downsample = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), _bn(planes))
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False),
+                                            _bn(planes, eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
@@ -51,26 +53,27 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    def __init__(self, depth: int = 100):
+    def __init__(self, depth: int = 100, eps: float = MAGFACE_EPS):
         super().__init__()
         self.conv1 = _conv3x3(3, 64)
-        self.bn1 = _bn(64)
+        self.bn1 = _bn(64, eps)
         self.prelu = nn.PReLU(64)
         inplanes = 64
         for i, (planes, blocks) in enumerate(zip(WIDTHS, DEPTHS[depth], strict=True)):
-            stage = [IBasicBlock(inplanes, planes, 2)] + [IBasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
+            stage = [IBasicBlock(inplanes, planes, 2, eps)] + [IBasicBlock(planes, planes, 1, eps)
+                                                                for _ in range(blocks - 1)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
             inplanes = planes
-        self.bn2 = _bn(512)
+        self.bn2 = _bn(512, eps)
         self.dropout = nn.Dropout2d(p=0.4)  # training only
         self.fc = nn.Linear(512 * 7 * 7, EMBEDDING)
-        self.features = nn.BatchNorm1d(EMBEDDING, eps=_EPS, momentum=0.9)
+        self.features = nn.BatchNorm1d(EMBEDDING, eps=eps, momentum=0.9)
         for m in self.modules():  # an untrained net whose activations stay finite over 100 layers
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,3,112,112), BGR / 255 -> unnormalised embedding (N,512)."""
+        """(N,3,112,112), normalised as the checkpoint's record says -> unnormalised embedding (N,512)."""
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(self.bn2(x))

@@ -1,4 +1,12 @@
-"""Typed records of the published checkpoints (as facexlib, pyiqa and MagFace publish them)."""
+"""Typed records of the published checkpoints (as facexlib, pyiqa, MagFace, CR-FIQA and TFace publish
+them), each with the licence it is published under and the data it was trained on.
+
+Licences: what the repository that publishes the file states (its LICENSE or README); facexlib
+re-publishes other projects' weights and defers to their original licences (its README table), so
+those records name the original project. None of the face-recognition weights is trained on data
+licensed for commercial use: MS1M (MS-Celeb-1M, withdrawn by its authors), CASIA-WebFace and
+CelebAMask-HQ are distributed for non-commercial research only, whatever the code licence says.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,15 @@ PYIQA_HF = "https://huggingface.co/chaofengc/IQA-PyTorch-Weights/resolve/main"
 # form of the iResNet100 file's share link (confirm=t skips the page Drive shows for large files).
 MAGFACE_IR100_DRIVE = ("https://drive.usercontent.google.com/download"
                        "?id=1Bd87admxOZvbIOAyTkGEntsEz3fyMt7H&export=download&confirm=t")
+# CR-FIQA links Google Drive folders (README "Pretrained model", fdbtrs/CR-FIQA@a8f98da), not files:
+# a folder page cannot be fetched as the file, so these are downloaded by hand.
+CRFIQA_L_DRIVE = "https://drive.google.com/drive/folders/1siy_3eQSBuIV6U6_9wgGtbZG2GMgVLMy"
+CRFIQA_S_DRIVE = "https://drive.google.com/drive/folders/13bE4LP303XA_IzL1YOgG5eN0c8efHU9h"
+# SDD-FIQA's IR-50 is one Drive file (Tencent/TFace quality/README.md); Drive's direct-download form.
+SDDFIQA_DRIVE = ("https://drive.usercontent.google.com/download"
+                 "?id=1AM0iWVfSVWRjCriwZZ3FXiUGbcDzkF25&export=download&confirm=t")
+
+MS1M = "MS1MV2 (refined MS-Celeb-1M; non-commercial research only)"
 
 @dataclass(frozen=True)
 class Pretrained:
@@ -34,6 +51,12 @@ class Pretrained:
     # sha256 is "" when no public manifest gives the file's digest: the config must then name it.
     # What the file name promises about the digest (pyiqa: its first 8 hex digits); checked on fetch.
     sha256_prefix: str = ""
+    # The licence the weights are published under, where (source), and what they were trained on.
+    licence: str = ""
+    source: str = ""
+    training_data: str = ""
+    # The URI is a web page that lists the file (a Drive folder), not the file: download it by hand.
+    manual_download: bool = False
 
 
 PUBLISHED: dict[str, Pretrained] = {
@@ -41,6 +64,7 @@ PUBLISHED: dict[str, Pretrained] = {
     for p in (
         Pretrained(
             arch="retinaface_resnet50",
+            licence="MIT", source="biubug6/Pytorch_Retinaface via facexlib", training_data="WIDER FACE",
             uri=f"{FACEXLIB}/v0.1.0/detection_Resnet50_Final.pth",
             file_name="detection_Resnet50_Final.pth",
             sha256="6d1de9c2944f2ccddca5f5e010ea5ae64a39845a86311af6fdf30841b0a5a16d",
@@ -51,6 +75,7 @@ PUBLISHED: dict[str, Pretrained] = {
         ),
         Pretrained(
             arch="retinaface_mobile0.25",
+            licence="MIT", source="biubug6/Pytorch_Retinaface via facexlib", training_data="WIDER FACE",
             uri=f"{FACEXLIB}/v0.1.0/detection_mobilenet0.25_Final.pth",
             file_name="detection_mobilenet0.25_Final.pth",
             sha256="2979b33ffafda5d74b6948cd7a5b9a7a62f62b949cef24e95fd15d2883a65220",
@@ -61,6 +86,8 @@ PUBLISHED: dict[str, Pretrained] = {
         ),
         Pretrained(
             arch="bisenet",
+            licence="MIT", source="zllrunning/face-parsing.PyTorch via facexlib",
+            training_data="CelebAMask-HQ (non-commercial research only)",
             uri=f"{FACEXLIB}/v0.2.0/parsing_bisenet.pth",
             file_name="parsing_bisenet.pth",
             sha256="468e13ca13a9b43cc0881a9f99083a430e9c0a38abd935431d1c28ee94b26567",
@@ -70,6 +97,8 @@ PUBLISHED: dict[str, Pretrained] = {
         ),
         Pretrained(
             arch="parsenet",
+            licence="CC BY-NC-SA 4.0", source="chaofengc/PSFRGAN via facexlib",
+            training_data="CelebAMask-HQ (non-commercial research only)",
             uri=f"{FACEXLIB}/v0.2.2/parsing_parsenet.pth",
             file_name="parsing_parsenet.pth",
             sha256="3d558d8d0e42c20224f13cf5a29c79eba2d59913419f945545d8cf7b72920de2",
@@ -79,6 +108,7 @@ PUBLISHED: dict[str, Pretrained] = {
         ),
         Pretrained(
             arch="arcface_ir_se50",
+            licence="MIT", source="TreB1eN/InsightFace_Pytorch via facexlib", training_data=MS1M,
             uri=f"{FACEXLIB}/v0.1.0/recognition_arcface_ir_se50.pth",
             file_name="recognition_arcface_ir_se50.pth",
             sha256="a035c768259b98ab1ce0e646312f48b9e1e218197a0f80ac6765e88f8b6ddf28",
@@ -89,6 +119,8 @@ PUBLISHED: dict[str, Pretrained] = {
         ),
         Pretrained(
             arch="dbcnn",
+            licence="CC BY-NC-SA 4.0", source="chaofengc/IQA-PyTorch (pyiqa)",
+            training_data="KonIQ-10k (backbones pre-trained on ImageNet)",
             uri=f"{PYIQA_HF}/DBCNN_KonIQ10k-2de81c0a.pth",
             file_name="DBCNN_KonIQ10k-2de81c0a.pth",
             sha256="2de81c0af94ac46fb191fe713c4d72e93e0acb02e6aa29c601f4251e93b9ebe6",
@@ -103,6 +135,7 @@ PUBLISHED: dict[str, Pretrained] = {
             # fiqat's documentation records for this 283 MB file, and two other public model
             # manifests on GitHub list the same digest (one with the size: 283,040,192 bytes).
             arch="magface_iresnet100",
+            licence="MIT", source="IrvingMeng/MagFace", training_data=MS1M,
             uri=MAGFACE_IR100_DRIVE,
             file_name="magface_epoch_00025.pth",
             sha256="cfeba792dada6f1f30d1e118aff077d493dd95dd76c77c30f57f90fd0164ad58",
@@ -123,6 +156,8 @@ PUBLISHED: dict[str, Pretrained] = {
             # pyiqa `topiq_nr-face` (CFANet, ResNet-50, trained on CGFIQA-40k; since pyiqa 4d382cb).
             # No public manifest gives the full sha256: the config must supply it (see checkpoint()).
             arch="topiq_nr_face",
+            licence="CC BY-NC-SA 4.0", source="chaofengc/IQA-PyTorch (pyiqa)",
+            training_data="CGFIQA-40k (ResNet-50 pre-trained on ImageNet)",
             uri=f"{PYIQA_HF}/topiq_nr_cgfiqa_res50-0a8b8e4f.pth",
             file_name="topiq_nr_cgfiqa_res50-0a8b8e4f.pth",
             sha256="",
@@ -132,6 +167,49 @@ PUBLISHED: dict[str, Pretrained] = {
             mean=(0.485, 0.456, 0.406),
             std=(0.229, 0.224, 0.225),
             score_range=(0.0, 1.0),  # CGFIQA MOS normalised to [0, 1]; outputs may overshoot slightly
+        ),
+        Pretrained(
+            # CR-FIQA(L): iResNet100 on MS1MV2, the README's `--model_id 181952` (`<step>backbone.pth`).
+            # The authors publish no digest (one third-party manifest on GitHub lists sha256 5fca2473...
+            # and 261,219,071 bytes: not the authors', so not pinned here); the config must name it.
+            arch="crfiqa_iresnet100",
+            licence="CC BY-NC 4.0", source="fdbtrs/CR-FIQA", training_data=MS1M,
+            uri=CRFIQA_L_DRIVE,
+            file_name="181952backbone.pth",
+            sha256="",
+            manual_download=True,
+            strip_prefixes=(),  # saved from the DDP module's own state dict: no prefix
+            input_size=112,
+            mean=(0.5, 0.5, 0.5),  # evaluation/QualityModel.py: x / 255, - 0.5, / 0.5, RGB
+            std=(0.5, 0.5, 0.5),
+            # The score is the head's raw regression output (trained on certainty ratios): no fixed range.
+        ),
+        Pretrained(
+            # CR-FIQA(S): iResNet50 on CASIA-WebFace, the README's `--model_id 32572`.
+            arch="crfiqa_iresnet50",
+            licence="CC BY-NC 4.0", source="fdbtrs/CR-FIQA",
+            training_data="CASIA-WebFace (non-commercial research only)",
+            uri=CRFIQA_S_DRIVE,
+            file_name="32572backbone.pth",
+            sha256="",
+            manual_download=True,
+            strip_prefixes=(),
+            input_size=112,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
+        Pretrained(
+            # SDD-FIQA IR-50 regressor on the refined MS1M (Tencent/TFace quality/README.md); the file
+            # name TFace's eval.py loads. No published digest: the config must name it.
+            arch="sddfiqa_ir50",
+            licence="Apache-2.0", source="Tencent/TFace (quality/)", training_data=MS1M,
+            uri=SDDFIQA_DRIVE,
+            file_name="SDD_FIQA_checkpoints_r50.pth",
+            sha256="",
+            input_size=112,
+            mean=(0.5, 0.5, 0.5),  # eval.py: ToTensor, Normalize(0.5, 0.5), PIL RGB
+            std=(0.5, 0.5, 0.5),
+            score_range=(0.0, 100.0),  # pseudo-labels min-max scaled to 0..100 in training
         ),
     )
 }
@@ -157,6 +235,12 @@ def checkpoint(model: str, arch: str, weights):
         if not record.sha256:
             hint = (f" (pyiqa names the file by its digest: it starts with {record.sha256_prefix})"
                     if record.sha256_prefix else "")
+            if record.manual_download:
+                raise ConfigError(
+                    f"models.{model}.weights: {record.source} publishes {record.file_name} only on a web page "
+                    f"({record.uri}) and no sha256 of it: download it by hand, then set models.{model}.weights.uri "
+                    f"and models.{model}.weights.sha256 (sha256sum of your copy)"
+                )
             raise ConfigError(
                 f"models.{model}.weights: no public manifest gives the sha256 of the published "
                 f"{record.file_name}, so cafi cannot verify it by itself; set models.{model}.weights.uri "

@@ -14,10 +14,15 @@ from cafi.config import JobConfig
 from cafi.errors import ConfigError
 from cafi.stages.spec import FAMILIES, StageSpec
 
+# Thresholds added after model versions were first recorded enter the decision's fingerprint only when
+# set: null turns a rule off, as an absent key does, so every version made before them keeps its name.
+_LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa")
+
 
 def _decide_settings(cfg: JobConfig, columns: tuple[str, ...]) -> dict:
     """Thresholds, the scorers the decision uses, and every scorer's decide-time mapping settings."""
-    out = {"decision": dict(vars(cfg.decision)), "fiqa": cfg.models.fiqa.kind, "iqa": cfg.models.iqa.kind}
+    thresholds = {k: v for k, v in vars(cfg.decision).items() if v is not None or k not in _LATER_THRESHOLDS}
+    out = {"decision": thresholds, "fiqa": cfg.models.fiqa.kind, "iqa": cfg.models.iqa.kind}
     for s in all_specs():
         out.update(s.decide_settings(cfg))
     return out
@@ -85,12 +90,24 @@ def stage_columns(s: StageSpec, cfg: JobConfig) -> tuple[str, ...]:
 
 def embedding_source(cfg: JobConfig) -> str | None:
     """The stage that fills `embedding` (output.embeddings): of the run's FIQA scorers that yield one in
-    their own pass, the one first by the spec's preference (SER-FIQ's plain ArcFace embedding before
-    MagFace's), so no second recognition pass runs."""
+    their own pass, the one first by the spec's preference (SER-FIQ's plain ArcFace embedding, then
+    MagFace's, then CR-FIQA's), so no second recognition pass runs. The preference, not the order of
+    kind and also, decides: the same set of scorers always embeds with the same model."""
     if not cfg.output.embeddings:
         return None
     able = [s for s in specs_for(cfg) if s.family == "fiqa" and s.embedding is not None]
     return min(able, key=lambda s: s.embedding).name if able else None
+
+
+def embedding_model(cfg: JobConfig) -> dict | None:
+    """Which recognizer the run's `embedding` column comes from: its stage, the checkpoint's arch and
+    sha256 (None without output.embeddings). The summary and the column's Parquet metadata carry it, so
+    `cafi eval --identities` can tell embeddings of different recognizers apart."""
+    name = embedding_source(cfg)
+    if name is None:
+        return None
+    s = spec(name)
+    return {"stage": name, "arch": s.arch(cfg), "sha256": s.checkpoint(cfg).sha256}
 
 
 def grouped(specs: list[StageSpec]) -> list[list[StageSpec]]:
@@ -117,9 +134,10 @@ def live_mask_users(cfg: JobConfig) -> list[str]:
     return [s.name for s in specs_for(cfg) if "mask" in s.reads(cfg)]
 
 
-def validate(cfg: JobConfig) -> None:
+def validate(cfg: JobConfig, pinned: bool = True) -> None:
     """The checks that need the model tables (cafi/config.py checks the rest without them): each stage's
-    own (`validate`), and that every checkpoint a run loads has a digest to verify."""
+    own (`validate`), and (`pinned`) that every checkpoint a run loads has a digest to verify -- not for
+    `cafi weights fetch`, which is how a checkpoint without a published digest gets one."""
     for s in specs_for(cfg):
         arch = s.arch(cfg) if s.arch is not None else None
         if arch is not None and arch not in s.archs:
@@ -127,9 +145,14 @@ def validate(cfg: JobConfig) -> None:
         if s.validate is not None:
             s.validate(cfg)
         try:
-            s.checkpoint(cfg)
+            if pinned:
+                s.checkpoint(cfg)
         except KeyError as exc:
             raise ConfigError(f"models.{s.section}: {exc.args[0]}") from None
+    if cfg.output.embeddings and embedding_source(cfg) is None:
+        able = [s.name for s in of_family("fiqa") if s.embedding is not None]
+        raise ConfigError(f"output.embeddings: none of this run's FIQA scorers ({', '.join(kinds(cfg, 'fiqa'))}) "
+                          f"yields an embedding; add one that does to models.fiqa.also ({', '.join(able)})")
 
 
 def checkpoints(cfg: JobConfig) -> list:

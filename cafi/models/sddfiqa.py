@@ -1,0 +1,66 @@
+"""SDD-FIQA (Ou et al., CVPR 2021): a quality regressor trained on similarity-distribution pseudo-labels.
+
+Each training face's pseudo-label is the Wasserstein distance between its similarities to its own
+identity's faces and to other identities' (min-max scaled to 0..100 over the training set); an IR-50
+regresses it from the face. The released model (Tencent/TFace quality/, trained on the refined MS1M)
+is the IR-50 of the InsightFace_Pytorch lineage — the same `input_layer` and `body` of bottleneck_IR
+units that facexlib's ArcFace backbone has — with the output head replaced by the quality head
+`quality = Sequential(Flatten, PReLU(512*7*7), Dropout(0.5), Linear(512*7*7, 1))` (TFace
+generate_pseudo_labels/extract_embedding/model/model.py, use_type "Qua"). No embedding comes out of it.
+
+The published file is `net.state_dict()` of the training script, DataParallel-wrapped on several GPUs
+(`module.` prefix, stripped as TFace's eval.py strips it), loaded strictly. Input as TFace's eval.py:
+RGB, resized to 112x112 (here: the ArcFace-aligned face), ToTensor, Normalize(0.5, 0.5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from facexlib.recognition.arcface_arch import bottleneck_IR, get_blocks
+from torch import nn
+
+from cafi.models.registry import published
+from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
+from cafi.weights import Checkpoint, build_loaded
+
+FEATURES = 512 * 7 * 7
+
+
+class SddFiqaNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
+        # nn.Flatten keeps TFace's C,H,W order (its view()) and also takes channels_last tensors. Registered
+        # before `body`, as TFace does: the state dict lists the keys in the published file's order.
+        self.quality = nn.Sequential(nn.Flatten(), nn.PReLU(FEATURES), nn.Dropout(0.5), nn.Linear(FEATURES, 1))
+        units = [bottleneck_IR(u.in_channel, u.depth, u.stride) for stage in get_blocks(50) for u in stage]
+        self.body = nn.Sequential(*units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,3,112,112) RGB in [-1, 1] -> quality (N,1)."""
+        return self.quality(self.body(self.input_layer(x)))
+
+
+def build() -> SddFiqaNet:
+    return SddFiqaNet().eval()
+
+
+class SddFiqaScorer:
+    def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
+                 storage=None, compile: bool = False):
+        self.record = published("sddfiqa_ir50")
+        self.device = device
+        self.precision = precision
+        self.net = prepare(build_loaded(build, ckpt, cache_dir, storage), device)
+        self.forward = maybe_compile(self.net, compile)
+
+    @torch.inference_mode()
+    def __call__(self, faces: np.ndarray | torch.Tensor) -> np.ndarray:
+        """uint8 RGB (N,112,112,3) faces aligned to the ArcFace template -> quality (N,), float32."""
+        if len(faces) == 0:
+            return np.zeros(0, np.float32)
+        x = to_input(faces, self.device, self.record)
+        with autocast(self.device, self.precision):
+            q = self.forward(x)
+        return q.float().view(-1).cpu().numpy()
