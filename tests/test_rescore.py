@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from cafi import manifest, pipeline
@@ -170,5 +171,17 @@ def test_switching_scorers_reruns_only_the_new_scorer(first, fast_config):
     scored = [r for r in rows.values() if r["status"] == "scored"]
     assert scored and all(r["magface_raw"] > 0 and r["magface"] == r["magface_raw"] and r["serfiq"] is None
                           for r in scored)
-    # the versions stay side by side: three committed model versions of the same inputs
-    assert len({r["model_version"] for r in manifest.committed_runs(str(tmp / "out"))}) >= 3
+    # CR-FIQA with embeddings: only CR-FIQA runs, and its one pass gives the embedding, which the run
+    # records as coming from it (summary and the column's Parquet field metadata)
+    cr = pipeline.run(load_config(fast_config, base + ["models.iqa.kind=topiq_face", "models.fiqa.kind=crfiqa",
+                                                       "output.embeddings=true"]))
+    assert cr["stages_run"] == ["crfiqa"], cr["stages_run"]
+    assert cr["embedding_model"]["stage"] == "crfiqa" and cr["embedding_model"]["arch"].startswith("crfiqa")
+    ds = manifest.dataset(str(tmp / "out"))
+    files = [f for f in ds.files if cr["run_id"] in f]
+    assert files and all(manifest.embedding_model_of(pq.read_schema(f)) == cr["embedding_model"] for f in files)
+    rows = manifest.read(str(tmp / "out"), version=cr["model_version"]).to_pylist()
+    scored = [r for r in rows if r["status"] == "scored"]
+    assert scored and all(r["embedding"] is not None and np.isfinite(r["crfiqa"]) for r in scored)
+    # the versions stay side by side: four committed model versions of the same inputs
+    assert len({r["model_version"] for r in manifest.committed_runs(str(tmp / "out"))}) >= 4
