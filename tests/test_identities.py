@@ -206,6 +206,24 @@ def test_close_pairs_matches_brute_force():
     assert len(bi) > 10
 
 
+def test_close_pairs_through_the_index_finds_planted_pairs():
+    emb, _, _, rng = people(5000, 1, seed=9)          # above EXACT_UP_TO: 20 cells, 3 probed
+    a = rng.choice(5000, 100, replace=False)
+    b = (a + rng.integers(1, 4999, 100)) % 5000
+    keep = ~np.isin(b, a)
+    emb[b[keep]] = unit(emb[a[keep]] + 0.2 * unit(rng.normal(size=(keep.sum(), DIM))))   # cosine about 0.98
+    i, j, s = ann.close_pairs(emb, 0.9)
+    # random vectors have no structure, the hardest case for an inverted file: every vector lies near the
+    # border of its cell. Unrelated random vectors are at cosine 0 +- 0.05, so the pairs at >= 0.9 are
+    # the planted ones that stayed close (two planted pairs may share a side)
+    truth = {tuple(sorted(p)) for p in zip(a[keep].tolist(), b[keep].tolist(), strict=True)
+             if emb[p[0]] @ emb[p[1]] >= 0.9}
+    assert len(truth) >= 90
+    p, r = precision_recall(set(zip(i.tolist(), j.tolist(), strict=True)), truth)
+    assert p == 1.0 and r >= 0.95, (p, r)
+    assert (s >= 0.9).all() and (i < j).all()
+
+
 # ---------------------------------------------------------------- caps and reasons
 
 
@@ -322,3 +340,24 @@ def test_identities_command_on_a_committed_run_and_the_curated_export(tmp_path, 
     assert exported["curation"]["kept"] == summary["kept"]
     assert {k: v for k, v in exported["curation"]["removed"].items() if v} == \
         {k: v for k, v in summary["removed"].items() if v}
+
+
+def test_rows_get_their_identity_from_the_csv_or_a_kept_column():
+    from cafi.identities.buckets import assign, lookup
+
+    rng = np.random.default_rng(12)
+    batch = pa.table({"uri": ["/a.jpg", "/b.jpg", "/c.jpg"], "person": ["p1", " p2 ", None],
+                      "serfiq": pa.array([0.5, 0.7, 0.2], pa.float32()),
+                      "embedding": pa.FixedSizeListArray.from_arrays(
+                          pa.array(rng.normal(size=3 * DIM).astype(np.float16)), DIM),
+                      "shard_offset": pa.nulls(3, pa.int64()), "shard_size": pa.nulls(3, pa.int64()),
+                      "scored_at": pa.nulls(3, pa.timestamp("us"))})
+    by_column = assign(batch, None, "person", "serfiq", 5)
+    assert by_column["uri"].to_pylist() == ["/a.jpg", "/b.jpg"]          # no identity: not curated
+    assert by_column["identity"].to_pylist() == ["p1", "p2"]
+    ids = pa.table({"uri": ["/c.jpg", "/a.jpg", "/z.jpg"], "identity": ["x", "y", "z"]})
+    by_csv = assign(batch, lookup(ids), None, "serfiq", 5)
+    assert dict(zip(by_csv["uri"].to_pylist(), by_csv["identity"].to_pylist(), strict=True)) == \
+        {"/a.jpg": "y", "/c.jpg": "x"}
+    assert by_csv["quality"].to_pylist() == pytest.approx([0.5, 0.2])
+    assert by_csv["bucket"].to_pylist() == bucket_of(np.array(["y", "x"], dtype=object), 5).tolist()

@@ -95,7 +95,7 @@ def analyse(table: pa.Table, options: Options) -> tuple[pa.Table, pa.Table, np.n
     return samples, stats, x, valid
 
 
-def cell_rows(table: pa.Table, samples: pa.Table, x: np.ndarray, valid: np.ndarray, centroids: np.ndarray,
+def cell_rows(table: pa.Table, samples: pa.Table, x: np.ndarray, valid: np.ndarray, centroids: ann.Cells,
               nprobe: int) -> pa.Table:
     """The samples with an embedding, once per cell probed: the first (nearest) is where it is stored."""
     keep = pa.array(valid)
@@ -108,7 +108,7 @@ def cell_rows(table: pa.Table, samples: pa.Table, x: np.ndarray, valid: np.ndarr
 
 
 def analyse_bucket(bucket: int, root: str, files: list[str], work: str, storage: StorageConfig, options: Options,
-                   centroids: np.ndarray, cell_groups: int) -> dict:
+                   centroids: ann.Cells, cell_groups: int) -> dict:
     """The task of one bucket; returns where it wrote its cell rows and how many rows it had."""
     ann.threads(1)
     table = sort_bucket(read_bucket(root, files, storage))

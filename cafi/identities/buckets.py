@@ -59,11 +59,11 @@ def _lookup(ref) -> dict:
     return _LOOKUPS[key]
 
 
-def assign(batch: pa.Table, lookup_ref: list | None, identity_column: str | None, quality: str,
+def assign(batch: pa.Table, table: dict | None, identity_column: str | None, quality: str,
            n_buckets: int) -> pa.Table:
-    """Rows of a manifest batch with their identity, oriented quality and bucket; rows without an identity go."""
-    if lookup_ref is not None:
-        table = _lookup(lookup_ref[0])
+    """Rows of a manifest batch with their identity (from the `lookup` table, else from the column),
+    oriented quality and bucket; rows without an identity go."""
+    if table is not None:
         keys = uri_keys(batch["uri"].to_pylist())
         pos = np.minimum(np.searchsorted(table["keys"], keys), max(len(table["keys"]) - 1, 0))
         found = table["keys"][pos] == keys
@@ -83,13 +83,15 @@ def assign(batch: pa.Table, lookup_ref: list | None, identity_column: str | None
     return pa.table(cols, schema=SCHEMA)
 
 
-def read_assign(items: pa.Table, output: str, storage: StorageConfig, read: list[str], **assigning):
+def read_assign(items: pa.Table, output: str, storage: StorageConfig, read: list[str], lookup_ref: list | None,
+                **assigning):
     """Manifest files (one per item) -> their rows with identity and bucket, a record batch at a time."""
     fs, _ = filesystem(output, storage)
+    table = _lookup(lookup_ref[0]) if lookup_ref is not None else None
     for path in items["path"].to_pylist():
         with fs.open(path, "rb") as fh:
             for batch in pq.ParquetFile(fh).iter_batches(batch_size=runs.BATCH_ROWS, columns=read):
-                out = assign(pa.Table.from_batches([batch]), **assigning)
+                out = assign(pa.Table.from_batches([batch]), table, **assigning)
                 if out.num_rows:
                     yield out
 

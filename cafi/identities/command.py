@@ -57,7 +57,7 @@ def _tasks(fn, calls: list[tuple], num_cpus: float = 1.0) -> list:
     return results + ray.get(pending)
 
 
-def _train(root: str, files: dict, storage: StorageConfig, cells: int) -> np.ndarray:
+def _train(root: str, files: dict, storage: StorageConfig, cells: int) -> ann.Cells:
     ann.threads(1)
     return ann.train_cells(training_sample(root, files, storage, min(TRAIN_ROWS, cells * ann.TRAIN_PER_CELL)), cells)
 
@@ -141,9 +141,9 @@ def identities(run_uri: str, out: str, ids_uri: str | None = None, identity_colu
     t = lap("buckets", t)
     cells = ann.cells_for(bk.run_rows)
     centroids = _tasks(_train, [(bk.root, bk.files, storage, cells)])[0] if cells > 1 else ann.train_cells(
-        np.zeros((1, columns.EMBEDDING_DIM), np.float32), 1)
+        np.zeros((0, columns.EMBEDDING_DIM), np.float32), 1)
     t = lap("cells", t)
-    groups = max(1, math.ceil(bk.run_rows * min(options.nprobe, len(centroids)) / options.bucket_rows))
+    groups = max(1, math.ceil(bk.run_rows * min(options.nprobe, centroids.count) / options.bucket_rows))
     analysed = _tasks(analyse_bucket, [(b, bk.root, f, work, storage, options, centroids, groups)
                                        for b, f in sorted(bk.files.items())])
     t = lap("analyse", t)
@@ -157,7 +157,7 @@ def identities(run_uri: str, out: str, ids_uri: str | None = None, identity_colu
     resolved = conflicts.resolve(pairs)
     t = lap("conflicts", t)
     id_files = [filesystem(join(work, "identities", f"bucket={a['bucket']}.parquet"), storage)[1] for a in analysed]
-    merge_pairs = _tasks(merges.merge_pairs, [(work, id_files, storage, options.merge_cos, 2)], num_cpus=1)[0]
+    merge_pairs = _tasks(merges.merge_pairs, [(work, id_files, storage, options.merge_cos, options.nprobe)])[0]
     cands = merges.candidates(merge_pairs)
     t = lap("merges", t)
     res_ref, cand_ref = ray.put(resolved), ray.put(cands)
@@ -178,7 +178,7 @@ def identities(run_uri: str, out: str, ids_uri: str | None = None, identity_colu
         "removed": removed, "reasons_order": list(REASONS),
         "flagged": {k: sum(i["flagged"][k] for i in infos) for k in ("outlier", "duplicate", "conflict")},
         "conflict_pairs": pairs.num_rows, "merge_candidate_pairs": merge_pairs.num_rows,
-        "index": {"cells": int(len(centroids)), "nprobe": min(options.nprobe, len(centroids)),
+        "index": {"cells": centroids.count, "nprobe": min(options.nprobe, centroids.count),
                   "cell_groups": len(by_group), "buckets": bk.count},
         "phases_seconds": phases, "started_at": started.isoformat(),
     }

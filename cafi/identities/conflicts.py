@@ -20,7 +20,7 @@ from cafi.config import StorageConfig
 from cafi.identities import ann
 from cafi.identities.analyse import CELLS
 from cafi.identities.buckets import read_parts
-from cafi.identities.vectors import Groups, embeddings
+from cafi.identities.vectors import embeddings
 
 PAIRS = pa.schema([("uri_a", pa.string()), ("uri_b", pa.string()), ("cos", pa.float32()),
                    ("outlier_a", pa.bool_()), ("outlier_b", pa.bool_())])
@@ -37,22 +37,11 @@ def search_group(root: str, files: list[str], storage: StorageConfig, t: float) 
 def search_cells(table: pa.Table, t: float) -> pa.Table:
     """Cell rows (cafi/identities/analyse.py CELLS) -> the cross-identity pairs at cosine >= t, each cell
     searched exactly: its stored rows against every row that probes it."""
-    table = table.take(pc.sort_indices(table, sort_keys=[("cell", "ascending")]))
     x, _ = embeddings(table["embedding"])
+    q, b, c = ann.pairs_by_cell(x, table["cell"].to_numpy(), table["primary"].to_numpy(zero_copy_only=False), t)
     ident = table["identity"].to_numpy(zero_copy_only=False)
-    groups = Groups.of_sorted(table["cell"].to_numpy())
-    primary = table["primary"].to_numpy(zero_copy_only=False)
-    qa, ba, sims = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    for s, n in zip(groups.starts.tolist(), groups.sizes.tolist(), strict=True):
-        rows = np.arange(s, s + n)
-        stored = rows[primary[rows]]
-        q, b, c = ann.cell_pairs(x[stored], x[rows], t)
-        q, b = rows[q], stored[b]
-        other = ident[q] != ident[b]
-        qa.append(q[other])
-        ba.append(b[other])
-        sims.append(c[other])
-    q, b, c = np.concatenate(qa), np.concatenate(ba), np.concatenate(sims)
+    other = ident[q] != ident[b]
+    q, b, c = q[other], b[other], c[other]
     uri, out = table["uri"], table["outlier"]
     return pa.table({"uri_a": uri.take(pa.array(q)), "uri_b": uri.take(pa.array(b)), "cos": pa.array(c, pa.float32()),
                      "outlier_a": out.take(pa.array(q)), "outlier_b": out.take(pa.array(b))}, schema=PAIRS)

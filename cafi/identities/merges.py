@@ -16,13 +16,14 @@ from cafi.identities.vectors import embeddings
 MERGES = pa.schema([("identity_a", pa.string()), ("identity_b", pa.string()), ("cos", pa.float32())])
 
 
-def merge_pairs(root: str, files: list[str], storage: StorageConfig, t: float, cpus: int = 1) -> pa.Table:
+def merge_pairs(root: str, files: list[str], storage: StorageConfig, t: float, nprobe: int, cpus: int = 1
+                ) -> pa.Table:
     """The task: every identity pair at centroid cosine >= t, most similar first."""
     ann.threads(cpus)
     schema = pa.schema([IDENTITY_STATS.field("identity"), IDENTITY_STATS.field("centroid")])
     table = read_parts(root, files, storage, schema)
     x, _ = embeddings(table["centroid"])
-    i, j, s = ann.close_pairs(x, t)
+    i, j, s = ann.close_pairs(x, t, nprobe)
     ids = table["identity"]
     out = pa.table({"identity_a": ids.take(pa.array(i, pa.int64())), "identity_b": ids.take(pa.array(j, pa.int64())),
                     "cos": pa.array(s, pa.float32())}, schema=MERGES)

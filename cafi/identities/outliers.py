@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from cafi.identities.options import Options
-from cafi.identities.vectors import Groups
+from cafi.identities.vectors import Groups, row_norms
 
 EPS = 1e-6
 
@@ -28,7 +28,7 @@ def leave_one_out_cos(x: np.ndarray, groups: Groups, weights: np.ndarray) -> np.
     wx = x * weights[:, None]
     rest = groups.sums(wx)[groups.gid]
     rest -= wx
-    norm = np.linalg.norm(rest, axis=1)
+    norm = row_norms(rest)
     dot = np.einsum("ij,ij->i", x, rest)
     others = (groups.sums((weights > 0).astype(np.int64))[groups.gid] - (weights > 0)) > 0
     ok = others & (norm > EPS) & (weights > 0)

@@ -25,11 +25,16 @@ def embeddings(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]
             out[start:start + len(c)][ok] = vals[ok]
             valid[start:start + len(c)] = ok
         start += len(c)
-    norm = np.linalg.norm(out, axis=1)
+    norm = row_norms(out)
     valid &= norm > 0
     out[valid] /= norm[valid, None]
     out[~valid] = 0.0
     return out, valid
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norm of each row (einsum: no squared copy of the array)."""
+    return np.sqrt(np.einsum("ij,ij->i", x, x))
 
 
 @dataclass
@@ -61,10 +66,18 @@ class Groups:
         return np.arange(len(self.gid)) - self.starts[self.gid]
 
     def sums(self, values: np.ndarray) -> np.ndarray:
-        """Per-group sums of rows of `values` (1-D or 2-D)."""
+        """Per-group sums of rows of `values` (1-D or 2-D). Rows of a 2-D array are summed by a sparse
+        (groups x rows) indicator product: np.add.reduceat along axis 0 walks the array column-strided."""
         if self.count == 0:
             return np.zeros((0, *values.shape[1:]), values.dtype)
-        return np.add.reduceat(values, self.starts, axis=0)
+        if values.ndim == 1:
+            return np.add.reduceat(values, self.starts)
+        from scipy import sparse
+
+        n = len(self.gid)
+        ones = np.ones(n, values.dtype)
+        indicator = sparse.csr_matrix((ones, self.gid, np.arange(n + 1)), shape=(n, self.count)).T.tocsr()
+        return np.asarray(indicator @ values)
 
     def median(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-group median of the finite values and how many there are (NaN where none)."""
