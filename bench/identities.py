@@ -38,7 +38,7 @@ from cafi import columns, manifest  # noqa: E402
 
 RUN_ID = "20250101T000000Z-1de000"
 VERSION = "bench"
-CHUNK = 50_000
+CHUNK = 50_000            # rows per manifest file, at least two rows of every identity (see construct)
 DIM = columns.EMBEDDING_DIM
 
 
@@ -57,8 +57,9 @@ def construct(out: str, rows: int, n_ids: int, seed: int = 0) -> tuple[str, dict
     planted = {"outlier": set(), "duplicate": set(), "conflict": set()}   # URIs; duplicates as (copy, source)
     d = os.path.join(manifest.manifest_uri(out), f"model_version={VERSION}", "decision=accepted")
     os.makedirs(d, exist_ok=True)
-    for n, start in enumerate(range(0, rows, CHUNK)):
-        idx = np.arange(start, min(rows, start + CHUNK))
+    chunk = max(CHUNK, 2 * n_ids)   # a duplicate's source (row r - n_ids, same identity) is in its file
+    for n, start in enumerate(range(0, rows, chunk)):
+        idx = np.arange(start, min(rows, start + chunk))
         noise = unit(rng.standard_normal((len(idx), DIM), dtype=np.float32))
         emb = unit(centres[identity[idx]].astype(np.float32) + noise)
         mis = kinds[idx] == 1

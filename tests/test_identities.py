@@ -315,7 +315,6 @@ def test_identities_command_on_a_committed_run_and_the_curated_export(tmp_path, 
     assert row[uris[61]]["conflict_with"] == uris[93] and row[uris[93]]["conflict_with"] == uris[61]
     # 61 is also an outlier of its own label: the label is wrong there, and 93 keeps its place
     assert row[uris[61]]["reason"] == "outlier" and row[uris[93]]["reason"] in (None, "over_cap")
-    print(json.dumps(json.load(open(os.path.join(cur, "summary.json")))["phases_seconds"]))
     for ident in set(ids):   # caps: at most the 4 best of what is left, in rank order
         mine = sorted((r for r in row.values() if r["identity"] == ident), key=lambda r: r["rank"])
         kept = [r for r in mine if r["keep"]]

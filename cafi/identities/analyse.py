@@ -42,8 +42,8 @@ def write_table(table: pa.Table, uri: str, storage: StorageConfig) -> None:
     fs, path = filesystem(uri, storage)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        pq.write_table(table, fh)
+    with fs.open(path, "wb") as fh:  # work files of float16 embeddings: compression costs time, saves nothing
+        pq.write_table(table, fh, compression="none")
 
 
 def sort_bucket(table: pa.Table) -> pa.Table:

@@ -33,6 +33,7 @@ from cafi.identities import ann, buckets, conflicts, merges
 from cafi.identities.analyse import analyse_bucket, training_sample
 from cafi.identities.finish import HIST_EDGES, IDENTITIES, SAMPLES, finish_bucket
 from cafi.identities.options import REASONS, Options
+from cafi.ray_setup import TASK_RETRIES
 from cafi.redact import redact_uri
 from cafi.storage import filesystem, join
 
@@ -47,7 +48,7 @@ def _tasks(fn, calls: list[tuple], num_cpus: float = 1.0) -> list:
     """fn(*args) for each call in Ray tasks, a bounded number in flight; results in call order."""
     import ray
 
-    task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+    task = ray.remote(num_cpus=num_cpus, **TASK_RETRIES)(fn)  # a task lost with its node runs again
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending, results = [], []
     for args in calls:
