@@ -165,13 +165,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cafi.redact import redact_uri
 
     summary = export(args.run, args.to, decision=args.decision, fmt=args.format,
-                     samples_per_shard=args.samples_per_shard, storage=_storage(args))
+                     samples_per_shard=args.samples_per_shard, storage=_storage(args), curation=args.curation)
     print(f"exported {summary['samples']} {args.decision} samples of run {summary['run_id']} as "
           f"{len(summary['shards'])} {args.format} shard(s), {summary['bytes']} bytes: {redact_uri(args.to)}")
     if summary["skipped"]:  # what could not be read is left out, never an aborted export
         reasons = ", ".join(f"{reason}: {n}" for reason, n in summary["skipped"].items())
         print(f"skipped {sum(summary['skipped'].values())} sample(s) that could not be read ({reasons}); "
               "see export.json")
+    if "curation" in summary:
+        removed = {k: v for k, v in summary["curation"]["removed"].items() if v}
+        print(f"curation kept {summary['curation']['kept']}; removed {json.dumps(removed)}")
+    return 0
+
+
+def cmd_identities(args: argparse.Namespace) -> int:
+    from cafi.identities.command import identities
+    from cafi.identities.options import Options
+    from cafi.redact import redact_uri
+
+    options = Options(min_centroid_cos=args.min_centroid_cos, outlier_mad=args.outlier_mad, weighted=args.weighted,
+                      subcentres=args.subcentres, dup_cos=args.dup_cos, conflict_cos=args.conflict_cos,
+                      merge_cos=args.merge_cos, max_per_identity=args.max_per_identity,
+                      min_per_identity=args.min_per_identity, quality=args.quality, bucket_rows=args.bucket_rows,
+                      nprobe=args.nprobe)
+    s = identities(args.run, args.out, ids_uri=args.identities, identity_column=args.identity_column,
+                   options=options, storage=_storage(args))
+    removed = {k: v for k, v in s["removed"].items() if v}
+    print(f"curated {s['samples']} samples of {s['identities']} identities (run {s['run_id']}, quality "
+          f"{s['quality']}): {s['kept']} kept, removed {json.dumps(removed)}; {s['conflict_pairs']} conflict "
+          f"pair(s), {s['merge_candidate_pairs']} merge candidate pair(s), {s['wall_seconds']} s")
+    print(f"wrote samples.parquet, identities.parquet, identities.html, summary.json: {redact_uri(args.out)}")
     return 0
 
 
@@ -325,8 +348,56 @@ def build_parser() -> argparse.ArgumentParser:
                     help="000000.tar with <key>.<ext> + <key>.json per sample, or 000000.parquet (default: webdataset)")
     ex.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
                     help="samples per shard (default: 1000)")
+    ex.add_argument("--curation", metavar="URI", default=None,
+                    help="a `cafi identities` output of this run: export only the samples it keeps")
     add_storage(ex)
     ex.set_defaults(func=cmd_export)
+
+    idp = sub.add_parser(
+        "identities", help="curate identities: outliers, near-duplicates, conflicts, merge candidates, caps",
+        description="Over a run's stored embeddings (score with output.embeddings=true) and an identity per sample: "
+                    "each sample's cosine to the centroid of the other samples of its identity (outliers), "
+                    "near-duplicates within an identity (the best quality kept), samples of different identities "
+                    "that are the same photo (an approximate-nearest-neighbour index), identities whose centroids "
+                    "are close (merge candidates) and per-identity caps. Every sample gets keep and the first "
+                    "reason, in the order no_embedding, outlier, conflict, duplicate, over_cap, small_identity. "
+                    "Writes samples.parquet, identities.parquet, identities.html and summary.json under --out; "
+                    "`cafi export RUN --curation OUT` exports the kept samples.")
+    idp.add_argument("run", metavar="RUN_OR_OUTPUT",
+                     help="<output>/runs/<run_id>, or an output root for its latest committed run")
+    who = idp.add_mutually_exclusive_group(required=True)
+    who.add_argument("--identities", metavar="IDS.csv", default=None,
+                     help="CSV with a uri column and an identity column")
+    who.add_argument("--identity-column", metavar="COL", default=None,
+                     help="the identity is this kept input column of the run (input.keep_columns)")
+    idp.add_argument("--out", required=True, metavar="URI", help="an empty prefix (or an earlier curation's)")
+    idp.add_argument("--min-centroid-cos", type=float, default=0.225, metavar="C",
+                     help="outlier below this cosine to its identity's leave-one-out centroid (default: 0.225, "
+                          "the ArcFace rule; -1: off)")
+    idp.add_argument("--outlier-mad", type=float, default=None, metavar="K",
+                     help="also an outlier below its identity's median by more than K median absolute deviations")
+    idp.add_argument("--weighted", action="store_true",
+                     help="weight the centroid by the quality's rank within the identity")
+    idp.add_argument("--subcentres", type=int, default=1, metavar="K",
+                     help="K sub-centres per identity; samples are compared with the dominant one (default: 1)")
+    idp.add_argument("--dup-cos", type=float, default=0.95, metavar="C",
+                     help="near-duplicates within an identity at cosine >= C (default: 0.95)")
+    idp.add_argument("--conflict-cos", type=float, default=0.9, metavar="C",
+                     help="samples of different identities at cosine >= C are a conflict (default: 0.9)")
+    idp.add_argument("--merge-cos", type=float, default=0.7, metavar="C",
+                     help="list identity pairs whose centroids are at cosine >= C (default: 0.7)")
+    idp.add_argument("--max-per-identity", type=int, default=None, metavar="K",
+                     help="keep the K best (by --quality) of what is left of each identity")
+    idp.add_argument("--min-per-identity", type=int, default=None, metavar="M",
+                     help="drop identities left with fewer than M samples")
+    idp.add_argument("--quality", default=None, metavar="COL",
+                     help="quality column for ranks, duplicates and caps (default: the run's FIQA kind)")
+    idp.add_argument("--bucket-rows", type=int, default=50_000, metavar="N",
+                     help="rows per hash bucket, the memory of one task (default: 50,000)")
+    idp.add_argument("--nprobe", type=int, default=3, metavar="N",
+                     help="index cells each sample is looked up in, for conflicts (default: 3)")
+    add_storage(idp)
+    idp.set_defaults(func=cmd_identities)
     return p
 
 

@@ -169,10 +169,31 @@ def _prepare(to: str, storage: StorageConfig) -> list[str]:
     return [n for n in names if _SHARD_NAME.match(n)]
 
 
+def follow_curation(rows: pa.Table, ref: runs.RunRef, uri: str, storage: StorageConfig | None
+                    ) -> tuple[pa.Table, dict]:
+    """Only the rows a `cafi identities` curation of this run keeps; and how many each reason removed
+    (of the rows the decision selected; `not_curated`: rows the curation does not list)."""
+    from cafi.identities.command import read_curation
+
+    summary, samples = read_curation(uri, storage)
+    if summary.get("run_id") != ref.run_id or summary.get("model_version") != ref.summary.get("model_version"):
+        raise CafiError(f"export: --curation {redact_uri(uri)} curates run {summary.get('run_id')} (model version "
+                        f"{summary.get('model_version')}), not run {ref.run_id} ({ref.summary.get('model_version')})")
+    pos = pc.index_in(rows["uri"], value_set=samples["uri"])
+    reason = samples["reason"].take(pos)
+    keep = pc.fill_null(samples["keep"].take(pos), False)
+    removed = {r: 0 for r in summary.get("reasons_order") or []}
+    for item in pc.value_counts(pc.fill_null(reason, "not_curated").filter(pc.invert(keep))).to_pylist():
+        removed[item["values"]] = item["counts"]
+    return rows.filter(keep), {"uri": redact_uri(uri), "kept": int(pc.sum(keep).as_py() or 0), "removed": removed}
+
+
 def export(run_uri: str, to: str, decision: str = "accepted", fmt: str = "webdataset", samples_per_shard: int = 1000,
-           storage: StorageConfig | None = None, image_storage: StorageConfig | None = None) -> dict:
+           storage: StorageConfig | None = None, image_storage: StorageConfig | None = None,
+           curation: str | None = None) -> dict:
     """Export a committed run's rows (`decision`: accepted | rejected | all) as shards under `to`;
-    returns the export summary (also written to `<to>/export.json`)."""
+    with `curation` (a `cafi identities` output of this run) only the rows it keeps. Returns the
+    export summary (also written to `<to>/export.json`)."""
     import ray
 
     if fmt not in FORMATS:
@@ -187,6 +208,9 @@ def export(run_uri: str, to: str, decision: str = "accepted", fmt: str = "webdat
     image_storage = image_storage if image_storage is not None else runs.storage_config(ref.summary)
     reads = runs.sample_reads(ref.summary)  # the run's image column, read limit and schemes hold here too
     rows = select(ref, storage, decision)
+    curated = None
+    if curation is not None:
+        rows, curated = follow_curation(rows, ref, curation, storage)
     leftovers = _prepare(to, storage)
     finished = ref.summary.get("finished_at")
     mtime = int(_dt.datetime.fromisoformat(finished).timestamp()) if finished else 0
@@ -212,7 +236,8 @@ def export(run_uri: str, to: str, decision: str = "accepted", fmt: str = "webdat
             skipped[reason] = skipped.get(reason, 0) + n
     summary = {
         "source_run": redact_uri(ref.uri), "run_id": ref.run_id, "model_version": ref.summary.get("model_version"),
-        "decision": decision, "format": fmt, "samples_per_shard": samples_per_shard, "selected": rows.num_rows,
+        "decision": decision, **({"curation": curated} if curated is not None else {}),
+        "format": fmt, "samples_per_shard": samples_per_shard, "selected": rows.num_rows,
         "samples": sum(s["samples"] for s in shards), "skipped": dict(sorted(skipped.items())),
         "bytes": sum(s["bytes"] for s in shards), "shards": shards,
         "columns": ["key", "source_uri", *(c for c in rows.column_names if c not in ("uri", *SKIP))],
