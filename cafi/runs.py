@@ -145,7 +145,7 @@ class Rows:
     embedding_models: list[dict | None] = dataclasses.field(default_factory=list)
 
 
-def _embedding_models(output: str, storage: StorageConfig | None, files: pa.ChunkedArray) -> list[dict | None]:
+def embedding_models(output: str, storage: StorageConfig | None, files: pa.ChunkedArray) -> list[dict | None]:
     """The distinct recognizers recorded in the `embedding` field metadata of these manifest files."""
     import pyarrow.parquet as pq
 
@@ -177,5 +177,5 @@ def read_rows(uri: str, storage: StorageConfig | None, cols: list[str], uris: pa
     table = manifest.latest_per_uri(manifest.dataset(ref.output, storage).to_table(columns=read, filter=flt))
     models = []
     if "embedding" in cols:
-        models = _embedding_models(ref.output, storage, table["__file"].filter(pc.is_valid(table["embedding"])))
+        models = embedding_models(ref.output, storage, table["__file"].filter(pc.is_valid(table["embedding"])))
     return Rows(table.select(cols), source, ref.summary, models)
