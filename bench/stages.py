@@ -9,6 +9,7 @@ what each of four separate pools gets with `torch_threads: 0` and `num_cpus: 0.2
     python bench/stages.py [--n 16] [--threads 1,2] [--detector retinaface_resnet50]
                            [--parser bisenet] [--config extra.yaml ...] [key=value ...]
     python bench/stages.py --batch-sizes 1,2,4,8 [--threads 1,2] [--n 16]   # batch-size sweep
+    python bench/stages.py --fiqa [--threads 1] [--n 16]   # every FIQA scorer on the same faces: CPU ms per face
 
 Also the helpers the other benchmarks share (machine line, synthetic setup, measure()).
 """
@@ -251,7 +252,7 @@ def _concat(parts: list[dict]) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def measure(cfg, paths: list[str], threads: int, repeats: int = 1) -> list[dict]:
+def measure(cfg, paths: list[str], threads: int, repeats: int = 1, only: set[str] | None = None) -> list[dict]:
     """Time each stage alone over all `paths`, in batches of its configured batch size.
 
     The stages are those the job runs, in its order: read (fetch + header checks, a Ray task),
@@ -260,7 +261,8 @@ def measure(cfg, paths: list[str], threads: int, repeats: int = 1) -> list[dict]
     before it (computed once, untimed); every stage gets a fresh copy of its input batch, since
     stages write into their batch. A warm-up call on the first batch precedes each timing.
     Returns one dict per stage: stage, batch_size, images, seconds (best of `repeats`),
-    cpu_seconds, images_per_second (and load_seconds for the model stages).
+    cpu_seconds, images_per_second (and load_seconds for the model stages). `only`: the model stages
+    to run besides detection (what the FIQA scorers read), none of the others.
     """
     from cafi.stages.decide import decide
     from cafi.stages.decode import Decode
@@ -294,6 +296,8 @@ def measure(cfg, paths: list[str], threads: int, repeats: int = 1) -> list[dict]
     parts = [_take(batch, s) for s in _batches(n, cfg.read.batch_size)]
     batch = _concat(timed("decode", cfg.read.batch_size, decode, parts))
     for s in specs_for(cfg):
+        if only is not None and s.name not in only and s.family != "detect":
+            continue
         st = s.resources(cfg)
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
@@ -334,6 +338,29 @@ def model_seconds(rows: list[dict], key: str = "seconds") -> float:
     return sum(r[key] for r in rows)
 
 
+def fiqa_costs(cfg_path: str, paths: list[str], d: str, args, threads: list[int]) -> None:
+    """Each FIQA scorer on the same detected and aligned faces: wall and CPU ms per face, and the one
+    line that compares them (CPU ms per face at the first thread count: what a face costs the box)."""
+    from cafi.stages.specs import of_family
+
+    kinds = [s.name for s in of_family("fiqa")]
+    order = ["serfiq", "magface", "crfiqa", "sddfiqa"] + [k for k in kinds if k not in
+                                                           ("serfiq", "magface", "crfiqa", "sddfiqa")]
+    cfg = load_config([cfg_path, *args.config], [f"input.uri={os.path.dirname(paths[0])}", f"output.uri={d}/out",
+                                                 *base_overrides(d), "models.fiqa.kind=serfiq",
+                                                 f"models.fiqa.also=[{','.join(k for k in order if k != 'serfiq')}]",
+                                                 *args.overrides])
+    print(f"FIQA scorers: SER-FIQ T={cfg.models.serfiq.samples}, CR-FIQA {cfg.models.crfiqa.arch}, "
+          f"MagFace iResNet100, SDD-FIQA IR-50", flush=True)
+    costs: dict[int, dict[str, float]] = {}
+    for t in threads:
+        rows = [r for r in measure(cfg, paths, t, args.repeats, only=set(kinds)) if r["stage"] in kinds]
+        costs[t] = {r["stage"]: 1000 * r["cpu_seconds"] / r["images"] for r in rows}
+        print(f"\ntorch threads = {t}\n{stage_table(rows)}", flush=True)
+    first = costs[threads[0]]
+    print(f"\nfiqa cost per face: {', '.join(f'{k} {first[k]:.0f} ms' for k in order if k in first)}", flush=True)
+
+
 # ---------------------------------------------------------------- main
 
 def sweep(cfg_path: str, paths: list[str], d: str, args, threads: list[int]) -> None:
@@ -365,6 +392,7 @@ def main() -> None:
     ap.add_argument("--parser", default="bisenet")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--batch-sizes", default="", help="instead: every model stage at each of these batch sizes")
+    ap.add_argument("--fiqa", action="store_true", help="instead: every FIQA scorer's cost per face")
     ap.add_argument("--config", action="append", default=[], help="extra config files, after the synthetic one")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. models.dbcnn.batch_size=4)")
     args = ap.parse_args()
@@ -381,6 +409,9 @@ def main() -> None:
               flush=True)
         if args.batch_sizes:
             sweep(cfg_path, paths, d, args, threads)
+            return
+        if args.fiqa:
+            fiqa_costs(cfg_path, paths, d, args, threads)
             return
         results = {}
         for t in threads:

@@ -145,7 +145,7 @@ class Rows:
     embedding_models: list[dict | None] = dataclasses.field(default_factory=list)
 
 
-def embedding_models(output: str, storage: StorageConfig | None, files: pa.ChunkedArray) -> list[dict | None]:
+def _embedding_models(output: str, storage: StorageConfig | None, files: pa.ChunkedArray) -> list[dict | None]:
     """The distinct recognizers recorded in the `embedding` field metadata of these manifest files."""
     import pyarrow.parquet as pq
 
@@ -171,11 +171,11 @@ def read_rows(uri: str, storage: StorageConfig | None, cols: list[str], uris: pa
         flt, source = row_filter(ref), f"run {ref.run_id} (model version {version})"
     if uris is not None:
         flt = flt & pc.field("uri").isin(uris)
-    read = {c: pc.field(c) for c in dict.fromkeys([*cols, "uri", "scored_at"])}
+    read = list(dict.fromkeys([*cols, "uri", "scored_at"]))
     if "embedding" in cols:  # which file each row comes from: the recognizer is recorded per file
-        read["__file"] = pc.field("__filename")
+        read.append("__filename")
     table = manifest.latest_per_uri(manifest.dataset(ref.output, storage).to_table(columns=read, filter=flt))
     models = []
     if "embedding" in cols:
-        models = embedding_models(ref.output, storage, table["__file"].filter(pc.is_valid(table["embedding"])))
+        models = _embedding_models(ref.output, storage, table["__filename"].filter(pc.is_valid(table["embedding"])))
     return Rows(table.select(cols), source, ref.summary, models)

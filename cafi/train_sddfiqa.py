@@ -62,7 +62,12 @@ def check_embeddings(ref: runs.RunRef, files: list[str], storage: StorageConfig 
     fs, _ = manifest.arrow_filesystem(manifest.manifest_uri(ref.output), storage)
     if not any(_embedded(pq.ParquetFile(p, filesystem=fs).metadata) for p in files):
         raise CafiError(f"run {ref.run_id} {NO_EMBEDDINGS}")
-    models = [m for m in runs.embedding_models(ref.output, storage, pa.chunked_array([files])) if m is not None]
+    found = {}
+    for p in files:  # the recognizer each file records in its `embedding` field metadata
+        model = manifest.embedding_model_of(pq.read_schema(p, filesystem=fs))
+        if model is not None:
+            found.setdefault(json.dumps(model, sort_keys=True), model)
+    models = list(found.values())
     if len(models) > 1:
         raise CafiError(f"the embeddings of run {ref.run_id} come from {len(models)} recognizers: pseudo-labels "
                         "compare pairs of one recognizer")

@@ -42,7 +42,9 @@ def fast_config(tmp_path_factory, synth_dir) -> str:
     from cafi.synth import synth
 
     d = str(tmp_path_factory.mktemp("fast"))
-    path = synth(d, detector="retinaface_mobile0.25")
+    # the optional scorers the pipeline tests run (tests/test_rescore.py): each other one's random
+    # checkpoint costs seconds to write (CR-FIQA's iResNet100, SDD-FIQA's IR-50); add a kind here to run it
+    path = synth(d, detector="retinaface_mobile0.25", scorers=("magface", "topiq_face"))
     extra = os.path.join(d, "fast.yaml")
     with open(extra, "w") as fh:
         fh.write(

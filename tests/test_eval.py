@@ -630,6 +630,7 @@ def test_edc_window_chart_scales_to_the_window_offers_a_log_axis_and_fades_the_c
     emb, ids, q, rng = identity_set(n_ids=40, per=4, seed=5)
     names = ["crfiqa", "sddfiqa", "serfiq", "magface", "yaw", "sharpness", "luma_mean", "det_score"]
     qualities = {n: q + rng.normal(0, 0.05 * (i + 1), len(q)) for i, n in enumerate(names)}
+    qualities["luma_mean"] = -q  # a column that orders the samples backwards: its tail climbs to FNMR 1
     result = edc_mod.evaluate(emb, ids, qualities, edc_mod.Options(nonmated=5000, start_fnmr=0.02, pauc_limit=0.2,
                                                                    min_mated=10))
     html_ = edc_charts(EdcSection("ids.csv", "identity", len(ids), len(ids), len(ids), result))
@@ -642,7 +643,7 @@ def test_edc_window_chart_scales_to_the_window_offers_a_log_axis_and_fades_the_c
     window = [*result.scores, result.ideal, result.random]
     in_window = max(float(s.curve.fnmr[s.curve.discard <= 0.2].max()) for s in window)
     whole_top, zoom_top = max(y_labels(charts_["edc"])), max(y_labels(charts_["edc-zoom"]))
-    assert in_window <= 0.021 and whole_top > 5 * zoom_top  # the tail is far above the window's curves
+    assert in_window < 0.05 and whole_top > 5 * zoom_top  # the tail is far above the window's curves
     assert in_window <= zoom_top * 1.3 and zoom_top <= in_window * 1.06  # the window's own scale
     # log axis: labels at 1, 2 and 5 times a power of ten, from the decade under the smallest FNMR in the window
     logs = y_labels(charts_["edc-zoom-log"])

@@ -172,3 +172,10 @@ def test_a_checkpoint_published_on_a_web_page_only_asks_to_be_downloaded_by_hand
     with pytest.raises(ConfigError, match=r"models.crfiqa.weights: .*32572backbone.pth only on a web page.*by hand"):
         specs.validate(cfg)
     specs.validate(cfg, pinned=False)  # what `cafi weights fetch` checks: the digest is what it pins
+
+
+def test_a_new_threshold_moves_only_the_decision_and_only_once_set():
+    before = stage_fingerprints(_cfg())
+    after = stage_fingerprints(_cfg("decision.min_crfiqa=1.5"))
+    assert {s for s in before if before[s] != after[s]} == {"decide"}
+    assert stage_fingerprints(_cfg("decision.min_sddfiqa=null")) == before  # unset: as before the key existed

@@ -14,10 +14,15 @@ from cafi.config import JobConfig
 from cafi.errors import ConfigError
 from cafi.stages.spec import FAMILIES, StageSpec
 
+# Thresholds added after model versions were first recorded enter the decision's fingerprint only when
+# set: null turns a rule off, as an absent key does, so every version made before them keeps its name.
+_LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa")
+
 
 def _decide_settings(cfg: JobConfig, columns: tuple[str, ...]) -> dict:
     """Thresholds, the scorers the decision uses, and every scorer's decide-time mapping settings."""
-    out = {"decision": dict(vars(cfg.decision)), "fiqa": cfg.models.fiqa.kind, "iqa": cfg.models.iqa.kind}
+    thresholds = {k: v for k, v in vars(cfg.decision).items() if v is not None or k not in _LATER_THRESHOLDS}
+    out = {"decision": thresholds, "fiqa": cfg.models.fiqa.kind, "iqa": cfg.models.iqa.kind}
     for s in all_specs():
         out.update(s.decide_settings(cfg))
     return out
