@@ -6,8 +6,10 @@ cafi.sdd_job (identity buckets, pool, 12 draws) on an embedded local Ray and wri
 
 Prints `pseudo-labels for <N> rows: <s> s, peak <MiB> MiB`: the wall time from the dataset to the
 written file (generating the embeddings included: they are made in the same streaming tasks that a
-manifest read would be), and the largest peak RSS (VmHWM) of any process of the job (the driver or a
-Ray worker), polled from /proc every 0.5 s. Then the SRCC of the labels against the hidden quality.
+manifest read would be), and the largest private memory (RssAnon, polled from /proc every 0.5 s) of
+any process of the job (the driver, a Ray worker, a shuffle aggregator); then the three largest, the
+largest VmHWM (which also counts the shared object-store pages a process read), and the SRCC of the
+labels against the hidden quality.
 """
 
 from __future__ import annotations
@@ -42,26 +44,52 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def _hwm_mib(pid: int) -> float:
+def _memory_mib(pid: int) -> tuple[float, float]:
+    """(RssAnon: private memory now, VmHWM: peak RSS including shared object-store pages it touched)."""
+    out = {"RssAnon:": 0.0, "VmHWM:": 0.0}
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                key = line.split(":", 1)[0] + ":"
+                if key in out:
+                    out[key] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return out["RssAnon:"], out["VmHWM:"]
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            words = fh.read().split(b"\0")
+        return (words[0].decode(errors="replace").split("/")[-1] + " " +
+                " ".join(w.decode(errors="replace").split("/")[-1] for w in words[1:3]))[:50]
+    except OSError:
+        return "?"
 
 
 class PeakPoll:
     def __init__(self):
-        self.peak, self.stop = 0.0, threading.Event()
+        self.peaks: dict[int, tuple[float, str]] = {}  # the largest private memory seen, per process
+        self.hwm = 0.0
+        self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
+
+    @property
+    def peak(self) -> float:
+        return max((v for v, _ in self.peaks.values()), default=0.0)
+
+    def top(self, n: int = 3) -> str:
+        best = sorted(self.peaks.values(), reverse=True)[:n]
+        return "; ".join(f"{name} {v:.0f} MiB" for v, name in best)
 
     def run(self):
         while not self.stop.is_set():
             for pid in _descendants(os.getpid()):
-                self.peak = max(self.peak, _hwm_mib(pid))
+                anon, hwm = _memory_mib(pid)
+                self.hwm = max(self.hwm, hwm)
+                if anon > self.peaks.get(pid, (0.0, ""))[0]:
+                    self.peaks[pid] = (anon, _name(pid))
             self.stop.wait(0.5)
 
 
@@ -111,6 +139,7 @@ def main() -> None:
     poll.stop.set()
     poll.thread.join()
     print(f"pseudo-labels for {stats['rows']} rows: {wall:.1f} s, peak {poll.peak:.0f} MiB")
+    print(f"largest private peaks: {poll.top()}; largest VmHWM (object-store pages included) {poll.hwm:.0f} MiB")
     got = pq.read_table(out).to_pandas().set_index("uri")
     truth = ds.select_columns(["uri", "q"]).to_pandas().set_index("uri")["q"]
     ok = got["label"].notna()

@@ -134,15 +134,38 @@ def test_without_embeddings_it_says_so_and_stops(labelled_run, tmp_path, capsys)
     assert not (tmp_path / "o").exists()
 
 
+def test_identity_from_the_csv_or_a_kept_column():
+    from cafi.train_sddfiqa import _with_identity
+
+    emb = embedding_array(np.eye(4, 512), np.array([True, True, False, True]))
+    batch = pa.table({"uri": ["a", "b", "c", "d"], "embedding": emb, "scored_at": pa.array([1, 2, 3, 4]),
+                      "person": pa.array([7, None, 8, 9])})
+    ids = pa.table({"uri": ["d", "a", "c"], "identity": ["x", "y", "z"]})
+    got = _with_identity(batch, ids, None)  # b is not listed, c has no embedding
+    assert got["uri"].to_pylist() == ["a", "d"] and got["identity"].to_pylist() == ["y", "x"]
+    kept = _with_identity(batch, None, "person")  # b has no identity, c no embedding
+    assert kept["uri"].to_pylist() == ["a", "d"] and kept["identity"].to_pylist() == ["7", "9"]
+
+
+def test_a_missing_kept_identity_column_is_named(labelled_run, tmp_path, capsys):
+    argv = ["train", "sddfiqa", labelled_run["run"], "--identity-column", "person", "--out", str(tmp_path / "o"),
+            "--labels-only"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "kept no column 'person'" in err and "--identities" in err
+
+
 @pytest.mark.slow
-def test_cli_pseudo_labels_end_to_end(labelled_run, ray_local, tmp_path, capsys):
-    out = tmp_path / "labels"
+def test_cli_pseudo_labels_end_to_end(labelled_run, ray_local, s3, capsys):
+    s3.mkdir("sdd-labels")
+    out = "s3://sdd-labels/train/v1"  # DIR is any fsspec URI: here the loopback S3
     argv = ["train", "sddfiqa", labelled_run["run"], "--identities", labelled_run["ids"],
-            "--identity-column", "person", "--out", str(out), "--labels-only", "--seed", "7"]
+            "--identity-column", "person", "--out", out, "--labels-only", "--seed", "7"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "297 of 299 rows labelled" in printed and "2 rows of one-sample identities" in printed
-    table = pq.read_table(out / "labels.parquet")
+    with s3.open(f"{out}/labels.parquet", "rb") as fh:
+        table = pq.read_table(fh)
     assert table.schema.names == ["uri", "identity", "label", "n_same"]
     assert table.schema.field("label").type == pa.float32()
     got = table.to_pandas().set_index("uri")
@@ -155,7 +178,8 @@ def test_cli_pseudo_labels_end_to_end(labelled_run, ray_local, tmp_path, capsys)
     q = dict(zip(uris, labelled_run["q"], strict=True))
     lab = got.label[~solo]
     assert spearmanr(lab, [q[u] for u in lab.index]).statistic >= 0.8
-    doc = json.loads((out / "labels.json").read_text())
+    with s3.open(f"{out}/labels.json", "r") as fh:
+        doc = json.load(fh)
     assert doc["labels"]["rows"] == 299 and doc["labels"]["unlabelled_one_sample"] == 2
     assert doc["labels"]["identities"] == 52 and sum(doc["labels"]["histogram"]["counts"]) == 297
     assert doc["seed"] == 7 and doc["run_id"] == RUN_ID
