@@ -87,7 +87,8 @@ def _bucket(table: pa.Table, pool_ref, seed: int) -> pa.Table:
 
     from cafi.manifest import latest_per_uri
 
-    pool = ray.get(pool_ref)  # map_groups passes its fn_args as they are; numpy comes zero-copy
+    # map_groups passes its fn_args as they are (Ray 2.60): fetched here, numpy zero-copy from the store
+    pool = ray.get(pool_ref) if isinstance(pool_ref, ray.ObjectRef) else pool_ref
 
     if "scored_at" in table.column_names:  # one row per URI: the newest where a run re-scored one
         table = latest_per_uri(table)
