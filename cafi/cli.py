@@ -198,6 +198,22 @@ def cmd_identities(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_sddfiqa(args: argparse.Namespace) -> int:
+    from cafi import train_sddfiqa
+    from cafi.redact import redact_uri
+    from cafi.storage import join
+
+    doc = train_sddfiqa.labels(args.run, args.out, identities=args.identities,
+                               identity_column=args.identity_column, seed=args.seed, storage=_storage(args))
+    s = doc["labels"]
+    print(f"pseudo-labels of run {doc['run_id']}: {s['labelled']} of {s['rows']} rows labelled "
+          f"({s['identities']} identities; {s['unlabelled_one_sample']} rows of one-sample identities unlabelled), "
+          f"seed {doc['seed']}, {doc['seconds']} s")
+    print(f"labels: {redact_uri(join(args.out, 'labels.parquet'))}")
+    print(f"stats:  {redact_uri(join(args.out, 'labels.json'))}")
+    return 0
+
+
 def _ray_cause(exc: BaseException) -> BaseException | None:
     """The CafiError behind an exception: itself, or the one inside an error Ray raised for a task,
     an actor or a Ray Data operator. None when there is none."""
@@ -398,6 +414,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="index cells each sample is looked up in, for conflicts (default: 3)")
     add_storage(idp)
     idp.set_defaults(func=cmd_identities)
+    tr = sub.add_parser("train", help="learn a quality model from the run's own recognizer")
+    tsub = tr.add_subparsers(dest="train_command", required=True)
+    ts = tsub.add_parser("sddfiqa", help="SDD-FIQA pseudo-labels from a run's stored embeddings",
+                         description="SDD-FIQA pseudo-labels (Ou et al. 2021, as Tencent/TFace computes them) of "
+                                     "a committed run's rows, from the recognition embeddings it stored "
+                                     "(output.embeddings=true): per sample, the Wasserstein distance between its "
+                                     "similarities to 24 samples of its identity and to 24 of other identities, "
+                                     "12 draws, normalised to 0..100. Writes DIR/labels.parquet and "
+                                     "DIR/labels.json. Training the regressor on them is not implemented yet: "
+                                     "--labels-only is required.")
+    ts.add_argument("run", metavar="RUN_OR_OUTPUT",
+                    help="<output>/runs/<run_id>, or an output root for its latest model version's committed runs")
+    ts.add_argument("--identities", metavar="IDS.csv", default=None,
+                    help="CSV with a uri column and an identity column (default: the kept column "
+                         "--identity-column of the run)")
+    ts.add_argument("--identity-column", default="identity",
+                    help="the identity column: of IDS.csv, or without --identities a column the run kept "
+                         "(default: identity)")
+    ts.add_argument("--out", required=True, metavar="DIR", help="where to write labels.parquet and labels.json")
+    ts.add_argument("--labels-only", action="store_true", required=True,
+                    help="stop after the labels (required: training is not implemented yet)")
+    ts.add_argument("--seed", type=int, default=0, help="seed of the random draws and of the pool (default: 0)")
+    add_storage(ts)
+    ts.set_defaults(func=cmd_train_sddfiqa)
     return p
 
 
