@@ -217,6 +217,9 @@ class RayConfig:
     object_store_mb: int | None = 256
     # Calls in flight per model actor: 2 overlaps one batch's host work with the previous one's models.
     actor_concurrency: int = 2
+    # Batches a model actor runs through its models at once on the CPU, each on its own thread with a
+    # share of the torch threads (weights shared); 0 = one per torch thread; 1 = one batch at a time.
+    cpu_replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -362,6 +365,8 @@ def validate(cfg: JobConfig) -> None:
 
     _check(1 <= cfg.ray.actor_concurrency <= 8, "ray.actor_concurrency", "an integer in [1, 8]",
            cfg.ray.actor_concurrency)
+    _check(0 <= cfg.ray.cpu_replicas <= 64, "ray.cpu_replicas",
+           "0 (one per torch thread of the actor) or an integer in [1, 64]", cfg.ray.cpu_replicas)
     _check(cfg.ray.object_store_mb is None or cfg.ray.object_store_mb >= 64, "ray.object_store_mb",
            "null or at least 64 (MiB)", cfg.ray.object_store_mb)
     _check(cfg.ray.scale_gpu_pools in SCALE_GPU_POOLS, "ray.scale_gpu_pools", f"one of {SCALE_GPU_POOLS}",
