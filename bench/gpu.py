@@ -21,7 +21,7 @@ Time: compilations (tens of seconds each) run only while --budget-s leaves room 
 one skipped for time prints so. With $OUT set (or --out) every line also goes to $OUT/gpu.txt and
 the figures to $OUT/gpu.json.
 
---dry-run: the CPU, 2 crops per stage and 8 end to end, one batch size, no warm-up, no compilation
+--dry-run: the CPU, 1 crop per stage and 2 end to end, one batch size, no warm-up, no compilation
 (inductor's CPU build takes minutes), no nvJPEG (needs CUDA); each skip prints why. On the CPU
 fp16/bf16 run fp32 (cafi.models.runtime).
 """
@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # torch.profiler's own start/stop log lines
 
 import stages as bench  # noqa: E402  (bench/stages.py: shared helpers)
 import torch  # noqa: E402
@@ -66,6 +67,11 @@ class Report:
                 fh.write("\n".join(self.lines) + "\n")
             with open(os.path.join(self.out, "gpu.json"), "w") as fh:
                 json.dump(self.figures, fh, indent=1, sort_keys=True)
+
+
+def rate(x: float | None) -> str:
+    """Crops/s as printed: whole numbers, two significant digits below 10 (the dry run's)."""
+    return "n/a" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.2g}"
 
 
 def sync() -> None:
@@ -129,19 +135,19 @@ def build(s, cfg):
     return s.stage(s, cfg, load=True, outputs=stage_columns(s, cfg))
 
 
-def stage_inputs(cfg, paths: list[str], n: int) -> tuple[list, dict[str, dict]]:
-    """Every model stage of `cfg` (specs_for, in pipeline order) and its input batch: crops decoded
-    on the host and tiled to n, each stage's output computed once (untimed) as the next one's input."""
+def stage_inputs(cfg, paths: list[str], n: int) -> tuple[list, dict[str, dict], dict]:
+    """Every model stage of `cfg` (specs_for, in pipeline order), its input batch and the stage itself
+    (fp16, eager: kept for the measurements that use those settings): crops decoded on the host and
+    tiled to n, each stage's output computed once (untimed) as the next one's input."""
     from cafi.stages.decode import Decode
 
     batch = Decode(cfg.image, torch.device("cpu"), os.cpu_count())(byte_batch(cfg, paths, n))
-    inputs, specs = {}, specs_for(cfg)
+    inputs, stages, specs = {}, {}, specs_for(cfg)
     for s in specs:
         inputs[s.name] = {k: v.copy() for k, v in batch.items()}
-        stage = build(s, cfg)
-        batch = to_host(bench._concat([stage(p) for p in slices(inputs[s.name], 64)]))
-        del stage
-    return specs, inputs
+        stages[s.name] = build(s, cfg)
+        batch = to_host(bench._concat([stages[s.name](p) for p in slices(inputs[s.name], 64)]))
+    return specs, inputs, stages
 
 
 def time_stage(stage, batch: dict, size: int, repeats: int, warmup: int = 2) -> float:
@@ -164,7 +170,7 @@ def time_stage(stage, batch: dict, size: int, repeats: int, warmup: int = 2) -> 
 def measure_decode(rep: Report, cfg, paths: list[str], n: int, size: int, device: str) -> None:
     from cafi.stages.decode import Decode
 
-    def rate(dec) -> float:
+    def images_per_s(dec) -> float:
         parts = slices(byte_batch(cfg, paths, n), size)
         dec(bench._take(parts[0], slice(0, size)))  # warm-up
         sync()
@@ -174,49 +180,66 @@ def measure_decode(rep: Report, cfg, paths: list[str], n: int, size: int, device
         sync()
         return n / (time.perf_counter() - t)
 
-    host = rate(Decode(cfg.image, torch.device("cpu"), os.cpu_count()))
+    host = images_per_s(Decode(cfg.image, torch.device("cpu"), os.cpu_count()))
     if device != "cuda":
-        rep.line(f"nvJPEG decode: skipped (needs CUDA); host threads {host:.0f} images/s, batch {size}",
+        rep.line(f"nvJPEG decode: skipped (needs CUDA); host threads {rate(host)} images/s, batch {size}",
                  decode_host=host)
         return
-    dev = rate(Decode(cfg.image, torch.device(device), os.cpu_count(), jpeg_batches=True))
-    rep.line(f"nvJPEG decode: {dev:.0f} images/s (batches of {size}, {cfg.image.crop_size}x{cfg.image.crop_size} "
-             f"out); host threads {host:.0f} images/s", decode_nvjpeg=dev, decode_host=host)
+    dev = images_per_s(Decode(cfg.image, torch.device(device), os.cpu_count(), jpeg_batches=True))
+    rep.line(f"nvJPEG decode: {rate(dev)} images/s (batches of {size}, {cfg.image.crop_size}x{cfg.image.crop_size} "
+             f"out); host threads {rate(host)} images/s", decode_nvjpeg=dev, decode_host=host)
 
 
-def measure_stages(rep: Report, cfg_files: list[str], over: list[str], specs: list, inputs: dict, args,
-                   deadline: float, reserve: float) -> dict:
-    """Per stage: the best batch size at fp16 eager, then fp16/bf16 x eager/compiled there. Returns
-    {(stage, precision, batch, compiled): crops/s}."""
+def measure_stages(rep: Report, cfg_files: list[str], over: list[str], specs: list, inputs: dict, fp16: dict,
+                   first: list[str], args, deadline: float, reserve: float) -> dict:
+    """Per stage: the best batch size at fp16 eager, then fp16/bf16 x eager/compiled there; one line
+    per stage. Compilations come last, the stages in `first` (the bound's) first, and only while the
+    budget leaves `reserve` seconds. Returns {(stage, precision, batch, compiled): crops/s}."""
     table: dict[tuple, float] = {}
+    built: dict[tuple, object] = {}  # one load per stage, precision and compile flag
 
     def run(s, precision: str, size: int, compiled: bool) -> float:
-        cfg = load_config(cfg_files, [*over, f"models.precision={precision}", f"models.compile={compiled}"])
-        stage = build(s, cfg)
-        r = time_stage(stage, inputs[s.name], size, args.repeats, args.warmup)
+        key = (s.name, precision, compiled)
+        if key == (s.name, "fp16", False):
+            built[key] = fp16[s.name]
+        if key not in built:
+            built.clear()  # one extra model on the device at a time
+            cfg = load_config(cfg_files, [*over, f"models.precision={precision}", f"models.compile={compiled}"])
+            built[key] = build(s, cfg)
+        r = time_stage(built[key], inputs[s.name], size, args.repeats, args.warmup)
         table[(s.name, precision, size, compiled)] = r
-        del stage
         return r
 
-    for s in specs:
+    best, notes = {}, {}
+    for s in specs:  # eager: every stage
         sweep = {size: run(s, "fp16", size, False) for size in args.sizes}
-        best = max(sweep, key=sweep.get)
-        parts = [f"fp16 eager {sweep[best]:.0f}"]
-        for precision in ("bf16",):
-            parts.append(f"{precision} eager {run(s, precision, best, False):.0f}")
-        for precision in ("fp16", "bf16"):
+        best[s.name] = max(sweep, key=sweep.get)
+        if args.dry_run:  # on the CPU every precision runs fp32 (cafi.models.runtime.autocast)
+            notes[(s.name, "bf16", False)] = "skipped (dry run: the CPU runs fp32)"
+        else:
+            run(s, "bf16", best[s.name], False)
+    order = sorted(specs, key=lambda s: s.name not in first)  # stable: pipeline order within each group
+    for precision in ("fp16", "bf16"):
+        for s in order:
+            key = (s.name, precision, True)
             if s.arch is None:
-                parts.append(f"{precision} compiled n/a (no model)")
+                notes[key] = "n/a (no model)"
             elif args.dry_run:
-                parts.append(f"{precision} compiled skipped (dry run)")
+                notes[key] = "skipped (dry run)"
             elif time.perf_counter() > deadline - reserve:
-                parts.append(f"{precision} compiled skipped (time budget)")
+                notes[key] = "skipped (time budget)"
             else:
-                parts.append(f"{precision} compiled {run(s, precision, best, True):.0f}")
+                run(s, precision, best[s.name], True)
+    for s in specs:
+        b, parts = best[s.name], []
+        for precision, compiled in (("fp16", False), ("bf16", False), ("fp16", True), ("bf16", True)):
+            got = table.get((s.name, precision, b, compiled))
+            text = rate(got) if got is not None else notes.get((s.name, precision, compiled), "n/a")
+            parts.append(f"{precision} {'compiled' if compiled else 'eager'} {text}")
         figures = {f"stage_{s.name}_{p}_{'compiled' if c else 'eager'}": r
-                   for (name, p, b, c), r in table.items() if name == s.name and b == best}
-        rep.line(f"stage {s.name}: {', '.join(parts)} crops/s at batch {best} (best of "
-                 f"{','.join(map(str, args.sizes))} at fp16 eager)", **figures, **{f"stage_{s.name}_batch": best})
+                   for (name, p, size, c), r in table.items() if name == s.name and size == b}
+        rep.line(f"stage {s.name}: {', '.join(parts)} crops/s at batch {b} (best of "
+                 f"{','.join(map(str, args.sizes))} at fp16 eager)", **figures, **{f"stage_{s.name}_batch": b})
     return table
 
 
@@ -229,7 +252,7 @@ def bound_of(e2e_cfg, table: dict, precision: str, size: int) -> tuple[float | N
     return 1.0 / sum(1.0 / r for r in rates), names
 
 
-def profile_stages(rep: Report, e2e_cfg, inputs: dict, size: int, device: str, warmup: int) -> None:
+def profile_stages(rep: Report, e2e_cfg, inputs: dict, fp16: dict, size: int, device: str, warmup: int) -> None:
     """One batch of each stage the job runs under torch.profiler: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -237,7 +260,8 @@ def profile_stages(rep: Report, e2e_cfg, inputs: dict, size: int, device: str, w
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     spent: dict[str, tuple[float, str, float]] = {}
     for s in specs_for(e2e_cfg):
-        stage = build(s, e2e_cfg)
+        m = e2e_cfg.models
+        stage = fp16[s.name] if (m.precision, m.compile) == ("fp16", False) else build(s, e2e_cfg)
         part = slices(inputs[s.name], size)[0]
         for _ in range(warmup):
             stage(bench._take(part, slice(None)))
@@ -245,17 +269,16 @@ def profile_stages(rep: Report, e2e_cfg, inputs: dict, size: int, device: str, w
         with profile(activities=activities) as prof:
             stage(part)
             sync()
-        events = prof.key_averages()
+        events = list(prof.key_averages())
         attr = "self_device_time_total" if cuda else "self_cpu_time_total"
         total = sum(getattr(e, attr) for e in events) / 1000.0  # ms
-        top = max(events, key=lambda e: getattr(e, attr))
-        spent[s.name] = (total, top.key, getattr(top, attr) / 1000.0)
-        del stage
+        top = max(events, key=lambda e: getattr(e, attr), default=None)  # none: no torch operator (components)
+        spent[s.name] = (total, top.key if top else "-", getattr(top, attr) / 1000.0 if top else 0.0)
     name, (ms, op, op_ms) = max(spent.items(), key=lambda kv: kv[1][0])
     every = sum(v[0] for v in spent.values())
     where = "device" if cuda else "CPU"
     rep.line(f"slowest stage (torch.profiler, {where} time, one batch of {size}): {name}, {ms:.1f} ms of "
-             f"{every:.1f} ms for all; its top operator {op} {100 * op_ms / ms:.0f} %",
+             f"{every:.1f} ms for all; its top operator {op} {100 * op_ms / max(ms, 1e-9):.0f} %",
              profile_ms={k: v[0] for k, v in spent.items()}, slowest_stage=name)
 
 
@@ -286,12 +309,11 @@ def end_to_end(rep: Report, d: str, cfg_files: list[str], over: list[str], crops
     counts = (args.e2e_n,) if args.dry_run else (max(1, args.e2e_n // 4), args.e2e_n)
     for count in counts:
         src = write_inputs(d, crops, count, scored_fraction=1.0, how="listing")
-        c = load_config([*cfg_files, CLUSTER], [*over, *one_gpu, *dry, *src, f"output.uri={d}/e2e-{count}",
-                                                "ray.object_store_mb=2048"])
+        c = load_config([*cfg_files, CLUSTER], [*over, *one_gpu, *dry, *src, f"output.uri={d}/e2e-{count}"])
         t = time.perf_counter()
         s = pipeline.run(c)
         walls[count] = time.perf_counter() - t
-        rep.line(f"e2e run, {count} crops: {walls[count]:.1f} s = {count / walls[count]:.0f} crops/s with "
+        rep.line(f"e2e run, {count} crops: {walls[count]:.1f} s = {rate(count / walls[count])} crops/s with "
                  f"start-up; statuses {s['counts'].get('status')}")
     if started:
         ray.shutdown()
@@ -316,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", default="32,64,128")
     ap.add_argument("--repeats", type=int, default=2, help="timed passes per measurement (best counts)")
     ap.add_argument("--e2e-n", type=int, default=8192, help="crops end to end (the steady state from N/4 vs N)")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="compilations only while this leaves room")
+    ap.add_argument("--budget-s", type=float, default=360.0, help="compilations only while this leaves room")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu.txt and gpu.json (default $OUT)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for everything")
     args = ap.parse_args(argv)
@@ -327,8 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         chosen.append("stages")
     args.warmup = 2
     if args.dry_run:  # every code path once, at sizes a CPU test can afford
-        args.n, args.distinct, args.batch_sizes, args.repeats, args.warmup = 2, 2, "2", 1, 0
-        args.e2e_n = min(args.e2e_n, 8)
+        args.n, args.distinct, args.batch_sizes, args.repeats, args.warmup = 1, 1, "1", 1, 0
+        args.e2e_n = min(args.e2e_n, 2)
     args.sizes = [int(s) for s in args.batch_sizes.split(",") if s]
     device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not args.dry_run:
@@ -350,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         precision = e2e_cfg.models.precision
         size = min(s.resources(e2e_cfg).batch_size for s in specs_for(e2e_cfg))
         all_over = [*over, *every_scorer(cfg_files)]
-        cfg = load_config(cfg_files, all_over)
+        cfg = load_config(cfg_files, [*all_over, "models.precision=fp16"])
         m = cfg.models
         rep.line(f"setup {time.perf_counter() - t0:.1f} s: {args.distinct} distinct crops, crop {cfg.image.crop_size}, "
                  f"parser {m.parser.arch}@{m.parser.input_size}, SER-FIQ T={m.serfiq.samples}; "
@@ -360,17 +382,18 @@ def main(argv: list[str] | None = None) -> None:
             measure_decode(rep, cfg, crops, args.n, size, device)
         table, bound = {}, None
         if "stages" in chosen or "profile" in chosen:
-            specs, inputs = stage_inputs(cfg, crops, args.n)
+            specs, inputs, fp16 = stage_inputs(cfg, crops, args.n)
         if "stages" in chosen:
             reserve = 150.0 if "e2e" in chosen else 30.0  # what the e2e run and the profile need after
             args.sizes = sorted({*args.sizes, size})  # the job's batch size too: the bound's
-            table = measure_stages(rep, cfg_files, all_over, specs, inputs, args, deadline, reserve)
+            first = [s.name for s in specs_for(e2e_cfg)]
+            table = measure_stages(rep, cfg_files, all_over, specs, inputs, fp16, first, args, deadline, reserve)
             bound, names = bound_of(e2e_cfg, table, precision, size)
             if bound is not None:
-                rep.line(f"bound: {bound:.0f} crops/s = {' + '.join(names)} back to back ({precision}, batch {size}, "
+                rep.line(f"bound: {rate(bound)} crops/s = {' + '.join(names)} back to back ({precision}, batch {size}, "
                          f"{'compiled' if e2e_cfg.models.compile else 'eager'})", bound=bound)
         if "profile" in chosen:
-            profile_stages(rep, e2e_cfg, inputs, size, device, args.warmup)
+            profile_stages(rep, e2e_cfg, inputs, fp16, size, device, args.warmup)
         steady = None
         if "e2e" in chosen:
             steady = end_to_end(rep, d, cfg_files, over, crops, args, device)
@@ -378,12 +401,12 @@ def main(argv: list[str] | None = None) -> None:
             what = ("steady state (configs/cluster.yaml on one GPU, decode on the device)" if not args.dry_run else
                     "with start-up (dry run: configs/cluster.yaml fused, on the CPU, decode on the host)")
             rep.line(f"e2e {what}: "
-                     f"{'n/a' if steady is None else f'{steady:.0f}'} crops/s, {share} % of the bound",
+                     f"{rate(steady)} crops/s, {share} % of the bound",
                      e2e=steady, e2e_share=steady / bound if steady and bound else None)
         rep.line(f"elapsed {time.perf_counter() - t0:.0f} s")
-        c = "n/a" if steady is None else f"{steady:.0f}"
+        c = rate(steady)
         p = f"{100 * steady / bound:.0f}" if steady and bound else "n/a"
-        b = "n/a" if bound is None else f"{bound:.0f}"
+        b = rate(bound)
         rep.line(f"gpu e2e: {c} crops/s, {p} % of the {b} crops/s bound, device {device_name(device)}")
 
 

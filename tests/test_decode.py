@@ -153,7 +153,7 @@ def test_cpu_replicas_run_batches_at_once_on_one_torch_thread_each_with_the_thre
     threaded = FusedModels(load_config(fast_config, [*over, "ray.cpu_replicas=1"]))
     replicated = FusedModels(load_config(fast_config, [*over, "ray.cpu_replicas=0"]))  # 0: one per thread
     assert (threaded.replicas, replicated.replicas, replicated.replica_threads) == (1, 2, 1)
-    batches = [good_crops(3, seed=11), good_crops(3, seed=12)]
+    batches = [good_crops(2, seed=11), good_crops(2, seed=12)]
     threaded_seen, replica_seen = _threads_seen(threaded), _threads_seen(replicated)
     before = torch.get_num_threads()
     expected = [threaded(_byte_batch(files)) for files in batches]
