@@ -396,12 +396,15 @@ def main(argv: list[str] | None = None) -> None:
             profile_stages(rep, e2e_cfg, inputs, fp16, size, device, args.warmup)
         steady = None
         if "e2e" in chosen:
+            if "stages" in chosen or "profile" in chosen:  # the job's actors get the device's memory
+                fp16.clear()
+            if device == "cuda":
+                torch.cuda.empty_cache()
             steady = end_to_end(rep, d, cfg_files, over, crops, args, device)
             share = f"{100 * steady / bound:.0f}" if steady and bound else "n/a"
             what = ("steady state (configs/cluster.yaml on one GPU, decode on the device)" if not args.dry_run else
                     "with start-up (dry run: configs/cluster.yaml fused, on the CPU, decode on the host)")
-            rep.line(f"e2e {what}: "
-                     f"{rate(steady)} crops/s, {share} % of the bound",
+            rep.line(f"e2e {what}: {rate(steady)} crops/s, {share} % of the bound",
                      e2e=steady, e2e_share=steady / bound if steady and bound else None)
         rep.line(f"elapsed {time.perf_counter() - t0:.0f} s")
         c = rate(steady)

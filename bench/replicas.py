@@ -7,7 +7,7 @@ loading, the peak after the batches (VmHWM), and the peak's growth per batch in 
 more replica costs (the replicas share one set of weights). Wall and CPU seconds per crop come along,
 but this is not the throughput comparison: that is bench/pipeline.py --configs replicas,threads.
 
-    python bench/replicas.py [--replicas 1,2] [--batch 8] [key=value ...]
+    python bench/replicas.py [--replicas 1,2] [--batch 8] [--timed 2] [--rounds 1] [key=value ...]
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ def status_mib(key: str) -> float:
         return next(int(ln.split()[1]) for ln in fh if ln.startswith(key + ":")) / 1024
 
 
-def child(weights: str, folder: str, replicas: int, batch: int, overrides: list[str]) -> dict:
-    """One mode, in this (fresh) process."""
+def child(weights: str, folder: str, replicas: int, batch: int, timed: int, overrides: list[str]) -> dict:
+    """One mode, in this (fresh) process: a warm-up batch on each replica at once, then `timed`
+    batches from as many call threads as Ray's actor would get (replicas + actor_concurrency - 1)."""
+    import queue
+
     import numpy as np
 
     from cafi.config import load_config
@@ -45,17 +48,33 @@ def child(weights: str, folder: str, replicas: int, batch: int, overrides: list[
     models = FusedModels(cfg)
     loaded = status_mib("VmRSS")
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))[:batch]
-    batches = [read_objects({"uri": np.asarray(paths, dtype=object)}, cfg) for _ in range(models.replicas)]
-    calls = [threading.Thread(target=models, args=(b,)) for b in batches]
+
+    def run(batches: int, threads: int) -> None:
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(batches):
+            todo.put(read_objects({"uri": np.asarray(paths, dtype=object)}, cfg))
+
+        def call() -> None:
+            while True:
+                try:
+                    models(todo.get_nowait())
+                except queue.Empty:
+                    return
+
+        calls = [threading.Thread(target=call) for _ in range(threads)]
+        for th in calls:
+            th.start()
+        for th in calls:
+            th.join()
+
+    run(models.replicas, models.replicas)  # warm-up: each replica's first batch, all at once
+    peak = status_mib("VmHWM")
     t, c = time.perf_counter(), time.process_time()
-    for th in calls:
-        th.start()
-    for th in calls:
-        th.join()
+    run(timed, models.replicas + cfg.ray.actor_concurrency - 1)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
-    n = batch * len(batches)
+    n = batch * timed
     return {"replicas": models.replicas, "threads_each": models.replica_threads, "before_mib": base,
-            "loaded_mib": loaded, "peak_mib": status_mib("VmHWM"), "batches": len(batches),
+            "loaded_mib": loaded, "peak_mib": peak, "batches": models.replicas,
             "s_per_crop": wall / n, "cpu_s_per_crop": cpu / n}
 
 
@@ -63,29 +82,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", default="1,2", help="ray.cpu_replicas values, one fresh process each")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--timed", type=int, default=2, help="timed batches per mode, after the warm-up")
+    ap.add_argument("--rounds", type=int, default=1, help="the modes interleaved this many times (A/B/A/B)")
     ap.add_argument("--child", nargs=3, metavar=("WEIGHTS", "FOLDER", "REPLICAS"), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.child:
         weights, folder, replicas = args.child
-        print(json.dumps(child(weights, folder, int(replicas), args.batch, args.overrides)))
+        print(json.dumps(child(weights, folder, int(replicas), args.batch, args.timed, args.overrides)))
         return
     print(bench.machine_line(), flush=True)
     with tempfile.TemporaryDirectory(prefix="cafi-replicas-") as d:
         weights, paths = bench.setup(d, args.batch, "retinaface_resnet50", "bisenet")
         rows = []
-        for r in [int(x) for x in args.replicas.split(",")]:
-            out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--child", weights,
+        for r in [int(x) for x in args.replicas.split(",")] * args.rounds:
+            out = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--timed", str(args.timed),
+                                  "--child", weights,
                                   os.path.dirname(paths[0]), str(r), *bench.base_overrides(d), *args.overrides],
                                  check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             m = rows[-1]
             print(f"cpu_replicas={r}: {m['replicas']} replica(s) x {m['threads_each'] or 'all'} torch thread(s); "
                   f"RSS {m['before_mib']:.0f} MiB before, {m['loaded_mib']:.0f} loaded, peak {m['peak_mib']:.0f} "
-                  f"with {m['batches']} batch(es) of {args.batch} in flight; {m['s_per_crop']:.2f} s/crop, "
-                  f"{m['cpu_s_per_crop']:.2f} CPU-s/crop", flush=True)
+                  f"with {m['batches']} batch(es) of {args.batch} in flight; then {args.timed} batches: "
+                  f"{m['s_per_crop']:.2f} s/crop, {m['cpu_s_per_crop']:.2f} CPU-s/crop", flush=True)
     one = next((m for m in rows if m["batches"] == 1), None)
-    for m in rows:
+    for m in rows[:len(rows) // args.rounds]:
         if one is not None and m["batches"] > 1:
             extra = (m["peak_mib"] - one["peak_mib"]) / (m["batches"] - 1)
             print(f"memory per extra replica (batch {args.batch}, peak over one batch in flight): {extra:.0f} MiB; "

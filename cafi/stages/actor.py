@@ -60,8 +60,6 @@ class FusedModels:
             self.stages.append(stage)
         loaded = [s for s in self.stages if s.loaded]
         device = loaded[0].device if loaded else None
-        if device is not None and device.type != "cpu":  # auto found a GPU: one batch at a time there
-            self.replicas, self.replica_threads = 1, None
         self.decode = Decode(self.cfg.image, device, threads) if decode else None
         self.last = last
         self.free_replicas: queue.SimpleQueue[int] = queue.SimpleQueue()  # a call takes one, or waits
