@@ -1,11 +1,13 @@
-"""Memory of CPU replicas (`ray.cpu_replicas`): the model actor's class in a fresh process per mode.
+"""CPU replicas (`ray.cpu_replicas`) without Ray: the model actor's class in a fresh process per run.
 
-Each mode builds `FusedModels` (the four models at the library defaults: RetinaFace R50, SER-FIQ T=100,
-BiSeNet at 512, DBCNN at 384, batch 8; synthetic weights) and runs one batch per replica at once,
-from that many call threads as Ray's threaded actor would. Printed per mode: resident memory after
-loading, the peak after the batches (VmHWM), and the peak's growth per batch in flight -- what one
-more replica costs (the replicas share one set of weights). Wall and CPU seconds per crop come along,
-but this is not the throughput comparison: that is bench/pipeline.py --configs replicas,threads.
+Each run builds `FusedModels` (the four models at the library defaults: RetinaFace R50, SER-FIQ T=100,
+BiSeNet at 512, DBCNN at 384, batch 8; synthetic weights), runs one warm-up batch per replica at once,
+then --timed batches from as many call threads as Ray's threaded actor gets. Printed per run:
+resident memory after loading, the peak with the warm-up batches in flight (VmHWM), wall and CPU
+seconds per crop of the timed batches; then the peak's growth per extra batch in flight -- what one
+more replica costs (the replicas share one set of weights). --rounds interleaves the modes (A/B/A/B)
+so a shared machine's load falls on both. The job's own comparison is bench/pipeline.py --configs
+replicas,threads.
 
     python bench/replicas.py [--replicas 1,2] [--batch 8] [--timed 2] [--rounds 1] [key=value ...]
 """

@@ -219,7 +219,7 @@ class RayConfig:
     actor_concurrency: int = 2
     # Batches a model actor runs through its models at once on the CPU, each on its own thread with a
     # share of the torch threads (weights shared); 0 = one per torch thread; 1 = one batch at a time.
-    cpu_replicas: int = 1
+    cpu_replicas: int = 0
 
 
 @dataclass(frozen=True)
