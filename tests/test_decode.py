@@ -166,6 +166,8 @@ def test_cpu_replicas_run_batches_at_once_on_one_torch_thread_each_with_the_thre
         t.join()
     assert threaded_seen == [2, 2] and replica_seen == [1, 1]
     assert torch.get_num_threads() == before
+    replicated(_byte_batch(batches[0]))  # called from this thread: 1 thread inside, its own count after
+    assert replica_seen[-1] == 1 and torch.get_num_threads() == before
     for got, ref in zip(results, expected, strict=True):
         assert list(got["status"]) == list(ref["status"])
         for col in ("det_score", "serfiq_raw", "mask_fraction", "dbcnn", "sharpness"):

@@ -81,10 +81,12 @@ class FusedModels:
         if self.decode is not None:
             self.decode(batch)  # before taking a replica: overlaps the models working on other batches
         replica = self.free_replicas.get()
+        caller_threads = None
         try:
             if self.replica_threads is not None:
                 import torch
 
+                caller_threads = torch.get_num_threads()
                 torch.set_num_threads(self.replica_threads)  # this call thread's own OpenMP team
             start = time.time()
             for stage in self.stages:
@@ -92,6 +94,8 @@ class FusedModels:
             self._sync()
             end = time.time()
         finally:
+            if caller_threads is not None:  # a caller outside Ray (a test, a bench) keeps its own
+                torch.set_num_threads(caller_threads)
             self.free_replicas.put(replica)
         self.telemetry.busy(start, end, len(batch["uri"]), replica if self.replicas > 1 else None)
         return self._leave(batch)
