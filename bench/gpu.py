@@ -5,7 +5,8 @@
     python bench/gpu.py --sections stages,bound     # a part: decode, stages, bound, profile, e2e
 
 Each figure is one line, all from one run on the same synthetic weights (published formats) and crops:
-  decode   nvJPEG: the model actor's batched JPEG decode on the device, images/s (and the host's threads)
+  decode   nvJPEG: the model actor's batched JPEG decode on the device, images/s (and the host's threads);
+           its pixels and the scores from them against the host decode's
   stages   every model stage the specs define (cafi/stages/specs.py: optional scorers included, so a
            new scorer appears here by itself), alone on pre-decoded crops: the best batch size of
            --batch-sizes at fp16 eager, then fp16 and bf16, eager and torch.compile'd, at that size
@@ -182,12 +183,32 @@ def measure_decode(rep: Report, cfg, paths: list[str], n: int, size: int, device
 
     host = images_per_s(Decode(cfg.image, torch.device("cpu"), os.cpu_count()))
     if device != "cuda":
-        rep.line(f"nvJPEG decode: skipped (needs CUDA); host threads {rate(host)} images/s, batch {size}",
+        rep.line(f"nvJPEG decode: skipped (needs CUDA), and its agreement with the host decode; host threads "
+                 f"{rate(host)} images/s, batch {size}",
                  decode_host=host)
         return
     dev = images_per_s(Decode(cfg.image, torch.device(device), os.cpu_count(), jpeg_batches=True))
     rep.line(f"nvJPEG decode: {rate(dev)} images/s (batches of {size}, {cfg.image.crop_size}x{cfg.image.crop_size} "
              f"out); host threads {rate(host)} images/s", decode_nvjpeg=dev, decode_host=host)
+    rep.line(decode_agreement(cfg, paths[:64], device))
+
+
+def decode_agreement(cfg, paths: list[str], device: str) -> str:
+    """The device decode against the host's on the same files: pixel levels, and every score of the
+    job's models (on the device) from each."""
+    from cafi.stages.actor import FusedModels
+    from cafi.stages.decode import Decode
+
+    files = byte_batch(cfg, paths, len(paths))
+    host = Decode(cfg.image, torch.device("cpu"))(bench._take(files, slice(None)))
+    dev = Decode(cfg.image, torch.device(device), jpeg_batches=True)(bench._take(files, slice(None)))
+    diff = np.abs(host["image"].astype(int) - dev["image"].cpu().numpy().astype(int))
+    models = FusedModels(cfg, decode=False)
+    a, b = models(host), models(dev)
+    cols = [c for c in ("det_score", "serfiq_raw", "mask_fraction", "dbcnn", "sharpness") if c in a]
+    scores = ", ".join(f"{c} {np.nanmax(np.abs(a[c] - b[c])):.2g}" for c in cols)
+    return (f"device vs host decode, {len(paths)} files: pixels mean |diff| {diff.mean():.3f} levels, max "
+            f"{diff.max()}; max |score diff| through the same models: {scores}")
 
 
 def measure_stages(rep: Report, cfg_files: list[str], over: list[str], specs: list, inputs: dict, fp16: dict,
