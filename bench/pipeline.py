@@ -12,7 +12,11 @@ Measured in one run, on N sample crops and the same synthetic weights (published
             Parquet write, counts, commit.
 
     python bench/pipeline.py [--n 16] [--loop-n 4] [--configs default,local,fused-t2,...]
+                             [--rounds 2] [--steady-all]
                              [--detector retinaface_resnet50] [--parser bisenet] [key=value ...]
+
+--rounds R runs the configurations interleaved (A/B/A/B: a shared machine's load hits both);
+--steady-all measures the steady state (N/4 vs N crops) of every configuration, not only the first.
 
 The loop's cost per image does not depend on N (nothing is amortised), so it runs on the first
 --loop-n crops only (0 = all N) and the speedup is a ratio of seconds per image. CPU seconds
@@ -48,6 +52,8 @@ PRESETS: dict[str, tuple[list[str], list[str], str]] = {
               "4 actor pools, num_cpus 0.25, 1 torch thread each"),
     "pools-t2": ([], ["ray.fuse_models=false", *bench.every_model("torch_threads", 2)],
                  "4 actor pools, num_cpus 0.25, 2 torch threads each"),
+    "threads": ([], ["ray.cpu_replicas=1"], "fused, one batch at a time on every torch thread"),
+    "replicas": ([], ["ray.cpu_replicas=0"], "fused, one single-thread replica per torch thread (shared weights)"),
     "fused-2x1": ([], [*bench.every_model("num_cpus", 0.75), *bench.every_model("min_actors", 2),
                        *bench.every_model("max_actors", 2), *bench.every_model("torch_threads", 1)],
                   "fused, 2 actors, num_cpus 0.75, 1 torch thread each"),
@@ -287,6 +293,8 @@ def main() -> None:
     ap.add_argument("--skip-loop", action="store_true")
     ap.add_argument("--no-marginal", dest="marginal", action="store_false",
                     help="skip the extra run of the first configuration on N/4 crops (start-up vs per-image cost)")
+    ap.add_argument("--steady-all", action="store_true",
+                    help="the N/4-crop run for every configuration (each one's steady state), in order")
     ap.add_argument("--stats", action="store_true", help="print Ray Data's full ds.stats() of each configuration")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every configuration")
     args = ap.parse_args()
@@ -359,13 +367,15 @@ def main() -> None:
                     print((s.get("stages") or {}).get("ray_data_stats", ""), flush=True)
                 prev = best.get(name, r)
                 best[name] = {**(r if r["wall"] <= prev["wall"] else prev), "cpu": min(r["cpu"], prev["cpu"])}
-        small = None
-        if args.marginal:  # the first configuration again on N/4 crops: start-up cost vs cost per image
+        smalls: dict[str, dict] = {}
+        if args.marginal:  # again on N/4 crops: start-up cost vs cost per image
             n_small = max(1, args.n // 4)
-            small = run_cafi(configs[0], weights_cfg, paths, d, [*args.overrides, f"input.limit={n_small}"], -1)
-            small["n"] = n_small
-            print(f"\n(b) cafi [{configs[0]}] on {n_small} crops: {small['wall']:.2f} s end to end, "
-                  f"{small['cpu']:.2f} CPU-s", flush=True)
+            for name in configs if args.steady_all else configs[:1]:
+                r = run_cafi(name, weights_cfg, paths, d, [*args.overrides, f"input.limit={n_small}"], -1)
+                smalls[name] = {**r, "n": n_small}
+                print(f"\n(b) cafi [{name}] on {n_small} crops: {r['wall']:.2f} s end to end, "
+                      f"{r['cpu']:.2f} CPU-s", flush=True)
+        small = smalls.get(configs[0])
         ray.shutdown()
         results = [best[name] for name in configs]
 
@@ -377,6 +387,14 @@ def main() -> None:
               if loop else f"{'-':>12} {'-':>11}")
         print(f"  {r['name']:<12} {r['wall']:>7.2f} {args.n / r['wall']:>6.2f} {r['cpu'] / args.n:>9.2f} "
               f"{r['wall'] / compute:>11.2f}x {r['cpu'] / compute_cpu:>10.2f}x {vs}")
+    for r in results[1:] if len(smalls) > 1 else []:  # the first one's steady state is printed below
+        sm = smalls.get(r["name"])
+        if sm is not None and args.n > sm["n"]:
+            per = (r["wall"] - sm["wall"]) / (args.n - sm["n"])
+            per_cpu = (r["cpu"] - sm["cpu"]) / (args.n - sm["n"])
+            print(f"steady state [{r['name']}] from {sm['n']} vs {args.n} crops: {per:.2f} s/img "
+                  f"({per_cpu:.2f} CPU-s/img); vs stages alone {per / (compute / args.n):.2f}x wall, "
+                  f"{per_cpu / (compute_cpu / args.n):.2f}x CPU")
     fastest = min(results, key=lambda r: r["wall"])
     print(f"fastest configuration: {fastest['name']} ({args.n / fastest['wall']:.2f} img/s)")
     head = results[0]

@@ -241,6 +241,9 @@ class RayConfig:
     actor_concurrency: int = 2
     # Deaths of a model worker while on the same input before that input is an error row (cafi/stages/deaths.py).
     max_worker_deaths: int = 2
+    # Batches a model actor runs through its models at once on the CPU, each on its own thread with a
+    # share of the torch threads (weights shared); 0 = one per torch thread; 1 = one batch at a time.
+    cpu_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -388,6 +391,8 @@ def validate(cfg: JobConfig) -> None:
            cfg.ray.actor_concurrency)
     _check(isinstance(cfg.ray.max_worker_deaths, int) and cfg.ray.max_worker_deaths >= 1, "ray.max_worker_deaths",
            "an integer >= 1", cfg.ray.max_worker_deaths)
+    _check(0 <= cfg.ray.cpu_replicas <= 64, "ray.cpu_replicas",
+           "0 (one per torch thread of the actor) or an integer in [1, 64]", cfg.ray.cpu_replicas)
     _check(cfg.ray.object_store_mb is None or cfg.ray.object_store_mb >= 64, "ray.object_store_mb",
            "null or at least 64 (MiB)", cfg.ray.object_store_mb)
     _check(cfg.ray.scale_gpu_pools in SCALE_GPU_POOLS, "ray.scale_gpu_pools", f"one of {SCALE_GPU_POOLS}",

@@ -122,13 +122,16 @@ class Telemetry:
         if self._actor() is not None:
             self.handle.batch_done.remote(key)
 
-    def busy(self, start: float, end: float, rows: int) -> None:
+    def busy(self, start: float, end: float, rows: int, replica: int | None = None) -> None:
+        """A model section of this process (of one of its CPU replicas: `pid/replica`)."""
         if self._actor() is not None:
-            self.handle.busy_interval.remote(f"{os.getpid()}", start, end, rows)
+            name = f"{os.getpid()}" if replica is None else f"{os.getpid()}/{replica}"
+            self.handle.busy_interval.remote(name, start, end, rows)
 
 
 def busy_summary(busy: dict[str, list[tuple[float, float, int]]]) -> dict:
-    """Per model actor: calls, rows, busy seconds, its span, and the busy share of the steady phase.
+    """Per model actor (per replica of a CPU actor with several): calls, rows, busy seconds, its span,
+    and the busy share of the steady phase.
 
     The steady phase of an actor runs from the end of its first model call (start-up and warm-up
     excluded) to the end of its last; busy is the model time inside it. A share below 100 % is

@@ -79,6 +79,9 @@ def test_compose_and_dotlist_override(tmp_path):
         ("models.serfiq.max_actors=0", "models.serfiq.max_actors"),
         ("output.partition_by=[uri]", "output.partition_by"),
         ("image.crop_size=7", "image.crop_size"),
+        ("ray.cpu_replicas=-1", "ray.cpu_replicas"),
+        ("ray.cpu_replicas=65", "ray.cpu_replicas"),
+        ("ray.cpu_replicas=two", "ray.cpu_replicas"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, key_in_message):

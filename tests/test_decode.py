@@ -17,6 +17,7 @@ from cafi.samples import broken_inputs, draw_face, encode, good_crops, png_flat,
 from cafi.stages.actor import FusedModels
 from cafi.stages.decode import Decode, square_resize_tensor
 from cafi.stages.read import read_objects
+from cafi.stages.specs import specs_for
 
 CPU = torch.device("cpu")
 
@@ -103,7 +104,7 @@ def test_models_run_one_batch_at_a_time_while_the_next_one_decodes(fast_config, 
     models = FusedModels(cfg)
     spans, lock = [], threading.Lock()
 
-    def record(start, end, rows):
+    def record(start, end, rows, replica=None):
         with lock:
             spans.append((start, end))
 
@@ -123,6 +124,61 @@ def test_models_run_one_batch_at_a_time_while_the_next_one_decodes(fast_config, 
     spans.sort()
     assert len(spans) == 4
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans  # never two at once
+
+
+class _CountThreads:
+    """In front of an actor's first stage (which still runs): the calling thread's torch threads."""
+
+    def __init__(self, stage):
+        self.stage, self.seen = stage, []
+
+    def __getattr__(self, name):
+        return getattr(self.stage, name)
+
+    def __call__(self, batch: dict) -> dict:
+        self.seen.append(torch.get_num_threads())
+        return self.stage(batch)
+
+
+def _threads_seen(models: FusedModels) -> list[int]:
+    models.stages[0] = _CountThreads(models.stages[0])
+    return models.stages[0].seen
+
+
+def test_cpu_replicas_run_batches_at_once_on_one_torch_thread_each_with_the_threaded_scores(fast_config):
+    """ray.cpu_replicas: two batches in the models at once, each call thread on its own single torch
+    thread (the constructing thread keeps its count), the same scores as one batch at a time on two
+    threads; the pool takes replicas + actor_concurrency - 1 calls at once."""
+    over = ["input.uri=/in", "output.uri=/out", "models.detector.torch_threads=2"]
+    threaded = FusedModels(load_config(fast_config, [*over, "ray.cpu_replicas=1"]))
+    replicated = FusedModels(load_config(fast_config, [*over, "ray.cpu_replicas=0"]))  # 0: one per thread
+    assert (threaded.replicas, replicated.replicas, replicated.replica_threads) == (1, 2, 1)
+    batches = [good_crops(2, seed=11), good_crops(2, seed=12)]
+    threaded_seen, replica_seen = _threads_seen(threaded), _threads_seen(replicated)
+    before = torch.get_num_threads()
+    expected = [threaded(_byte_batch(files)) for files in batches]
+    results: list = [None, None]
+    calls = [threading.Thread(target=lambda i=i: results.__setitem__(i, replicated(_byte_batch(batches[i]))))
+             for i in range(2)]
+    for t in calls:
+        t.start()
+    for t in calls:
+        t.join()
+    assert threaded_seen == [2, 2] and replica_seen == [1, 1]
+    assert torch.get_num_threads() == before
+    replicated(_byte_batch(batches[0]))  # called from this thread: 1 thread inside, its own count after
+    assert replica_seen[-1] == 1 and torch.get_num_threads() == before
+    for got, ref in zip(results, expected, strict=True):
+        assert list(got["status"]) == list(ref["status"])
+        for col in ("det_score", "serfiq_raw", "mask_fraction", "dbcnn", "sharpness"):
+            np.testing.assert_allclose(got[col], ref[col], rtol=1e-4, atol=1e-5, err_msg=col)
+    assert sorted(replicated.free_replicas.get() for _ in range(2)) == [0, 1]  # both handed back
+    specs = specs_for(replicated.cfg)
+    calls_of = {name: FusedModels.resources(m.cfg, specs)["compute"].max_concurrent_calls_per_actor
+                for name, m in (("threaded", threaded), ("replicated", replicated))}
+    assert calls_of == {"threaded": 2, "replicated": 3}
+    on_gpu = load_config(fast_config, [*over, "ray.cpu_replicas=0", "models.detector.num_gpus=0.5"])
+    assert FusedModels.resources(on_gpu, specs)["compute"].max_concurrent_calls_per_actor == 2  # GPU: no replicas
 
 
 def test_one_file_that_cannot_be_decoded_is_its_rows_error_never_a_failed_batch(monkeypatch):

@@ -2,17 +2,24 @@
 
 Ray Data runs this class as an actor pool (`ActorPoolStrategy`). Each call does
   1. host work in: decode the batch's bytes (the first actor of the pipeline only),
-  2. the models, serialised by a lock: one batch on the device at a time,
+  2. the models: one batch at a time on a device; on the CPU up to `ray.cpu_replicas` batches at
+     once (replicas), each in its own call thread with its share of the torch threads,
   3. host work out: drop what later operators do not need, bring the rest to the host.
-With `max_concurrent_calls_per_actor: 2` and true multi-threading (cafi/pipeline.py), Ray Data
-calls it from two threads: while one batch is in the models the next one is being decoded and
-its rows formatted, so the models do not wait for the host. Each model section's start and end
-go to the run's telemetry (busy time per actor).
+With several calls in flight and true multi-threading (cafi/pipeline.py), Ray Data calls it from
+that many threads: while the models work, the next batch is being decoded and its rows formatted,
+so the models do not wait for the host. Each model section's start and end go to the run's
+telemetry (busy time per actor, per replica).
+
+Why replicas on the CPU: one model on N torch threads meets at a barrier after every operator, so a
+thread pre-empted by another process (Ray's own, on a small node) stalls all N. N replicas of one
+thread each stall only the pre-empted one's batch. They share one set of weights: inference reads
+them only, and torch releases the GIL inside its operators, so a replica costs its activations.
+torch's thread count is per calling thread once set (OpenMP's is), so each replica sets its own.
 """
 
 from __future__ import annotations
 
-import threading
+import queue
 import time
 
 import numpy as np
@@ -43,6 +50,9 @@ class FusedModels:
         copy = set(take_over or [])
         chosen = [s for s in specs if s.name in run | copy]
         threads = max(torch_threads(s.resources(cfg)) for s in chosen) if chosen else 1
+        self.replicas = cpu_replicas(cfg, chosen) if cfg_on_cpu(cfg, [s for s in chosen if s.name in run]) else 1
+        # torch threads of each replica's call; None: one replica, on the threads set below
+        self.replica_threads = max(1, threads // self.replicas) if self.replicas > 1 else None
         self.stages: list[ModelStage] = []
         for s in chosen:
             stage = s.stage(s, cfg, load=s.name in run, outputs=stage_columns(s, cfg))
@@ -53,7 +63,9 @@ class FusedModels:
         device = loaded[0].device if loaded else None
         self.decode = Decode(self.cfg.image, device, threads) if decode else None
         self.last = last
-        self.model_lock = threading.Lock()
+        self.free_replicas: queue.SimpleQueue[int] = queue.SimpleQueue()  # a call takes one, or waits
+        for i in range(self.replicas):
+            self.free_replicas.put(i)
         self.telemetry = Telemetry.of(run_id)
         self.deaths = DeathWatch(self.telemetry, cfg.ray.max_worker_deaths, cfg.image)
 
@@ -61,23 +73,36 @@ class FusedModels:
     def resources(cfg: JobConfig, stages) -> dict:
         """Ray map_batches arguments for an actor holding `stages` (specs): the largest demand."""
         sts = [s.resources(cfg) for s in stages]
+        replicas = cpu_replicas(cfg, stages) if cfg_on_cpu(cfg, stages) else 1
         return pool_arguments(batch_size=min(s.batch_size for s in sts), num_cpus=max(s.num_cpus for s in sts),
                               num_gpus=max(s.num_gpus for s in sts), min_actors=max(s.min_actors for s in sts),
-                              max_actors=max(s.max_actors for s in sts), concurrency=cfg.ray.actor_concurrency)
+                              max_actors=max(s.max_actors for s in sts),
+                              concurrency=replicas + cfg.ray.actor_concurrency - 1)
 
     def __call__(self, batch: dict) -> dict:
         with self.deaths.attempt(batch) as attempt:  # an input that keeps killing this worker: an error row
             if self.decode is not None:
                 attempt.before_decode(batch)
-                self.decode(batch)  # outside the lock: overlaps the models working on the previous batch
+                self.decode(batch)  # before taking a replica: overlaps the models working on other batches
             attempt.before_models(batch)
-            with self.model_lock:
+            replica = self.free_replicas.get()
+            caller_threads = None
+            try:
+                if self.replica_threads is not None:
+                    import torch
+
+                    caller_threads = torch.get_num_threads()
+                    torch.set_num_threads(self.replica_threads)  # this call thread's own OpenMP team
                 start = time.time()
                 for stage in self.stages:
                     stage(batch)
                 self._sync()
                 end = time.time()
-        self.telemetry.busy(start, end, len(batch["uri"]))
+            finally:
+                if caller_threads is not None:  # a caller outside Ray (a test, a bench) keeps its own
+                    torch.set_num_threads(caller_threads)
+                self.free_replicas.put(replica)
+        self.telemetry.busy(start, end, len(batch["uri"]), replica if self.replicas > 1 else None)
         return self._leave(batch)
 
     def _sync(self) -> None:
@@ -102,6 +127,21 @@ class FusedModels:
                     if batch[col].dtype == bool:
                         batch[col] = batch[col].view(np.uint8)
         return batch
+
+
+def cfg_on_cpu(cfg: JobConfig, stages) -> bool:
+    """Whether the models of `stages` run on the CPU as planned (models.device, and GPUs reserved
+    for auto); an actor that finds no CUDA falls back to the CPU with one replica."""
+    device = cfg.models.device
+    return device == "cpu" or (device == "auto" and all(s.resources(cfg).num_gpus == 0 for s in stages))
+
+
+def cpu_replicas(cfg: JobConfig, stages) -> int:
+    """Batches the CPU models of an actor holding `stages` run at once: ray.cpu_replicas, 0 = one per
+    torch thread of the actor."""
+    if not stages:
+        return 1
+    return cfg.ray.cpu_replicas or max(torch_threads(s.resources(cfg)) for s in stages)
 
 
 def pool_arguments(batch_size: int, num_cpus: float, num_gpus: float, min_actors: int, max_actors: int,
