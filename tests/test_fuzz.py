@@ -95,7 +95,8 @@ def test_more_fuzzed_inputs_each_leave_one_row(env, traced, seed):
 
 @pytest.mark.slow
 def test_a_run_over_fuzzed_images_and_shards_commits_every_input_once(tmp_path, fast_config, ray_local):
-    """~100 mutated images as members of four shards, plus mutated tar shards: one real run, exactly once."""
+    """~50 mutated images as members of four shards, plus mutated tar shards: one real run, exactly once
+    (the fast tier's few hundred cases run the same readers without Ray)."""
     from cafi import pipeline
     from cafi.config import load_config
 
@@ -103,7 +104,7 @@ def test_a_run_over_fuzzed_images_and_shards_commits_every_input_once(tmp_path, 
     from .shardkit import tar_bytes
 
     (tmp_path / "in").mkdir()
-    images = [(case, blob) for kind in fuzzkit.IMAGE_KINDS for case, blob in fuzzkit.corpus(kind, 34, seed=30)]
+    images = [(case, blob) for kind in fuzzkit.IMAGE_KINDS for case, blob in fuzzkit.corpus(kind, 16, seed=30)]
     expected = []
     for n in range(4):
         part = images[n::4]
@@ -124,7 +125,7 @@ def test_a_run_over_fuzzed_images_and_shards_commits_every_input_once(tmp_path, 
                                                      "input.format=webdataset", "input.keep_columns=[identity]",
                                                      *limits]))
     rows = check_exactly_once(out, expected)
-    assert summary["inputs"] == len(expected) >= 100
+    assert summary["inputs"] == len(expected) >= 50
     for row in rows.values():
         assert row["status"] in ("scored", "no_face", "error")
         assert (row["status"] == "error") == bool(row["error"]), row

@@ -243,7 +243,7 @@ def test_odd_keys_duplicates_and_vanished_objects(s3, fast_config, ray_local, tm
     big = tmp_path / "web" / "big.jpg"
     big.parent.mkdir()
     big.write_bytes(encode(draw_face(160, 121), "JPEG") + os.urandom(3 << 20))
-    with ServerIgnoringRange(big.parent) as web:
+    with ServerIgnoringRange(big.parent) as web:  # serves the run and the export below
         csv = tmp_path / "list.csv"
         pd.DataFrame({"uri": uris + uris[:2] + uris[:1] + [vanished, *refused, f"{web}/big.jpg", ""]}).to_csv(
             csv, index=False)
@@ -251,6 +251,10 @@ def test_odd_keys_duplicates_and_vanished_objects(s3, fast_config, ray_local, tm
         summary = pipeline.run(load_config(fast_config, ["input.manifest=s3://odd/lists/list.csv",
                                                          "output.uri=s3://odd/out", "input.schemes=[s3,http]",
                                                          "image.max_bytes=2000000", *SMALL_BLOCKS]))
+        # the curated set of every row: what the run could not name is not read for it either
+        from cafi.export import export
+
+        done = export("s3://odd/out", "s3://odd/export", decision="all")
     hostile = [vanished, *refused, f"{web}/big.jpg"]
     assert summary["inputs"] == len(uris) + len(hostile) and summary["duplicate_inputs"] == 3
     assert summary["input"]["blank_uris"] == 1
@@ -263,11 +267,6 @@ def test_odd_keys_duplicates_and_vanished_objects(s3, fast_config, ray_local, tm
     for uri in refused[1:]:
         assert rows[uri]["status"] == "error" and "is not allowed for inputs" in rows[uri]["error"]
     assert rows[f"{web}/big.jpg"]["status"] == "error" and "too large" in rows[f"{web}/big.jpg"]["error"]
-    # the curated set of every row: what the run could not name is not read for it either
-    from cafi.export import export
-
-    with ServerIgnoringRange(big.parent):
-        done = export("s3://odd/out", "s3://odd/export", decision="all")
     assert done["skipped"] == {"not_allowed": 3, "not_found": 1, "too_large": 1}, done
     assert done["samples"] == len(uris) and done["selected"] == len(uris) + len(hostile)
     # the same keys by prefix listing: every one read, none an error row

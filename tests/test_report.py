@@ -481,6 +481,7 @@ def test_report_of_a_run_in_object_storage(tmp_path, s3):
         s3.pipe(key, encode(draw_face(128, i), "JPEG"))
         uris.append(f"s3://{key}")
     cfg = decision_cfg(min_serfiq=0.5)
+    cfg["input"]["uri"] = "s3://cafi-bucket/crops/"  # what the run listed: thumbnails read its scheme only
     run_id = "20250101T000000Z-5a5a5a"
     table = scored_table({"uri": uris, "serfiq": [0.9, 0.8, 0.7, 0.3, 0.2, 0.95], "dbcnn": [0.5] * 6}, cfg,
                          run_id, "v1")
