@@ -16,6 +16,7 @@ from collections import Counter
 log = logging.getLogger("cafi")
 
 NAMESPACE = "cafi"
+LEDGER_TIMEOUT_S = 30.0  # a ledger call that takes longer: the collector is gone (its node with it)
 
 
 def actor_name(run_id: str) -> str:
@@ -104,19 +105,28 @@ class Telemetry:
             self.handle.add.remote(counts)
 
     # The ledger of batches in progress (cafi/stages/deaths.py). Begin and mark wait for the collector:
-    # a worker that dies right after must have told it. Without a collector no batch is ever retried.
+    # a worker that dies right after must have told it. Best effort like the rest: without a collector
+    # (none, or lost with its node) every attempt counts as a first one and the run goes on.
     def batch_begin(self, key: str) -> dict:
+        first = {"earlier": 0, "blamed": {}}
         if self._actor() is None:
-            return {"earlier": 0, "blamed": {}}
+            return first
         import ray
 
-        return ray.get(self.handle.batch_begin.remote(key))
+        try:
+            return ray.get(self.handle.batch_begin.remote(key), timeout=LEDGER_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - telemetry never fails a run
+            log.warning("the run's ledger of batches cannot be reached (%s): attempts are not counted", exc)
+            return first
 
     def batch_mark(self, key: str, step: str) -> None:
         if self._actor() is not None:
             import ray
 
-            ray.get(self.handle.batch_mark.remote(key, step))
+            try:
+                ray.get(self.handle.batch_mark.remote(key, step), timeout=LEDGER_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - as batch_begin
+                pass
 
     def batch_done(self, key: str) -> None:
         if self._actor() is not None:
