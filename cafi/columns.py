@@ -81,6 +81,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("dbcnn", _F, "DBCNN on the masked face (KonIQ-10k MOS scale for the published weights)", "0..100",
            "higher"),
     Column("topiq_face", _F, "TOPIQ-face (pyiqa topiq_nr-face) on the FFHQ-aligned face", "0..1", "higher"),
+    Column("maniqa", _F, "MANIQA (pyiqa, KonIQ-10k weights) on the masked face", "~0..1", "higher"),
+    Column("musiq", _F, "MUSIQ (pyiqa, KonIQ-10k weights) on the masked face (KonIQ-10k MOS scale)", "~0..100",
+           "higher"),
     # -- decision
     Column("cafi", _F, "the configured IQA score of accepted rows (null when rejected)", "", "higher"),
     Column("accepted", pa.bool_(), "true when no rule rejected the row"),

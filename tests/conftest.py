@@ -15,17 +15,24 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+# Published files synth_dir does not write: MANIQA's random 136 M parameters (543 MB, seconds to build)
+# are not worth a session fixture; its layout is checked on the meta device (tests/test_scorers.py) and
+# its strict load in tests/test_specs.py (slow tier). Its toy-width variant, maniqa_tiny, is written.
+NOT_IN_SYNTH_DIR = ("maniqa_koniq",)
+TINY = {"maniqa": "maniqa_tiny", "musiq": "musiq_tiny"}
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> str:
     """Random checkpoints in the published formats (resnet50 detector, bisenet parser) + synthetic.yaml,
-    and every other published record's file beside them."""
-    from cafi.models.registry import PUBLISHED
+    and every other published record's file (and every test arch's) beside them."""
+    from cafi.models.registry import PUBLISHED, TEST_ARCHS
     from cafi.synth import synth, write_checkpoint
 
     d = str(tmp_path_factory.mktemp("weights"))
-    synth(d)
-    for arch, rec in PUBLISHED.items():
-        if not os.path.isfile(os.path.join(d, rec.file_name)):
+    synth(d, archs=TINY)
+    for arch, rec in {**PUBLISHED, **TEST_ARCHS}.items():
+        if arch not in NOT_IN_SYNTH_DIR and not os.path.isfile(os.path.join(d, rec.file_name)):
             write_checkpoint(arch, d)
     return d
 
@@ -42,9 +49,12 @@ def fast_config(tmp_path_factory, synth_dir) -> str:
     from cafi.synth import synth
 
     d = str(tmp_path_factory.mktemp("fast"))
-    # the optional scorers the pipeline tests run (tests/test_rescore.py): each other one's random
-    # checkpoint costs seconds to write (CR-FIQA's iResNet100, SDD-FIQA's IR-50); add a kind here to run it
-    path = synth(d, detector="retinaface_mobile0.25", scorers=("magface", "topiq_face", "crfiqa", "sddfiqa"))
+    # the optional scorers the pipeline tests run (tests/test_rescore.py, the GPU script's dry run): each
+    # other one's random checkpoint costs seconds to write (CR-FIQA's iResNet100, SDD-FIQA's IR-50); add a
+    # kind here to run it. MANIQA and MUSIQ run at toy widths (their published sizes cost seconds a face).
+    path = synth(d, detector="retinaface_mobile0.25",
+                 scorers=("magface", "topiq_face", "crfiqa", "sddfiqa", "maniqa", "musiq"),
+                 archs=TINY)
     extra = os.path.join(d, "fast.yaml")
     with open(extra, "w") as fh:
         fh.write(

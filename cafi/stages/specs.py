@@ -16,7 +16,7 @@ from cafi.stages.spec import FAMILIES, StageSpec
 
 # Thresholds added after model versions were first recorded enter the decision's fingerprint only when
 # set: null turns a rule off, as an absent key does, so every version made before them keeps its name.
-_LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa")
+_LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa", "min_maniqa", "min_musiq")
 
 
 def _decide_settings(cfg: JobConfig, columns: tuple[str, ...]) -> dict:
