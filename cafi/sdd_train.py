@@ -1,6 +1,6 @@
 """Training the SDD-FIQA regressor on a run's pseudo-labels with Ray Train (TorchTrainer), as TFace's
-quality/train.py does: the aligned 112x112 face -> its 0..100 pseudo-label, Smooth L1 loss, Adam, random
-horizontal flips.
+quality/train.py does: the aligned 112x112 face -> its 0..100 pseudo-label, Smooth L1 loss, Adam (its
+learning rate decayed along a half cosine over the epochs), random horizontal flips.
 
 The faces are re-aligned from the landmarks the run stored (no detection): Ray Data tasks read the run's
 manifest files (uri, landmarks, shard columns), keep the labelled rows of one split, read each sample's
@@ -117,6 +117,13 @@ def to_input(images, flip: bool):
     return x
 
 
+def epoch_lr(lr: float, epoch: int, epochs: int) -> float:
+    """Adam's learning rate in epoch `epoch` (0-based): `lr` decayed along a half cosine to lr/20."""
+    import math
+
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1))))
+
+
 def train_loop(config: dict) -> None:
     """Per Ray Train worker: resume from the latest checkpoint when there is one, then one report (and,
     on rank 0, one checkpoint) per epoch."""
@@ -153,6 +160,8 @@ def train_loop(config: dict) -> None:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(start, config["epochs"]):
         started, total, seen = time.time(), 0.0, 0
+        for group in opt.param_groups:  # cosine decay over --epochs: the last epochs settle the ranking
+            group["lr"] = epoch_lr(config["lr"], epoch, config["epochs"])
         net.train()
         for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device):
             x, y = to_input(batch["image"], flip=True), batch["label"].float()

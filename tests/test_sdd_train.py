@@ -51,6 +51,12 @@ def test_the_default_net_is_the_published_layout_and_the_reduced_one_keeps_its_n
     assert tiny(torch.zeros(2, 3, 112, 112)).shape == (2, 1)
 
 
+def test_the_learning_rate_decays_from_lr_to_a_twentieth():
+    lrs = [sdd_train.epoch_lr(0.01, e, 10) for e in range(10)]
+    assert lrs[0] == pytest.approx(0.01) and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert lrs[-1] > 0.0005 and sdd_train.epoch_lr(0.01, 10, 10) == pytest.approx(0.0005)
+
+
 def test_flips_mirror_about_half_the_faces():
     torch.manual_seed(0)
     img = torch.arange(64 * 4 * 4 * 3, dtype=torch.uint8).reshape(64, 4, 4, 3)
@@ -88,7 +94,7 @@ def crop_run(tmp_path_factory):
     run = write_run(str(root / "out"), scored_table(values, cfg, RUN_ID, "v1"), RUN_ID, cfg, files=2)
     ids_csv = root / "ids.csv"
     ids_csv.write_text("uri,identity\n" + "".join(f"{u},{i}\n" for u, i in zip(uris, ids, strict=True)))
-    return {"run": run, "ids": str(ids_csv), "q": dict(zip(uris, q, strict=True))}
+    return {"run": run, "ids": str(ids_csv), "q": dict(zip(uris, q, strict=True)), "identities": ids}
 
 
 @pytest.mark.slow
@@ -108,8 +114,7 @@ def test_training_learns_the_visible_quality_and_resumes(crop_run, ray_local, tm
     assert doc["init"]["source"] == "random" and "random initialisation" in doc["init"]["note"]
     assert doc["split"]["heldout_identities"] == 9 and doc["labels"]["labelled"] == 180
     assert "held-out SRCC" in printed
-    # Held-out faces are ranked as the hidden quality ranks them.
-    assert doc["heldout_srcc"] >= 0.6
+    assert np.isfinite([e["heldout_srcc"] for e in doc["epochs"]]).all() and doc["heldout_srcc"] > 0.3
     block = yaml.safe_load((out / "sddfiqa.yaml").read_text())["models"]["sddfiqa"]["weights"]
     assert block["sha256"] == sha256_of(str(out / "sddfiqa.pth")) and block["uri"].endswith("sddfiqa.pth")
     rec = published("sddfiqa_ir50")
@@ -118,10 +123,14 @@ def test_training_learns_the_visible_quality_and_resumes(crop_run, ray_local, tm
     ck = Checkpoint(model="sddfiqa", uri=block["uri"], sha256=block["sha256"], state_key=rec.state_key,
                     strip_prefixes=rec.strip_prefixes, drop_prefixes=rec.drop_prefixes)
     net = load_into(sddfiqa.build(**TINY), ck, str(tmp_path / "cache"))  # strict: every key, every shape
-    faces = np.stack([cv2.resize(cv2.imread(u)[..., ::-1], (112, 112)) for u in list(crop_run["q"])[:40]])
+    # The held-out identities' faces (never trained on) are ranked as the hidden quality ranks them.
+    held = sdd_train.split_identities(crop_run["identities"], 0.25, 1)
+    uris = [u for u, i in zip(crop_run["q"], crop_run["identities"], strict=True) if i in held]
+    assert len(uris) == 45
+    faces = np.stack([cv2.resize(cv2.imread(u)[..., ::-1], (112, 112), interpolation=cv2.INTER_AREA) for u in uris])
     with torch.inference_mode():
         pred = net(sdd_train.to_input(torch.from_numpy(faces), flip=False)).view(-1).numpy()
-    assert spearmanr(pred, [crop_run["q"][u] for u in list(crop_run["q"])[:40]]).statistic > 0.5
+    assert spearmanr(pred, [crop_run["q"][u] for u in uris]).statistic >= 0.6
     html = (out / "train.html").read_text()
     assert html.count("<svg") == 4 and "http" not in html.replace("http://www.w3.org/2000/svg", "")
 
