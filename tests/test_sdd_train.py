@@ -147,3 +147,22 @@ def test_the_published_layout_written_by_training_loads_into_the_stage(tmp_path)
                     strip_prefixes=rec.strip_prefixes, drop_prefixes=rec.drop_prefixes)
     net = build_loaded(sddfiqa.build, ck, str(tmp_path / "cache"))
     assert isinstance(net, sddfiqa.SddFiqaNet)
+
+
+def test_training_starts_from_init_else_the_configured_weights_else_says_random(tmp_path):
+    from cafi.train_sddfiqa import _init_state, published_state
+
+    net = sddfiqa.build(**TINY)
+    path = tmp_path / "start.pth"
+    torch.save(published_state(net.state_dict()), path)
+    state, doc = _init_state(str(path), {}, TINY["width"], TINY["units"], str(tmp_path / "c"), None)
+    assert doc["source"] == "--init" and doc["sha256"] == sha256_of(str(path))
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    summary = {"config": {"models": {"sddfiqa": {"weights": {"uri": str(path), "sha256": doc["sha256"]}}}}}
+    state, doc = _init_state(None, summary, TINY["width"], TINY["units"], str(tmp_path / "c"), None)
+    assert doc["source"] == "the run's models.sddfiqa.weights" and torch.equal(state["body.0.res_layer.1.weight"],
+                                                                                 net.state_dict()["body.0.res_layer.1.weight"])
+    state, doc = _init_state(None, {}, TINY["width"], TINY["units"], str(tmp_path / "c"), None)
+    assert state is None and doc["source"] == "random" and "random initialisation" in doc["note"]
+    with pytest.raises(Exception, match="does not fit the architecture"):
+        _init_state(str(path), {}, 16, TINY["units"], str(tmp_path / "c"), None)  # strict: a wrong shape is refused
