@@ -11,9 +11,11 @@ the identities CSV, the files' metadata, the pool sample and the labels it write
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -22,6 +24,8 @@ from cafi.config import StorageConfig
 from cafi.errors import CafiError
 from cafi.redact import redact_uri
 from cafi.storage import filesystem, join
+
+log = logging.getLogger(__name__)
 
 NO_EMBEDDINGS = ("stored no embeddings: SDD-FIQA pseudo-labels are computed from the run's recognition "
                  "embeddings; re-score with output.embeddings=true to store them")
@@ -148,3 +152,187 @@ def write_json(uri: str, doc: dict, storage: StorageConfig | None) -> None:
     fs, path = filesystem(uri, storage)
     with fs.open(path, "w") as fh:
         json.dump(doc, fh, indent=2, default=float)
+
+
+# ---------------------------------------------------------------- training (cafi/sdd_train.py)
+
+def _init_state(init: str | None, summary: dict, width: int, units: tuple[int, ...], cache_dir: str,
+                storage: StorageConfig | None) -> tuple[dict | None, dict]:
+    """The weights training starts from and where they came from: --init PATH, else the SDD-FIQA weights
+    the run's config names (the published checkpoint, when configured), else random initialisation."""
+    from cafi.models import sddfiqa
+    from cafi.models.registry import published
+    from cafi.runs import config_section
+    from cafi.weights import Checkpoint, load_into, sha256_of
+
+    record = published("sddfiqa_ir50")
+    layout = {"state_key": record.state_key, "strip_prefixes": record.strip_prefixes,
+              "drop_prefixes": record.drop_prefixes}
+    configured = ((config_section(summary, "models").get("sddfiqa") or {}).get("weights") or {})
+    if init:
+        fs, path = filesystem(init, storage)
+        with tempfile_copy(fs, path) as local:
+            ckpt = Checkpoint(model="--init", uri=local, sha256=sha256_of(local), **layout)
+            net = load_into(sddfiqa.build(width, units), ckpt, cache_dir, storage)
+        return net.state_dict(), {"source": "--init", "uri": redact_uri(init), "sha256": ckpt.sha256}
+    if configured.get("uri") and configured.get("sha256") and not configured.get("synthetic"):
+        ckpt = Checkpoint(model="sddfiqa", uri=configured["uri"], sha256=configured["sha256"].lower(), **layout)
+        net = load_into(sddfiqa.build(width, units), ckpt, cache_dir, storage)
+        return net.state_dict(), {"source": "the run's models.sddfiqa.weights", "uri": redact_uri(ckpt.uri),
+                                  "sha256": ckpt.sha256}
+    return None, {"source": "random", "uri": None, "sha256": None,
+                  "note": "no --init and no SDD-FIQA weights in the run's config: the regressor starts from "
+                          "random initialisation (TFace starts from its recognition model's weights)"}
+
+
+class tempfile_copy:
+    """A local path to a file of any filesystem (the file itself when local)."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path, self.tmp = fs, path, None
+
+    def __enter__(self) -> str:
+        import tempfile
+
+        if "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+            return self.path
+        self.tmp = tempfile.NamedTemporaryFile(suffix=".pth", delete=False)
+        self.tmp.close()
+        self.fs.get(self.path, self.tmp.name)
+        return self.tmp.name
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            os.remove(self.tmp.name)
+
+
+def train(uri: str, out: str, identities: str | None = None, identity_column: str = "identity", seed: int = 0,
+          epochs: int = 10, batch_size: int = 64, workers: int = 1, use_gpu: bool = False, init: str | None = None,
+          lr: float = 1e-3, heldout: float = 0.1, width: int | None = None, units: tuple[int, ...] | None = None,
+          storage: StorageConfig | None = None) -> dict:
+    """Labels (as `labels`), then the regressor trained on them; writes DIR/sddfiqa.pth, sddfiqa.yaml,
+    train.json, train.html. Returns train.json's content."""
+    import pyarrow.parquet as pq
+    import torch
+    import yaml
+
+    from cafi import sdd_train, sdd_train_page
+    from cafi.config import ImageConfig
+    from cafi.models.sddfiqa import IR50_UNITS, IR50_WIDTH
+    from cafi.runs import config_section, sample_reads
+    from cafi.weights import sha256_of
+
+    started = time.time()
+    width, units = width or IR50_WIDTH, tuple(units or IR50_UNITS)
+    published_layout = (width, units) == (IR50_WIDTH, IR50_UNITS)
+    label_doc = _earlier_labels(uri, out, identities, identity_column, seed, storage)
+    if label_doc is None:
+        label_doc = labels(uri, out, identities=identities, identity_column=identity_column, seed=seed,
+                           storage=storage)
+    else:  # a training started again (resumed): the labels it trained on, not new ones
+        log.info("sddfiqa training: using the labels in %s (same run, identities and seed)", redact_uri(out))
+    ref, files = run_files(uri, storage)
+    fs_out, labels_path = filesystem(join(out, "labels.parquet"), storage)
+    with fs_out.open(labels_path, "rb") as fh:
+        table = pq.read_table(fh, columns=["uri", "identity", "label"])
+    table = table.filter(pc.is_valid(table["label"]))
+    held = sdd_train.split_identities(table["identity"].to_numpy(zero_copy_only=False), heldout, seed)
+    is_held = pc.is_in(table["identity"], value_set=pa.array(sorted(held)))
+    val_labels, train_labels = table.filter(is_held), table.filter(pc.invert(is_held))
+    models_cfg = config_section(ref.summary, "models")
+    cache_dir = os.path.expanduser(models_cfg.get("cache_dir") or "~/.cache/cafi/weights")
+    init_state, init_doc = _init_state(init, ref.summary, width, units, cache_dir, storage)
+    if init_doc["source"] == "random":
+        log.warning("sddfiqa training: %s", init_doc["note"])
+    image = config_section(ref.summary, "image")
+    image_cfg = ImageConfig(**{k: image[k] for k in ("crop_size", "max_pixels", "max_bytes") if k in image})
+    align = (models_cfg.get("detector") or {}).get("align") or "arcface"
+    fs, _ = manifest.arrow_filesystem(manifest.manifest_uri(ref.output), storage)
+    reads = sample_reads(ref.summary)
+    train_ds, val_ds = (sdd_train.cached(sdd_train.faces_dataset(files, fs, t.select(["uri", "label"]), reads,
+                                                                image_cfg, align, storage), t.num_rows)
+                        for t in (train_labels, val_labels))
+    config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "width": width, "units": list(units),
+              "init_state": init_state}
+    result = sdd_train.fit(train_ds, val_ds, config, out, workers, use_gpu)
+    if result.checkpoint is None:
+        raise CafiError(f"training wrote no checkpoint under {redact_uri(sdd_train.ray_storage(out))}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, sdd_train.STATE_FILE), map_location="cpu", weights_only=True)
+        with np.load(os.path.join(d, sdd_train.HELDOUT_FILE)) as z:
+            pred, lab = z["pred"], z["label"]
+    with tempfile_copy_out() as local:
+        torch.save(published_state(state["model"]), local)
+        digest = sha256_of(local)
+        put(local, join(out, "sddfiqa.pth"), storage)
+    pth = join(out, "sddfiqa.pth")
+    block = {"models": {"sddfiqa": {"weights": {"uri": pth, "sha256": digest}}}}
+    fs_y, path_y = filesystem(join(out, "sddfiqa.yaml"), storage)
+    with fs_y.open(path_y, "w") as fh:
+        if not published_layout:
+            fh.write(f"# a reduced net (width {width}, units {list(units)}) for tests and benches: the sddfiqa "
+                     "stage loads only the published IR-50 layout\n")
+        yaml.safe_dump(block, fh, sort_keys=False)
+    history = state["history"]
+    doc = {"run": label_doc["run"], "run_id": label_doc["run_id"], "model_version": label_doc["model_version"],
+           "identities_file": label_doc["identities_file"], "identity_column": identity_column,
+           "identity_source": label_doc["identity_source"], "embedding_model": label_doc["embedding_model"],
+           "seed": seed, "labels": label_doc["labels"],
+           "split": {"by": "identity", "heldout_fraction": heldout, "heldout_identities": len(held),
+                     "train_rows": train_labels.num_rows, "heldout_rows": val_labels.num_rows},
+           "init": init_doc,
+           "arch": {"name": "sddfiqa_ir50" if published_layout else "sddfiqa_ir (reduced)", "width": width,
+                    "units": list(units), "published_layout": published_layout},
+           "training": {"loss": "SmoothL1", "optimizer": "Adam", "lr": lr,
+                        "lr_schedule": "half cosine to lr/20 over the epochs", "batch_size": batch_size,
+                        "augmentation": "random horizontal flip", "workers": workers, "use_gpu": use_gpu,
+                        "epochs": epochs, "epochs_done": int(state["epoch"])},
+           "epochs": history, "heldout_srcc": history[-1]["heldout_srcc"] if history else None,
+           "weights": block["models"]["sddfiqa"]["weights"] | {"uri": redact_uri(pth)},
+           "seconds": round(time.time() - started, 1)}
+    write_json(join(out, "train.json"), doc, storage)
+    fs_h, path_h = filesystem(join(out, "train.html"), storage)
+    with fs_h.open(path_h, "w") as fh:
+        fh.write(sdd_train_page.render(doc, pred, lab))
+    return doc
+
+
+def _earlier_labels(uri: str, out: str, identities: str | None, identity_column: str, seed: int,
+                    storage: StorageConfig | None) -> dict | None:
+    """DIR/labels.json when DIR already holds the labels of this run, identities and seed."""
+    fs, path = filesystem(join(out, "labels.json"), storage)
+    if not fs.exists(path) or not fs.exists(filesystem(join(out, "labels.parquet"), storage)[1]):
+        return None
+    with fs.open(path, "r") as fh:
+        doc = json.load(fh)
+    ref = runs.resolve_run(uri, storage)
+    same = (doc.get("run") == redact_uri(ref.uri) and doc.get("run_id") == ref.run_id and doc.get("seed") == seed
+            and doc.get("identities_file") == (redact_uri(identities) if identities else None)
+            and doc.get("identity_column") == identity_column)
+    return doc if same else None
+
+
+def published_state(state: dict) -> dict:
+    """The published file's layout: net.state_dict() of a DataParallel-wrapped net (`module.` before each key)."""
+    return {f"module.{k}": v for k, v in state.items()}
+
+
+class tempfile_copy_out:
+    """A local temporary file path, removed afterwards."""
+
+    def __enter__(self) -> str:
+        import tempfile
+
+        fd, self.path = tempfile.mkstemp(suffix=".pth")
+        os.close(fd)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        os.remove(self.path)
+
+
+def put(local: str, uri: str, storage: StorageConfig | None) -> None:
+    fs, path = filesystem(uri, storage)
+    with open(local, "rb") as src, fs.open(path, "wb") as dst:
+        for chunk in iter(lambda: src.read(8 << 20), b""):
+            dst.write(chunk)
