@@ -1,5 +1,5 @@
 """Training speed of the SDD-FIQA regressor: images per second of the training step (forward, Smooth L1,
-backward, Adam) on random 112x112 faces, the step cafi/sdd_train.py runs in each Ray Train worker. The
+backward, Adam) on random 112x112 faces, the step cafi/train/sdd_fit.py runs in each Ray Train worker. The
 published IR-50 by default; --width/--units time a reduced net (as the test uses).
 
     PYTHONPATH=. python bench/sdd_train.py --batch-size 16 --steps 4
@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from cafi import sdd_train
 from cafi.models import sddfiqa
+from cafi.train.faces import to_input
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     labels = torch.rand(args.batch_size, device=device) * 100
 
     def step() -> None:
-        loss = loss_fn(net(sdd_train.to_input(faces, flip=True)).view(-1), labels)
+        loss = loss_fn(net(to_input(faces, flip=True)).view(-1), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -199,9 +199,9 @@ def cmd_identities(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sddfiqa(args: argparse.Namespace) -> int:
-    from cafi import train_sddfiqa
     from cafi.redact import redact_uri
     from cafi.storage import join
+    from cafi.train import sddfiqa as train_sddfiqa
 
     common = {"identities": args.identities, "identity_column": args.identity_column, "seed": args.seed,
               "storage": _storage(args)}

@@ -13,13 +13,15 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from cafi import sdd_train
 from cafi.cli import main
 from cafi.decision import OK
 from cafi.faces.align import ARCFACE_TEMPLATE_112
 from cafi.models import sddfiqa
 from cafi.models.registry import published
 from cafi.samples import draw_face
+from cafi.train import sdd_fit
+from cafi.train.faces import to_input
+from cafi.train.split import split_identities
 from cafi.weights import Checkpoint, build_loaded, load_into, sha256_of
 
 try:  # tests/ is a package here; still importable if it is not
@@ -35,11 +37,11 @@ TINY = {"width": 8, "units": (1, 1, 1, 1)}
 
 def test_heldout_split_is_by_identity_seeded_and_never_everything():
     ids = np.repeat([f"p{i}" for i in range(40)], 3)
-    a, b, c = (sdd_train.split_identities(ids, 0.25, s) for s in (1, 1, 2))
+    a, b, c = (split_identities(ids, 0.25, s) for s in (1, 1, 2))
     assert a == b and a != c and len(a) == 10 and a <= set(ids)
-    assert len(sdd_train.split_identities(ids[:6], 0.9, 0)) == 1  # two identities: one held out, one trained
+    assert len(split_identities(ids[:6], 0.9, 0)) == 1  # two identities: one held out, one trained
     with pytest.raises(ValueError, match="2 identities"):
-        sdd_train.split_identities(ids[:3], 0.5, 0)
+        split_identities(ids[:3], 0.5, 0)
 
 
 def test_the_default_net_is_the_published_layout_and_the_reduced_one_keeps_its_names():
@@ -52,16 +54,16 @@ def test_the_default_net_is_the_published_layout_and_the_reduced_one_keeps_its_n
 
 
 def test_the_learning_rate_decays_from_lr_to_a_twentieth():
-    lrs = [sdd_train.epoch_lr(0.01, e, 10) for e in range(10)]
+    lrs = [sdd_fit.epoch_lr(0.01, e, 10) for e in range(10)]
     assert lrs[0] == pytest.approx(0.01) and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
-    assert lrs[-1] > 0.0005 and sdd_train.epoch_lr(0.01, 10, 10) == pytest.approx(0.0005)
+    assert lrs[-1] > 0.0005 and sdd_fit.epoch_lr(0.01, 10, 10) == pytest.approx(0.0005)
 
 
 def test_flips_mirror_about_half_the_faces():
     torch.manual_seed(0)
     img = torch.arange(64 * 4 * 4 * 3, dtype=torch.uint8).reshape(64, 4, 4, 3)
-    x = sdd_train.to_input(img, flip=True)
-    plain = sdd_train.to_input(img, flip=False)
+    x = to_input(img, flip=True)
+    plain = to_input(img, flip=False)
     mirrored = [bool(torch.equal(x[i], plain[i].flip(-1))) for i in range(64)]
     assert 16 < sum(mirrored) < 48 and all(torch.equal(x[i], plain[i]) for i in range(64) if not mirrored[i])
     assert plain.min() >= -1 and plain.max() <= 1
@@ -124,12 +126,12 @@ def test_training_learns_the_visible_quality_and_resumes(crop_run, ray_local, tm
                     strip_prefixes=rec.strip_prefixes, drop_prefixes=rec.drop_prefixes)
     net = load_into(sddfiqa.build(**TINY), ck, str(tmp_path / "cache"))  # strict: every key, every shape
     # The held-out identities' faces (never trained on) are ranked as the hidden quality ranks them.
-    held = sdd_train.split_identities(crop_run["identities"], 0.25, 1)
+    held = split_identities(crop_run["identities"], 0.25, 1)
     uris = [u for u, i in zip(crop_run["q"], crop_run["identities"], strict=True) if i in held]
     assert len(uris) == 45
     faces = np.stack([cv2.resize(cv2.imread(u)[..., ::-1], (112, 112), interpolation=cv2.INTER_AREA) for u in uris])
     with torch.inference_mode():
-        pred = net(sdd_train.to_input(torch.from_numpy(faces), flip=False)).view(-1).numpy()
+        pred = net(to_input(torch.from_numpy(faces), flip=False)).view(-1).numpy()
     assert spearmanr(pred, [crop_run["q"][u] for u in uris]).statistic >= 0.6
     html = (out / "train.html").read_text()
     assert html.count("<svg") == 4 and "http" not in html.replace("http://www.w3.org/2000/svg", "")
@@ -138,7 +140,7 @@ def test_training_learns_the_visible_quality_and_resumes(crop_run, ray_local, tm
 def test_the_published_layout_written_by_training_loads_into_the_stage(tmp_path):
     """What training writes for the default net (a `module.` prefixed state dict) loads strictly into the
     sddfiqa stage's IR-50 with the record's layout."""
-    from cafi.train_sddfiqa import published_state
+    from cafi.train.sddfiqa import published_state
 
     path = tmp_path / "sddfiqa.pth"
     torch.save(published_state(sddfiqa.build().state_dict()), path)
@@ -150,7 +152,7 @@ def test_the_published_layout_written_by_training_loads_into_the_stage(tmp_path)
 
 
 def test_training_starts_from_init_else_the_configured_weights_else_says_random(tmp_path):
-    from cafi.train_sddfiqa import _init_state, published_state
+    from cafi.train.sddfiqa import _init_state, published_state
 
     net = sddfiqa.build(**TINY)
     path = tmp_path / "start.pth"

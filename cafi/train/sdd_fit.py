@@ -2,12 +2,10 @@
 quality/train.py does: the aligned 112x112 face -> its 0..100 pseudo-label, Smooth L1 loss, Adam (its
 learning rate decayed along a half cosine over the epochs), random horizontal flips.
 
-The faces are re-aligned from the landmarks the run stored (no detection): Ray Data tasks read the run's
-manifest files (uri, landmarks, shard columns), keep the labelled rows of one split, read each sample's
-bytes as the run read them (cafi.inputs.samples.read_samples), decode and warp them. The held-out split
-is by identity (seeded): no identity is on both sides. One checkpoint per epoch (weights, optimiser,
-history) under DIR/ray; a run started again with the same DIR resumes from its latest checkpoint
-(Ray Train restores the run of the same name and storage path).
+The datasets are cafi/train/faces.py's (faces re-aligned from the run's landmarks, a `label` column),
+split by identity (cafi/train/split.py). One checkpoint per epoch (weights, optimiser, history) under
+DIR/ray; a run started again with the same DIR resumes from its latest checkpoint (Ray Train restores
+the run of the same name and storage path).
 """
 
 from __future__ import annotations
@@ -18,103 +16,15 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+
+from cafi.train.faces import to_input
+from cafi.train.split import rank_correlation
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "sddfiqa"
 STATE_FILE = "state.pt"
 HELDOUT_FILE = "heldout.npz"
-
-
-def split_identities(identities: np.ndarray, fraction: float, seed: int) -> set[str]:
-    """The held-out identities: a seeded `fraction` of the distinct ones (at least one, never all)."""
-    names = np.unique(np.asarray(identities, dtype=str))
-    if len(names) < 2:
-        raise ValueError(f"a held-out split by identity needs 2 identities with labels, got {len(names)}")
-    n = min(len(names) - 1, max(1, int(round(fraction * len(names)))))
-    return set(np.random.default_rng(seed).permutation(names)[:n].tolist())
-
-
-def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (ties share their mean rank); NaN for fewer than 2 points."""
-    from scipy.stats import spearmanr
-
-    if len(a) < 2:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
-
-
-def faces_batch(table: pa.Table, labels, reads: dict, image_cfg, align: str, storage) -> dict:
-    """A manifest batch -> the aligned faces of its rows that have a label in `labels` (an Arrow table
-    uri, label, or its object reference), with their labels. Unreadable samples are dropped."""
-    import ray
-
-    from cafi.faces.align import align_faces, resize_aligned
-    from cafi.imaging import decode
-    from cafi.inputs.samples import read_samples
-
-    labels = ray.get(labels) if isinstance(labels, ray.ObjectRef) else labels
-    pos = pc.index_in(table["uri"], value_set=labels["uri"])
-    keep = pc.and_(pc.is_valid(pos), pc.is_valid(table["landmarks"]))
-    table, pos = table.filter(keep), pos.filter(keep)
-    empty = {"image": np.zeros((0, 112, 112, 3), np.uint8), "label": np.zeros(0, np.float32)}
-    if table.num_rows == 0:
-        return empty
-    data = read_samples(table["uri"].to_pylist(), table["shard_offset"].to_pylist(), table["shard_size"].to_pylist(),
-                        storage, **reads)
-    images, marks, rows = [], [], []
-    for i, d in enumerate(data):
-        if isinstance(d, Exception):
-            continue
-        dec = decode(d, image_cfg)
-        if dec.image is None:
-            continue
-        images.append(dec.image)
-        marks.append(np.asarray(table["landmarks"][i].as_py(), np.float32).reshape(5, 2))
-        rows.append(i)
-    if not rows:
-        return empty
-    stack = np.stack(images)
-    faces = resize_aligned(stack) if align == "none" else align_faces(stack, np.stack(marks), np.ones(len(rows), bool))
-    label = labels["label"].take(pos.take(pa.array(rows))).to_numpy(zero_copy_only=False).astype(np.float32)
-    return {"image": faces, "label": label}
-
-
-def faces_dataset(files: list[str], fs, labels: pa.Table, reads: dict, image_cfg, align: str, storage):
-    """Ray Data dataset of (image uint8 112x112x3, label) for the rows of `labels` (uri, label)."""
-    import ray
-
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=["uri", "landmarks", "shard_offset", "shard_size"],
-                               partitioning=None)
-    return ds.map_batches(faces_batch, batch_format="pyarrow", batch_size=64,
-                          fn_kwargs={"labels": ray.put(labels), "reads": reads, "image_cfg": image_cfg,
-                                     "align": align, "storage": storage})
-
-
-FACE_BYTES = 112 * 112 * 3
-
-
-def cached(ds, rows: int):
-    """The faces kept in the object store (decoded and aligned once, not every epoch) when they take at
-    most a quarter of it; else streamed, re-read each epoch."""
-    import ray
-
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    return ds.materialize() if rows * FACE_BYTES <= store / 4 else ds
-
-
-def to_input(images, flip: bool):
-    """uint8 NHWC faces -> float NCHW in [-1, 1] (TFace: ToTensor, Normalize(0.5, 0.5)); `flip`: each
-    face mirrored with probability 1/2 (TFace's RandomHorizontalFlip)."""
-    import torch
-
-    x = images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    if flip:
-        mirrored = torch.rand(len(x), device=x.device) < 0.5
-        x[mirrored] = x[mirrored].flip(-1)
-    return x
 
 
 def epoch_lr(lr: float, epoch: int, epochs: int) -> float:
@@ -199,9 +109,11 @@ def train_loop(config: dict) -> None:
 
 
 def fit(train_ds, val_ds, config: dict, out_uri: str, workers: int, use_gpu: bool):
-    """Run TorchTrainer; returns the local directory of the latest checkpoint's copy and the result."""
+    """Run TorchTrainer with its checkpoints under DIR/ray; returns Ray Train's Result."""
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from cafi.train.outputs import ray_storage
 
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
@@ -213,13 +125,3 @@ def fit(train_ds, val_ds, config: dict, out_uri: str, workers: int, use_gpu: boo
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every worker sees the whole held-out set
     )
     return trainer.fit()
-
-
-def ray_storage(out_uri: str) -> str:
-    """Ray Train's storage path: DIR/ray (a local path made absolute; a URI as it is)."""
-    from cafi.storage import join, protocol_of
-
-    if protocol_of(out_uri) == "file":
-        path = out_uri[len("file://"):] if out_uri.startswith("file://") else out_uri
-        return os.path.join(os.path.abspath(os.path.expanduser(path)), "ray")
-    return join(out_uri, "ray")
