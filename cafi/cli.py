@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate.evaluate(args.manifest, args.labels, storage=_storage(args), precision=args.precision,
                                mos_column=args.mos_column, accept_column=args.accept_column,
                                identities_uri=args.identities, identity_column=args.identity_column,
-                               options=options)
+                               options=options, fit_fusion=args.fit_fusion)
     print(result.to_json() if args.json else evaluate.format_result(result))
     if args.out:
         from cafi import eval_page
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the thresholds that maximise F1)")
     ev.add_argument("--mos-column", default="mos", help="name of the MOS column (default: mos)")
     ev.add_argument("--accept-column", default="accept", help="name of the accept column (default: accept)")
+    ev.add_argument("--fit-fusion", action="store_true",
+                    help="fit non-negative decision.fusion.weights to the labels (SRCC with the MOS, else F1 with "
+                         "the accepts) over the run's quality columns and print the config block")
     ed = ev.add_argument_group("EDC (needs embeddings: score with output.embeddings=true)")
     ed.add_argument("--identities", metavar="IDS.csv", default=None,
                     help="CSV with a uri column and an identity column: compute the EDC of every quality column")
