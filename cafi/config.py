@@ -100,6 +100,9 @@ class CrfiqaConfig(StageConfig):
 class SddfiqaConfig(StageConfig):
     family: ClassVar[str] = "fiqa"
 
+    # sddfiqa_ir50 (TFace's regressor) | sddfiqa_maniqa (MANIQA in its place: cafi train sddfiqa --backbone
+    # maniqa) | sddfiqa_maniqa_tiny (tests)
+    arch: str = "sddfiqa_ir50"
     weights: WeightsConfig | None = None
 
 

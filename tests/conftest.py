@@ -15,10 +15,11 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
-# Published files synth_dir does not write: MANIQA's random 136 M parameters (543 MB, seconds to build)
-# are not worth a session fixture; its layout is checked on the meta device (tests/test_scorers.py) and
-# its strict load in tests/test_specs.py (slow tier). Its toy-width variant, maniqa_tiny, is written.
-NOT_IN_SYNTH_DIR = ("maniqa_koniq",)
+# Files synth_dir does not write: MANIQA's random 136 M parameters (543 MB, seconds to build; also the
+# MANIQA-backbone SDD-FIQA regressor's) are not worth a session fixture; the layout is checked on the meta
+# device (tests/test_scorers.py) and the strict load in tests/test_specs.py (slow tier). Their toy-width
+# variants are written.
+NOT_IN_SYNTH_DIR = ("maniqa_koniq", "sddfiqa_maniqa")
 TINY = {"maniqa": "maniqa_tiny", "musiq": "musiq_tiny"}
 
 
@@ -26,12 +27,12 @@ TINY = {"maniqa": "maniqa_tiny", "musiq": "musiq_tiny"}
 def synth_dir(tmp_path_factory) -> str:
     """Random checkpoints in the published formats (resnet50 detector, bisenet parser) + synthetic.yaml,
     and every other published record's file (and every test arch's) beside them."""
-    from cafi.models.registry import PUBLISHED, TEST_ARCHS
+    from cafi.models.registry import PUBLISHED, UNPUBLISHED
     from cafi.synth import synth, write_checkpoint
 
     d = str(tmp_path_factory.mktemp("weights"))
     synth(d, archs=TINY)
-    for arch, rec in {**PUBLISHED, **TEST_ARCHS}.items():
+    for arch, rec in {**PUBLISHED, **UNPUBLISHED}.items():
         if arch not in NOT_IN_SYNTH_DIR and not os.path.isfile(os.path.join(d, rec.file_name)):
             write_checkpoint(arch, d)
     return d

@@ -54,9 +54,12 @@ class Dims:
         return self.crop // self.patch
 
 
+_FULL = Dims(crop=224, vit={}, dim=768)
+_TINY = Dims(crop=64, vit={"img_size": 64, "embed_dim": 32, "num_heads": 2}, dim=32, swin_heads=2)
 DIMS = {
-    "maniqa_koniq": Dims(crop=224, vit={}, dim=768),
-    "maniqa_tiny": Dims(crop=64, vit={"img_size": 64, "embed_dim": 32, "num_heads": 2}, dim=32, swin_heads=2),
+    "maniqa_koniq": _FULL, "maniqa_tiny": _TINY,
+    # the SDD-FIQA regressor with MANIQA in place of the IR-50 (cafi train sddfiqa --backbone maniqa)
+    "sddfiqa_maniqa": _FULL, "sddfiqa_maniqa_tiny": _TINY,
 }
 
 
@@ -272,6 +275,46 @@ def uniform_crops(x: torch.Tensor, size: int, k: int) -> torch.Tensor:
 
 def build(arch: str = "maniqa_koniq") -> MANIQA:
     return MANIQA(DIMS[arch]).eval()
+
+
+class FaceRegressor(MANIQA):
+    """The seed team's SDD-FIQA variant: MANIQA in place of the IR-50 regressor, on the aligned 112x112
+    face (normalised as both do, mean = std = 0.5) scaled bilinearly to one crop of the ViT's side; the
+    regressor's output is MANIQA's score head (the weighted mean of its per-token scores), trained on the
+    0..100 pseudo-labels. Same module names as MANIQA: its state dict is a MANIQA checkpoint."""
+
+    def forward(self, faces: torch.Tensor, per_image: int = 1) -> torch.Tensor:
+        """Normalised faces (N, 3, h, w) -> quality (N,)."""
+        size = self.dims.crop
+        if faces.shape[-2:] != (size, size):
+            faces = F.interpolate(faces, size=(size, size), mode="bilinear", align_corners=False)
+        return super().forward(faces, per_image)
+
+
+def build_regressor(arch: str = "sddfiqa_maniqa") -> FaceRegressor:
+    return FaceRegressor(DIMS[arch]).eval()
+
+
+class FaceRegressorScorer:
+    """The sddfiqa stage's scorer for the MANIQA-backbone regressor (models.sddfiqa.arch: sddfiqa_maniqa)."""
+
+    def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
+                 storage=None, compile: bool = False, arch: str = "sddfiqa_maniqa"):
+        self.record = published(arch)
+        self.device = device
+        self.precision = precision
+        self.net = prepare(build_loaded(lambda: build_regressor(arch), ckpt, cache_dir, storage), device)
+        self.forward = maybe_compile(self.net, compile)
+
+    @torch.inference_mode()
+    def __call__(self, faces: np.ndarray | torch.Tensor) -> np.ndarray:
+        """uint8 RGB (N,112,112,3) aligned faces -> the regressed SDD-FIQA score (N,) float32 (~0..100)."""
+        if len(faces) == 0:
+            return np.zeros(0, np.float32)
+        x = to_input(faces, self.device, self.record).contiguous()
+        with autocast(self.device, self.precision):
+            score = self.forward(x)
+        return score.float().cpu().numpy()
 
 
 class ManiqaScorer:

@@ -247,24 +247,31 @@ PUBLISHED: dict[str, Pretrained] = {
     )
 }
 
-# Toy-width variants of published networks, for tests: same module names, no published file (random
-# weights only, from `cafi weights synth`); their preprocessing is the published record's.
-TEST_ARCHS: dict[str, Pretrained] = {
+# Architectures with no published file: toy-width variants of published networks for tests (random
+# weights from `cafi weights synth` only) and networks cafi trains itself; the config must name the weights.
+# Their preprocessing is that of the published network they are built from.
+TESTS = "cafi weights synth (random weights, for tests)"
+SDDFIQA_MANIQA = "cafi train sddfiqa --backbone maniqa"
+_MANIQA_FACE = dict(input_size=224, score_range=(0.0, 100.0), licence="yours (trained by cafi on your data)",
+                    source=SDDFIQA_MANIQA, training_data="your run's SDD-FIQA pseudo-labels")
+UNPUBLISHED: dict[str, Pretrained] = {
     p.arch: p
     for p in (
-        dataclasses.replace(PUBLISHED["maniqa_koniq"], arch="maniqa_tiny", uri="", sha256="",
-                            file_name="maniqa_tiny.pth", input_size=64, licence="n/a (random weights only)",
-                            source="cafi tests", training_data="none"),
-        dataclasses.replace(PUBLISHED["musiq_koniq"], arch="musiq_tiny", uri="", sha256="", sha256_prefix="",
-                            file_name="musiq_tiny.pth", licence="n/a (random weights only)", source="cafi tests",
-                            training_data="none"),
+        dataclasses.replace(PUBLISHED["maniqa_koniq"], arch="maniqa_tiny", uri="", file_name="maniqa_tiny.pth",
+                            input_size=64, licence="n/a", source=TESTS, training_data="none"),
+        dataclasses.replace(PUBLISHED["musiq_koniq"], arch="musiq_tiny", uri="", sha256_prefix="",
+                            file_name="musiq_tiny.pth", licence="n/a", source=TESTS, training_data="none"),
+        dataclasses.replace(PUBLISHED["maniqa_koniq"], arch="sddfiqa_maniqa", uri="", file_name="sddfiqa.pth",
+                            **_MANIQA_FACE),
+        dataclasses.replace(PUBLISHED["maniqa_koniq"], arch="sddfiqa_maniqa_tiny", uri="",
+                            file_name="sddfiqa_maniqa_tiny.pth", **{**_MANIQA_FACE, "input_size": 64, "source": TESTS}),
     )
 }
 
 
 def published(arch: str) -> Pretrained:
     try:
-        return PUBLISHED[arch] if arch in PUBLISHED else TEST_ARCHS[arch]
+        return PUBLISHED[arch] if arch in PUBLISHED else UNPUBLISHED[arch]
     except KeyError:
         raise KeyError(f"no published checkpoint for {arch!r}; known: {sorted(PUBLISHED)}") from None
 
@@ -279,9 +286,9 @@ def checkpoint(model: str, arch: str, weights):
     layout = {"state_key": record.state_key, "strip_prefixes": record.strip_prefixes,
               "drop_prefixes": record.drop_prefixes}
     if weights is None:
-        if arch in TEST_ARCHS:
-            raise ConfigError(f"models.{model}.weights: {arch} is a test architecture with no published file; "
-                              "`cafi weights synth DIR` writes random weights for it and a config naming them")
+        if arch in UNPUBLISHED:
+            raise ConfigError(f"models.{model}.weights: {arch} has no published file (its weights come from "
+                              f"`{record.source.split(' (')[0]}`): set models.{model}.weights.uri and .sha256")
         if not record.sha256:
             hint = (f" (pyiqa names the file by its digest: it starts with {record.sha256_prefix})"
                     if record.sha256_prefix else "")
