@@ -252,3 +252,4 @@ def test_the_maniqa_backbone_starts_from_init_else_the_runs_maniqa_weights_else_
     for models in (synthetic, other):
         state, doc = _maniqa_init(None, {"config": {"models": models}}, arch, str(tmp_path / "c"), None)
         assert state is None and doc["source"] == "random" and "MANIQA's KonIQ-10k" in doc["note"]
+
