@@ -1,0 +1,98 @@
+"""GIST (Oliva & Torralba, "Modeling the shape of the scene", IJCV 2001), as their reference code
+LMgist.m computes it, vectorised over a batch of grey images.
+
+Parameters (LMgist.m's defaults, except the image size: a 112x112 face has no detail above 128):
+- the image is resized to IMAGE_SIZE x IMAGE_SIZE (LMgist: 256) and min-max scaled to 0..255;
+- prefiltering (LMgist prefilt.m): log(1 + I), whitening by subtracting a Gaussian low-pass with
+  fc_prefilt = PREFILTER_FC = 4 cycles/image (s1 = fc / sqrt(ln 2)), then local contrast normalisation
+  by 0.2 + the low-passed local standard deviation; 5 px symmetric padding, cropped off after;
+- a bank of Gabor transfer functions (createGabor.m) at SCALES = 4 scales with ORIENTATIONS = 8
+  orientations each (orientationsPerScale [8 8 8 8]): filter (i, j) is
+  exp(-10 a (f/(n b) - 1)^2 - 2 c pi theta^2) with a = 0.35, b = 0.3 / 1.85^i, c = 16 o^2 / 32^2,
+  theta the polar angle shifted by pi j / o; applied in the frequency domain on the image padded by
+  BOUNDARY = 16 px (symmetric; LMgist pads 32 px at 256, the same eighth of the image);
+- the magnitude of each response averaged over a BLOCKS x BLOCKS = 4 x 4 grid (numberBlocks 4):
+  4 * 8 * 16 = 512 values per face, ordered (filter, block row, block column).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import cv2
+import numpy as np
+from scipy import fft
+
+IMAGE_SIZE = 128
+PREFILTER_FC = 4.0
+SCALES = 4
+ORIENTATIONS = 8
+BOUNDARY = 16
+BLOCKS = 4
+DIM = SCALES * ORIENTATIONS * BLOCKS * BLOCKS
+
+
+def _frequencies(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """fx, fy on an n x n grid centred at 0 (MATLAB meshgrid(-n/2:n/2-1)), in FFT order (fftshifted)."""
+    f = np.arange(-n // 2, n // 2, dtype=np.float64)
+    fx, fy = np.meshgrid(f, f)
+    return fft.ifftshift(fx), fft.ifftshift(fy)
+
+
+@cache
+def gabor_bank(n: int = IMAGE_SIZE + 2 * BOUNDARY) -> np.ndarray:
+    """(SCALES * ORIENTATIONS, n, n) float32 transfer functions in FFT order (createGabor.m)."""
+    fx, fy = _frequencies(n)
+    radius = np.sqrt(fx**2 + fy**2)
+    angle = np.arctan2(fy, fx)
+    out = []
+    for i in range(SCALES):
+        a, b, c = 0.35, 0.3 / 1.85**i, 16 * ORIENTATIONS**2 / 32**2
+        for j in range(ORIENTATIONS):
+            t = angle + np.pi / ORIENTATIONS * j
+            t = t + 2 * np.pi * (t < -np.pi) - 2 * np.pi * (t > np.pi)
+            out.append(np.exp(-10 * a * (radius / n / b - 1) ** 2 - 2 * c * np.pi * t**2))
+    return np.stack(out).astype(np.float32)
+
+
+@cache
+def _lowpass(n: int) -> np.ndarray:
+    fx, fy = _frequencies(n)
+    s1 = PREFILTER_FC / np.sqrt(np.log(2))
+    return np.exp(-(fx**2 + fy**2) / s1**2).astype(np.float32)
+
+
+def prefilter(images: np.ndarray) -> np.ndarray:
+    """(N, s, s) float 0..255 -> whitened, contrast-normalised (N, s, s) float32 (prefilt.m)."""
+    pad = 5
+    x = np.log1p(images.astype(np.float32))
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad)), mode="symmetric")
+    sn = x.shape[1]
+    n = sn + sn % 2
+    x = np.pad(x, ((0, 0), (0, n - sn), (0, n - sn)), mode="symmetric")
+    gf = _lowpass(n)
+    white = x - fft.ifft2(fft.fft2(x) * gf).real
+    local_std = np.sqrt(np.abs(fft.ifft2(fft.fft2(white**2) * gf)))
+    out = white / (0.2 + local_std)
+    return out[:, pad:sn - pad, pad:sn - pad].astype(np.float32)
+
+
+def gist(gray: np.ndarray) -> np.ndarray:
+    """uint8 or float grey faces (N, H, W) -> (N, DIM) float32 GIST descriptors."""
+    if len(gray) == 0:
+        return np.zeros((0, DIM), np.float32)
+    resized = np.stack([cv2.resize(g, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+                        for g in np.asarray(gray, np.float32)])
+    lo = resized.min(axis=(1, 2), keepdims=True)
+    span = np.maximum(resized.max(axis=(1, 2), keepdims=True) - lo, 1e-6)
+    x = prefilter(255.0 * (resized - lo) / span)
+    x = np.pad(x, ((0, 0), (BOUNDARY, BOUNDARY), (BOUNDARY, BOUNDARY)), mode="symmetric")
+    spectrum = fft.fft2(x)  # (N, n, n)
+    bank = gabor_bank(x.shape[1])
+    inner = slice(BOUNDARY, BOUNDARY + IMAGE_SIZE)
+    cell = IMAGE_SIZE // BLOCKS
+    out = np.empty((len(x), len(bank), BLOCKS, BLOCKS), np.float32)
+    for k, g in enumerate(bank):  # one filter at a time over the whole batch: memory stays N x n x n
+        response = np.abs(fft.ifft2(spectrum * g))[:, inner, inner]
+        out[:, k] = response.reshape(len(x), BLOCKS, cell, BLOCKS, cell).mean(axis=(2, 4))
+    return out.reshape(len(x), DIM)

@@ -1,0 +1,140 @@
+"""The score-based FQA ("classic") classifier: its features, its model and its training math, on
+constructed aligned faces (fast, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cafi.classic import features, fit, gist
+from cafi.models import classic
+
+try:
+    from .classic_kit import LABELS, labelled_face, unit_vectors
+except ImportError:  # pragma: no cover
+    from classic_kit import LABELS, labelled_face, unit_vectors  # type: ignore[no-redef]
+
+
+def grating(angle_deg: float, period: float = 8.0, size: int = 112) -> np.ndarray:
+    """A grey sinusoidal grating whose stripes run at `angle_deg` (its wave vector at angle + 90)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    theta = np.deg2rad(angle_deg + 90)
+    return 127.5 + 100 * np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period)
+
+
+def orientation_energy(g: np.ndarray) -> np.ndarray:
+    """GIST energy per orientation (summed over scales and blocks)."""
+    return g.reshape(gist.SCALES, gist.ORIENTATIONS, -1).sum(axis=(0, 2))
+
+
+def test_gist_responds_to_orientation_and_is_batched():
+    g = gist.gist(np.stack([grating(0), grating(90), grating(45)]))
+    assert g.shape == (3, gist.DIM) == (3, 512)
+    peaks = [int(np.argmax(orientation_energy(v))) for v in g]
+    # a quarter turn moves the peak by a quarter of the bank (8 orientations over 180 degrees: 4 apart)
+    assert (peaks[0] - peaks[1]) % gist.ORIENTATIONS == 4
+    assert (peaks[0] - peaks[2]) % gist.ORIENTATIONS in (2, 6)
+    energy = orientation_energy(g[0])
+    assert energy.max() > 3 * np.median(energy)
+    # a uniform grating fills the 4x4 blocks evenly; one image's descriptor does not depend on the batch
+    blocks = g[0].reshape(gist.SCALES * gist.ORIENTATIONS, 16)[np.argmax(g[0].reshape(-1, 16).sum(1))]
+    assert blocks.std() < 0.2 * blocks.mean()
+    np.testing.assert_allclose(gist.gist(grating(90)[None])[0], g[1], rtol=1e-4, atol=1e-6)
+
+
+def test_lbp_histograms_match_a_per_cell_count():
+    from skimage.feature import local_binary_pattern
+
+    faces = np.stack([labelled_face("good", 3), labelled_face("bad", 4)])
+    gray = features.luma(faces)
+    got = features.lbp(gray)
+    assert got.shape == (2, 49 * 59)
+    codes = local_binary_pattern(np.rint(gray[1]).astype(np.uint8), 8, 2, method="nri_uniform")
+    cell = codes[16:32, 32:48]  # grid cell (1, 2)
+    want = np.bincount(cell.astype(int).ravel(), minlength=59) / cell.size
+    np.testing.assert_allclose(got[1].reshape(49, 59)[1 * 7 + 2], want, atol=1e-6)
+    np.testing.assert_allclose(got.reshape(2, 49, 59).sum(axis=2), 1.0, atol=1e-5)
+
+
+def test_extract_gives_every_kind_and_checks_its_input():
+    faces = np.stack([labelled_face("average", s) for s in range(2)])
+    feats = features.extract(faces, unit_vectors(2, 0))
+    assert list(feats) == list(features.KINDS) == ["gist", "cnn", "hog", "lbp"]
+    assert {k: v.shape[1] for k, v in feats.items()} == features.DIMS
+    assert features.DIMS["hog"] == 6084 and all(v.dtype == np.float32 for v in feats.values())
+    with pytest.raises(ValueError, match="112x112"):
+        features.extract(np.zeros((1, 96, 96, 3), np.uint8), unit_vectors(1, 0))
+    with pytest.raises(ValueError, match="512"):
+        features.extract(faces, np.zeros((2, 128), np.float32))
+
+
+def test_split_is_stratified_and_keeps_groups_together():
+    labels = np.repeat([0, 1, 2], [10, 20, 3])
+    train, held = fit.split(labels, 0.2, seed=0)
+    assert set(train).isdisjoint(held) and len(train) + len(held) == len(labels)
+    assert [int((labels[held] == c).sum()) for c in range(3)] == [2, 4, 1]
+    groups = np.repeat(np.arange(11), 3)  # each group of 3 rows one class (labels above are by blocks)
+    labels_g = np.repeat([0, 1, 2], [12, 12, 9])
+    train, held = fit.split(labels_g, 0.3, seed=1, groups=groups)
+    assert set(groups[train]).isdisjoint(groups[held]) and len(held) > 0
+    assert not np.array_equal(fit.split(labels, 0.2, 0)[1], fit.split(labels, 0.2, 1)[1])
+
+
+def test_score_is_good_plus_half_average():
+    p = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.2, 0.5, 0.3]])
+    np.testing.assert_allclose(classic.score_of(p), [1.0, 0.5, 0.0, 0.45], atol=1e-6)
+    assert classic.CLASSES == ("good", "average", "bad")
+
+
+@pytest.fixture(scope="module")
+def constructed():
+    """40 aligned faces per class, their features (CNN: label-free unit vectors) and labels."""
+    labels = np.repeat(np.arange(3), 40)
+    faces = np.stack([labelled_face(LABELS[c], i) for i, c in enumerate(labels)])
+    return features.extract(faces, unit_vectors(len(labels), 1)), labels
+
+
+QUICK = fit.FitSettings(epochs_autoencoder=10, epochs_classifier=100, epochs_finetune=10)
+
+
+def _held_out_accuracy(feats, labels, seed: int = 0) -> tuple[float, classic.ClassicFqa, np.ndarray]:
+    train, held = fit.split(labels, 0.3, seed)
+    net, history = fit.fit({k: v[train] for k, v in feats.items()}, labels[train], QUICK)
+    assert history["autoencoder_hog"][-1] < history["autoencoder_hog"][0]  # the pretraining learns
+    result = fit.evaluate(net, {k: v[held] for k, v in feats.items()}, labels[held])
+    assert np.sum(result["confusion"]) == len(held) == result["rows"]
+    return result["accuracy"], net, held
+
+
+def test_classifier_learns_visible_quality_and_not_shuffled_labels(constructed):
+    feats, labels = constructed
+    accuracy, net, held = _held_out_accuracy(feats, labels)
+    assert accuracy >= 0.8
+    scores = classic.score_of(fit.predict(net, {k: v[held] for k, v in feats.items()}))
+    by_class = [scores[labels[held] == c].mean() for c in range(3)]
+    assert by_class[0] > by_class[1] > by_class[2]  # good > average > bad on the score too
+    shuffled = np.random.default_rng(7).permutation(labels)
+    control, _, _ = _held_out_accuracy(feats, shuffled)
+    assert control <= 0.55  # chance is 1/3; 36 held-out rows
+
+
+def test_checkpoint_round_trip_scores_the_same(tmp_path, constructed):
+    from cafi.weights import Checkpoint, sha256_of
+
+    feats, labels = constructed
+    torch.manual_seed(3)
+    net = classic.build()
+    with torch.no_grad():
+        for ae in net.kind_ae.values():
+            ae.mean.normal_()
+    path = tmp_path / "classic.pth"
+    torch.save(classic.checkpoint_object(net, {"embedding_model": None}), path)
+    ckpt = Checkpoint(model="classic", uri=str(path), sha256=sha256_of(str(path)), state_key="state_dict")
+    scorer = classic.ClassicScorer(ckpt, str(tmp_path / "cache"), torch.device("cpu"))
+    some = {k: v[:5] for k, v in feats.items()}
+    np.testing.assert_allclose(scorer(some), classic.score_of(fit.predict(net, some)), atol=1e-6)
+    torch.save({"state_dict": net.state_dict(), "meta": {"classes": ["a", "b", "c"]}}, path)
+    ckpt = Checkpoint(model="classic", uri=str(path), sha256=sha256_of(str(path)), state_key="state_dict")
+    with pytest.raises(Exception, match="not a classic FQA checkpoint"):
+        classic.ClassicScorer(ckpt, str(tmp_path / "cache"), torch.device("cpu"))
