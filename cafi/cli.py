@@ -94,6 +94,9 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
         # What the weights may be used for travels with them: printed with the config block.
         lines.append(f"  # {arch}: licence {rec.licence or 'unknown'} ({rec.source}); trained on "
                      f"{rec.training_data or 'unknown'}")
+        if rec.user_trained:  # nothing published: the team's own training wrote it and its config block
+            lines += [f"  # {key}: no published file; `cafi train {key}` writes it and DIR/{key}.yaml, its block"]
+            continue
         if rec.manual_download:  # the URI is a web page listing the file: nothing to copy automatically
             lines += [f"  # {key}: download {rec.file_name} by hand from {rec.uri}, copy it to DEST, then:",
                       f"  {key}:", "    weights:", f"      uri: {join(args.dest, rec.file_name)}",
