@@ -1,6 +1,6 @@
 """SDD-FIQA pseudo-labels at scale: N rows with 512-d float16 embeddings in I identities (N / I samples
 each), generated in Ray tasks (identity centre + noise scaled by a hidden quality), labelled by
-cafi.sdd_job (identity buckets, pool, 12 draws) on an embedded local Ray and written to a Parquet file.
+cafi.train.sdd_label_job (identity buckets, pool, 12 draws) on an embedded local Ray and written to a Parquet file.
 
     python bench/labels.py [--rows 1000000] [--identities 100000] [--seed 0] [--num-cpus 2]
 
@@ -122,7 +122,7 @@ def main() -> None:
     import ray
     from scipy.stats import spearmanr
 
-    from cafi import sdd_job
+    from cafi.train import sdd_label_job as sdd_job
 
     poll = PeakPoll()
     poll.thread.start()

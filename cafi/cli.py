@@ -153,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate.evaluate(args.manifest, args.labels, storage=_storage(args), precision=args.precision,
                                mos_column=args.mos_column, accept_column=args.accept_column,
                                identities_uri=args.identities, identity_column=args.identity_column,
-                               options=options)
+                               options=options, fit_fusion=args.fit_fusion)
     print(result.to_json() if args.json else evaluate.format_result(result))
     if args.out:
         from cafi import eval_page
@@ -202,18 +202,33 @@ def cmd_identities(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sddfiqa(args: argparse.Namespace) -> int:
-    from cafi import train_sddfiqa
     from cafi.redact import redact_uri
     from cafi.storage import join
+    from cafi.train import sddfiqa as train_sddfiqa
 
-    doc = train_sddfiqa.labels(args.run, args.out, identities=args.identities,
-                               identity_column=args.identity_column, seed=args.seed, storage=_storage(args))
+    common = {"identities": args.identities, "identity_column": args.identity_column, "seed": args.seed,
+              "storage": _storage(args)}
+    if args.labels_only:
+        doc = train_sddfiqa.labels(args.run, args.out, **common)
+    else:
+        units = tuple(int(u) for u in args.units.split(",")) if args.units else None
+        doc = train_sddfiqa.train(args.run, args.out, epochs=args.epochs, batch_size=args.batch_size,
+                                  workers=args.workers, use_gpu=args.use_gpu, init=args.init, lr=args.lr,
+                                  heldout=args.heldout, width=args.width, units=units, **common)
     s = doc["labels"]
     print(f"pseudo-labels of run {doc['run_id']}: {s['labelled']} of {s['rows']} rows labelled "
           f"({s['identities']} identities; {s['unlabelled_one_sample']} rows of one-sample identities unlabelled), "
           f"seed {doc['seed']}, {doc['seconds']} s")
     print(f"labels: {redact_uri(join(args.out, 'labels.parquet'))}")
-    print(f"stats:  {redact_uri(join(args.out, 'labels.json'))}")
+    if args.labels_only:
+        print(f"stats:  {redact_uri(join(args.out, 'labels.json'))}")
+        return 0
+    last = doc["epochs"][-1] if doc["epochs"] else {}
+    print(f"trained {doc['training']['epochs_done']} epoch(s) from {doc['init']['source']} init: train loss "
+          f"{last.get('train_loss', float('nan')):.3f}, held-out SRCC {last.get('heldout_srcc', float('nan')):.3f} "
+          f"({doc['split']['heldout_rows']} faces of {doc['split']['heldout_identities']} held-out identities)")
+    for name in ("sddfiqa.pth", "sddfiqa.yaml", "train.json", "train.html"):
+        print(f"wrote {redact_uri(join(args.out, name))}")
     return 0
 
 
@@ -330,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the thresholds that maximise F1)")
     ev.add_argument("--mos-column", default="mos", help="name of the MOS column (default: mos)")
     ev.add_argument("--accept-column", default="accept", help="name of the accept column (default: accept)")
+    ev.add_argument("--fit-fusion", action="store_true",
+                    help="fit non-negative decision.fusion.weights to the labels (SRCC with the MOS, else F1 with "
+                         "the accepts) over the run's quality columns and print the config block")
     ed = ev.add_argument_group("EDC (needs embeddings: score with output.embeddings=true)")
     ed.add_argument("--identities", metavar="IDS.csv", default=None,
                     help="CSV with a uri column and an identity column: compute the EDC of every quality column")
@@ -425,8 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(output.embeddings=true): per sample, the Wasserstein distance between its "
                                      "similarities to 24 samples of its identity and to 24 of other identities, "
                                      "12 draws, normalised to 0..100. Writes DIR/labels.parquet and "
-                                     "DIR/labels.json. Training the regressor on them is not implemented yet: "
-                                     "--labels-only is required.")
+                                     "DIR/labels.json; then (without --labels-only) trains the SDD-FIQA regressor on "
+                                     "them with Ray Train (faces re-aligned from the run's landmarks, held-out "
+                                     "identities, a checkpoint per epoch: run again with the same --out to "
+                                     "resume) and writes DIR/sddfiqa.pth, sddfiqa.yaml, train.json, train.html.")
     ts.add_argument("run", metavar="RUN_OR_OUTPUT",
                     help="<output>/runs/<run_id>, or an output root for its latest model version's committed runs")
     ts.add_argument("--identities", metavar="IDS.csv", default=None,
@@ -435,9 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--identity-column", default="identity",
                     help="the identity column: of IDS.csv, or without --identities a column the run kept "
                          "(default: identity)")
-    ts.add_argument("--out", required=True, metavar="DIR", help="where to write labels.parquet and labels.json")
-    ts.add_argument("--labels-only", action="store_true", required=True,
-                    help="stop after the labels (required: training is not implemented yet)")
+    ts.add_argument("--out", required=True, metavar="DIR",
+                    help="where to write the labels, checkpoints and trained model")
+    ts.add_argument("--labels-only", action="store_true", help="stop after the labels")
+    ts.add_argument("--epochs", type=int, default=10, help="epochs in all, resumed ones included (default: 10)")
+    ts.add_argument("--batch-size", type=int, default=64, help="faces per step and worker (default: 64)")
+    ts.add_argument("--workers", type=int, default=1, help="Ray Train workers (default: 1)")
+    ts.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    ts.add_argument("--init", metavar="PATH", default=None,
+                    help="checkpoint to start from, in the published layout (default: the SDD-FIQA weights the "
+                         "run's config names, else random initialisation, said in the log and train.json)")
+    ts.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    ts.add_argument("--heldout", type=float, default=0.1, metavar="FRACTION",
+                    help="fraction of the identities held out for SRCC (default: 0.1)")
+    ts.add_argument("--width", type=int, default=None, help=argparse.SUPPRESS)  # reduced nets: tests, benches
+    ts.add_argument("--units", default=None, help=argparse.SUPPRESS)
     ts.add_argument("--seed", type=int, default=0, help="seed of the random draws and of the pool (default: 0)")
     add_storage(ts)
     ts.set_defaults(func=cmd_train_sddfiqa)

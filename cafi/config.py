@@ -20,6 +20,7 @@ from typing import ClassVar
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cafi import fusion
 from cafi.errors import ConfigError
 
 
@@ -196,6 +197,15 @@ class ImageConfig:
 
 
 @dataclass(frozen=True)
+class FusionConfig:
+    """The fused score (cafi/fusion.py): column -> weight, and [low, high] ranges for columns without a
+    documented one (or to replace it)."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    ranges: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DecisionConfig:
     """Thresholds of the decision rules (cafi/decision.py); null turns a rule off."""
 
@@ -215,6 +225,8 @@ class DecisionConfig:
     max_luma_mean: float | None = None
     max_under_exposed: float | None = None
     max_over_exposed: float | None = None
+    min_fused: float | None = None
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
 
 @dataclass(frozen=True)
@@ -413,6 +425,7 @@ def validate(cfg: JobConfig) -> None:
            d.min_classic)
     _check(0.0 <= d.min_mask_fraction <= 1.0, "decision.min_mask_fraction", "a number in [0, 1]",
            d.min_mask_fraction)
+    fusion.check(d)
 
 
 INPUT_FORMATS = ("files", "webdataset", "parquet")

@@ -82,5 +82,20 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_config_is_a_leaf_that_imports_nothing_of_the_models_or_stages():
-    imported = import_graph()["cafi.config"]
-    assert imported <= {"cafi.errors", "cafi.columns"}, imported
+    graph = import_graph()
+    assert graph["cafi.config"] <= {"cafi.errors", "cafi.columns", "cafi.fusion"}, graph["cafi.config"]
+    assert graph["cafi.fusion"] <= {"cafi.errors", "cafi.columns"}, graph["cafi.fusion"]
+
+
+TRAIN_SHARED = {"cafi.train.run_rows", "cafi.train.faces", "cafi.train.split", "cafi.train.outputs"}
+
+
+def test_what_every_trainer_shares_imports_no_trainer():
+    """cafi/train's shared modules (a run's rows, faces, the split, outputs) import no trainer's module:
+    a second trainer builds on them without pulling in SDD-FIQA (or the reverse)."""
+    graph = import_graph()
+    assert TRAIN_SHARED <= set(graph), "the shared training modules moved: update TRAIN_SHARED"
+    assert graph["cafi.train.sddfiqa"] >= TRAIN_SHARED - {"cafi.train.split"}, "the graph was not read"
+    for mod in sorted(TRAIN_SHARED):
+        trainers = {m for m in graph[mod] if m.startswith("cafi.train.") and m not in TRAIN_SHARED}
+        assert not trainers, f"{mod} imports {sorted(trainers)}"

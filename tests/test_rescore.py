@@ -106,7 +106,9 @@ def test_component_rules_are_a_threshold_only_rescore_that_reads_no_image(by_man
     os.rename(tmp / "in", tmp / "gone")  # any image read now would be an error row
     try:
         rules = [f"decision.max_yaw={(yaws[0] + yaws[-1]) / 2}", f"decision.min_sharpness={sharp[-1] + 1}",
-                 "decision.min_serfiq=0.0", "decision.min_mask_fraction=0.0"]
+                 "decision.min_serfiq=0.0", "decision.min_mask_fraction=0.0",
+                 # the fused score is made at decide time too: no model, no read
+                 "decision.fusion.weights.yaw=1", "decision.fusion.weights.serfiq=3"]
         new = pipeline.run(load_config(fast_config, base + rules))
     finally:
         os.rename(tmp / "gone", tmp / "in")
@@ -118,6 +120,8 @@ def test_component_rules_are_a_threshold_only_rescore_that_reads_no_image(by_man
         if row["status"] != "scored":
             continue
         assert row["yaw"] == scored[uri]["yaw"] and row["sharpness"] == scored[uri]["sharpness"]
+        facing = max(0.0, 1 - abs(row["yaw"]) / 90)  # an angle past 90 degrees counts as 0
+        assert row["fused"] == pytest.approx((facing + 3 * row["serfiq"]) / 4, abs=1e-5)
         want = "pose" if abs(row["yaw"]) > (yaws[0] + yaws[-1]) / 2 else "blur"
         assert row["reject_reason"] == want, (uri, row["reject_reason"], row["yaw"], row["sharpness"])
     assert {"pose", "blur"} <= set(new["counts"]["reject_reason"])

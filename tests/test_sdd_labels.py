@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import spearmanr, wasserstein_distance
 
-from cafi import sdd_labels
 from cafi.cli import main
 from cafi.decision import OK
+from cafi.train import sdd_labels
 
 try:  # tests/ is a package here; still importable if it is not
     from .test_edc import identity_set
@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
 
 def labels_of(emb: np.ndarray, ids: np.ndarray, seed: int, pool_size: int | None = None):
     """Labels of a whole constructed set as one bucket, pool = a seeded sample (all rows by default)."""
-    from cafi.sdd_job import identity_codes
+    from cafi.train.sdd_label_job import identity_codes
 
     codes = identity_codes(ids)
     order = np.argsort(codes, kind="stable")
@@ -135,15 +135,15 @@ def test_without_embeddings_it_says_so_and_stops(labelled_run, tmp_path, capsys)
 
 
 def test_identity_from_the_csv_or_a_kept_column():
-    from cafi.train_sddfiqa import _with_identity
+    from cafi.train.run_rows import with_identity
 
     emb = embedding_array(np.eye(4, 512), np.array([True, True, False, True]))
     batch = pa.table({"uri": ["a", "b", "c", "d"], "embedding": emb, "scored_at": pa.array([1, 2, 3, 4]),
                       "person": pa.array([7, None, 8, 9])})
     ids = pa.table({"uri": ["d", "a", "c"], "identity": ["x", "y", "z"]})
-    got = _with_identity(batch, ids, None)  # b is not listed, c has no embedding
+    got = with_identity(batch, ids, None, ["uri", "embedding", "scored_at"])  # b is not listed, c has no embedding
     assert got["uri"].to_pylist() == ["a", "d"] and got["identity"].to_pylist() == ["y", "x"]
-    kept = _with_identity(batch, None, "person")  # b has no identity, c no embedding
+    kept = with_identity(batch, None, "person", ["uri", "embedding", "scored_at"])  # b has no identity, c no embedding
     assert kept["uri"].to_pylist() == ["a", "d"] and kept["identity"].to_pylist() == ["7", "9"]
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from facexlib.recognition.arcface_arch import bottleneck_IR, get_blocks
+from facexlib.recognition.arcface_arch import bottleneck_IR
 from torch import nn
 
 from cafi.models.registry import published
@@ -25,25 +25,36 @@ from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
 from cafi.weights import Checkpoint, build_loaded
 
 FEATURES = 512 * 7 * 7
+IR50_UNITS = (3, 4, 14, 3)  # bottleneck_IR units per stage of IR-50 (facexlib get_blocks(50))
+IR50_WIDTH = 64  # channels of the input layer; the stages have 1, 2, 4, 8 times as many
 
 
 class SddFiqaNet(nn.Module):
-    def __init__(self):
+    """The published IR-50 by default. `width` and `units` make a smaller net of the same structure
+    (same key names, other shapes): for tests and benches of training only, never a published layout."""
+
+    def __init__(self, width: int = IR50_WIDTH, units: tuple[int, ...] = IR50_UNITS):
         super().__init__()
-        self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
+        self.input_layer = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                         nn.PReLU(width))
+        features = width * 8 * 7 * 7
         # nn.Flatten keeps TFace's C,H,W order (its view()) and also takes channels_last tensors. Registered
         # before `body`, as TFace does: the state dict lists the keys in the published file's order.
-        self.quality = nn.Sequential(nn.Flatten(), nn.PReLU(FEATURES), nn.Dropout(0.5), nn.Linear(FEATURES, 1))
-        units = [bottleneck_IR(u.in_channel, u.depth, u.stride) for stage in get_blocks(50) for u in stage]
-        self.body = nn.Sequential(*units)
+        self.quality = nn.Sequential(nn.Flatten(), nn.PReLU(features), nn.Dropout(0.5), nn.Linear(features, 1))
+        chans = [width, width, 2 * width, 4 * width, 8 * width]
+        body = []
+        for stage, n in enumerate(units):  # as get_blocks: the first unit of each stage halves the size
+            body.append(bottleneck_IR(chans[stage], chans[stage + 1], 2))
+            body += [bottleneck_IR(chans[stage + 1], chans[stage + 1], 1) for _ in range(n - 1)]
+        self.body = nn.Sequential(*body)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N,3,112,112) RGB in [-1, 1] -> quality (N,1)."""
         return self.quality(self.body(self.input_layer(x)))
 
 
-def build() -> SddFiqaNet:
-    return SddFiqaNet().eval()
+def build(width: int = IR50_WIDTH, units: tuple[int, ...] = IR50_UNITS) -> SddFiqaNet:
+    return SddFiqaNet(width, units).eval()
 
 
 class SddFiqaScorer:

@@ -7,7 +7,7 @@ recognition embedding) and optionally `scored_at`. The flow:
 2. the pool, a seeded random sample of at most POOL rows of the whole set (the rows of smallest
    seeded URI hash), is collected on the driver (POOL x 512 floats) and put in the object store once;
 3. the rows are grouped by bucket (Ray Data's distributed shuffle: a bucket's rows meet on one worker,
-   never the whole set), and each bucket computes its raw distances vectorised (cafi/sdd_labels.py),
+   never the whole set), and each bucket computes its raw distances vectorised (cafi/train/sdd_labels.py),
    its random draws seeded by (seed, bucket) over rows sorted by (code, uri): reproducible whatever
    the blocks;
 4. the per-draw minimum and maximum over the set (read on the driver: 12 floats a row) normalise the
@@ -25,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cafi import sdd_labels
 from cafi.errors import CafiError
+from cafi.train import sdd_labels
+from cafi.train.run_rows import vectors_of
 
 POOL = 8192            # other-identity draws come from this many rows of the whole set (all when fewer)
 BUCKET_ROWS = 50_000   # rows per identity bucket (a bucket's embeddings: ~100 MiB as float32)
@@ -45,13 +46,6 @@ def uri_ranks(uris, seed: int) -> np.ndarray:
     from pandas.util import hash_array
 
     return hash_array(np.asarray(uris, dtype=object), hash_key=f"{seed % 10**16:016d}", categorize=False)
-
-
-def vectors_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """(n, d) numpy from a fixed-size-list column without nulls."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    parts = [c.flatten().to_numpy(zero_copy_only=False).reshape(len(c), -1) for c in chunks if len(c)]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
 def _tag(table: pa.Table, buckets: int) -> pa.Table:

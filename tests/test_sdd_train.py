@@ -1,0 +1,170 @@
+"""Training the SDD-FIQA regressor (`cafi train sddfiqa` without --labels-only): the held-out split, the
+reduced net's layout and the published file layout (fast), and one real Ray Train run on constructed crops
+whose visible degradation follows the hidden quality that drives the embeddings (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy.stats import spearmanr
+
+from cafi.cli import main
+from cafi.decision import OK
+from cafi.faces.align import ARCFACE_TEMPLATE_112
+from cafi.models import sddfiqa
+from cafi.models.registry import published
+from cafi.samples import draw_face
+from cafi.train import sdd_fit
+from cafi.train.faces import to_input
+from cafi.train.split import split_identities
+from cafi.weights import Checkpoint, build_loaded, load_into, sha256_of
+
+try:  # tests/ is a package here; still importable if it is not
+    from .test_edc import identity_set
+    from .test_report import decision_cfg, embedding_array, scored_table, write_run
+except ImportError:  # pragma: no cover
+    from test_edc import identity_set  # type: ignore[no-redef]
+    from test_report import decision_cfg, embedding_array, scored_table, write_run  # type: ignore
+
+RUN_ID = "20250101T000000Z-7a11e0"
+TINY = {"width": 8, "units": (1, 1, 1, 1)}
+
+
+def test_heldout_split_is_by_identity_seeded_and_never_everything():
+    ids = np.repeat([f"p{i}" for i in range(40)], 3)
+    a, b, c = (split_identities(ids, 0.25, s) for s in (1, 1, 2))
+    assert a == b and a != c and len(a) == 10 and a <= set(ids)
+    assert len(split_identities(ids[:6], 0.9, 0)) == 1  # two identities: one held out, one trained
+    with pytest.raises(ValueError, match="2 identities"):
+        split_identities(ids[:3], 0.5, 0)
+
+
+def test_the_default_net_is_the_published_layout_and_the_reduced_one_keeps_its_names():
+    full = sddfiqa.build()
+    tiny = sddfiqa.build(**TINY)
+    assert full.quality[3].in_features == sddfiqa.FEATURES and len(full.body) == sum(sddfiqa.IR50_UNITS)
+    names = {k.split(".", 1)[0] for k in tiny.state_dict()}
+    assert names == {"input_layer", "quality", "body"}
+    assert tiny(torch.zeros(2, 3, 112, 112)).shape == (2, 1)
+
+
+def test_the_learning_rate_decays_from_lr_to_a_twentieth():
+    lrs = [sdd_fit.epoch_lr(0.01, e, 10) for e in range(10)]
+    assert lrs[0] == pytest.approx(0.01) and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert lrs[-1] > 0.0005 and sdd_fit.epoch_lr(0.01, 10, 10) == pytest.approx(0.0005)
+
+
+def test_flips_mirror_about_half_the_faces():
+    torch.manual_seed(0)
+    img = torch.arange(64 * 4 * 4 * 3, dtype=torch.uint8).reshape(64, 4, 4, 3)
+    x = to_input(img, flip=True)
+    plain = to_input(img, flip=False)
+    mirrored = [bool(torch.equal(x[i], plain[i].flip(-1))) for i in range(64)]
+    assert 16 < sum(mirrored) < 48 and all(torch.equal(x[i], plain[i]) for i in range(64) if not mirrored[i])
+    assert plain.min() >= -1 and plain.max() <= 1
+
+
+# ---------------------------------------------------------------- the command on a committed run
+
+
+@pytest.fixture(scope="module")
+def crop_run(tmp_path_factory):
+    """A committed run of 36 identities x 5 crops: each crop is its identity's drawn face with sensor noise
+    of strength 1 - q, and its stored embedding's genuine similarity falls with the same hidden q. (Noise
+    alone: blur and noise move high frequencies in opposite directions, which a tiny net learns slowly.)"""
+    root = tmp_path_factory.mktemp("sddtrain")
+    emb, ids, q, _ = identity_set(n_ids=36, per=5, seed=3, sigma=2.0, power=1.0)
+    uris = []
+    for k, (ident, qk) in enumerate(zip(ids, q, strict=True)):
+        img = draw_face(128, seed=int(ident.split("-")[1]))
+        noise = np.random.default_rng(k).normal(0, 40 * (1.0 - qk), img.shape)
+        img = np.clip(img + noise, 0, 255).astype(np.uint8)
+        path = root / f"crop{k}.png"
+        cv2.imwrite(str(path), img[..., ::-1])
+        uris.append(str(path))
+    n = len(uris)
+    # The run's crops are decoded at the default 384 px: these landmarks align the whole crop (ArcFace template).
+    marks = np.tile((ARCFACE_TEMPLATE_112 * 384 / 112).ravel(), (n, 1)).astype(np.float32)
+    cfg = decision_cfg(min_serfiq=0.0)
+    values = {"uri": uris, "status": [OK] * n, "serfiq": q, "embedding": embedding_array(emb),
+              "landmarks": list(marks)}
+    run = write_run(str(root / "out"), scored_table(values, cfg, RUN_ID, "v1"), RUN_ID, cfg, files=2)
+    ids_csv = root / "ids.csv"
+    ids_csv.write_text("uri,identity\n" + "".join(f"{u},{i}\n" for u, i in zip(uris, ids, strict=True)))
+    return {"run": run, "ids": str(ids_csv), "q": dict(zip(uris, q, strict=True)), "identities": ids}
+
+
+@pytest.mark.slow
+def test_training_learns_the_visible_quality_and_resumes(crop_run, ray_local, tmp_path, capsys):
+    out = tmp_path / "model"
+    argv = ["train", "sddfiqa", crop_run["run"], "--identities", crop_run["ids"], "--out", str(out),
+            "--batch-size", "8", "--lr", "0.003", "--heldout", "0.25", "--seed", "1",
+            "--width", str(TINY["width"]), "--units", ",".join(map(str, TINY["units"]))]
+    assert main([*argv, "--epochs", "1"]) == 0  # stops after epoch 1, as a killed training would have
+    first = json.loads((out / "train.json").read_text())
+    assert [e["epoch"] for e in first["epochs"]] == [1]
+    assert main([*argv, "--epochs", "8"]) == 0  # the same --out: resumes after epoch 1
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "train.json").read_text())
+    assert [e["epoch"] for e in doc["epochs"]] == list(range(1, 9))
+    assert doc["epochs"][0] == first["epochs"][0]  # epoch 1 was not trained again
+    assert doc["init"]["source"] == "random" and "random initialisation" in doc["init"]["note"]
+    assert doc["split"]["heldout_identities"] == 9 and doc["labels"]["labelled"] == 180
+    assert "held-out SRCC" in printed
+    assert np.isfinite([e["heldout_srcc"] for e in doc["epochs"]]).all() and doc["heldout_srcc"] > 0.3
+    block = yaml.safe_load((out / "sddfiqa.yaml").read_text())["models"]["sddfiqa"]["weights"]
+    assert block["sha256"] == sha256_of(str(out / "sddfiqa.pth")) and block["uri"].endswith("sddfiqa.pth")
+    rec = published("sddfiqa_ir50")
+    raw = torch.load(out / "sddfiqa.pth", weights_only=True)
+    assert all(k.startswith("module.") for k in raw)  # the published DataParallel layout
+    ck = Checkpoint(model="sddfiqa", uri=block["uri"], sha256=block["sha256"], state_key=rec.state_key,
+                    strip_prefixes=rec.strip_prefixes, drop_prefixes=rec.drop_prefixes)
+    net = load_into(sddfiqa.build(**TINY), ck, str(tmp_path / "cache"))  # strict: every key, every shape
+    # The held-out identities' faces (never trained on) are ranked as the hidden quality ranks them.
+    held = split_identities(crop_run["identities"], 0.25, 1)
+    uris = [u for u, i in zip(crop_run["q"], crop_run["identities"], strict=True) if i in held]
+    assert len(uris) == 45
+    faces = np.stack([cv2.resize(cv2.imread(u)[..., ::-1], (112, 112), interpolation=cv2.INTER_AREA) for u in uris])
+    with torch.inference_mode():
+        pred = net(to_input(torch.from_numpy(faces), flip=False)).view(-1).numpy()
+    assert spearmanr(pred, [crop_run["q"][u] for u in uris]).statistic >= 0.6
+    html = (out / "train.html").read_text()
+    assert html.count("<svg") == 4 and "http" not in html.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_the_published_layout_written_by_training_loads_into_the_stage(tmp_path):
+    """What training writes for the default net (a `module.` prefixed state dict) loads strictly into the
+    sddfiqa stage's IR-50 with the record's layout."""
+    from cafi.train.sddfiqa import published_state
+
+    path = tmp_path / "sddfiqa.pth"
+    torch.save(published_state(sddfiqa.build().state_dict()), path)
+    rec = published("sddfiqa_ir50")
+    ck = Checkpoint(model="sddfiqa", uri=str(path), sha256=sha256_of(str(path)), state_key=rec.state_key,
+                    strip_prefixes=rec.strip_prefixes, drop_prefixes=rec.drop_prefixes)
+    net = build_loaded(sddfiqa.build, ck, str(tmp_path / "cache"))
+    assert isinstance(net, sddfiqa.SddFiqaNet)
+
+
+def test_training_starts_from_init_else_the_configured_weights_else_says_random(tmp_path):
+    from cafi.train.sddfiqa import _init_state, published_state
+
+    net = sddfiqa.build(**TINY)
+    path = tmp_path / "start.pth"
+    torch.save(published_state(net.state_dict()), path)
+    state, doc = _init_state(str(path), {}, TINY["width"], TINY["units"], str(tmp_path / "c"), None)
+    assert doc["source"] == "--init" and doc["sha256"] == sha256_of(str(path))
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    summary = {"config": {"models": {"sddfiqa": {"weights": {"uri": str(path), "sha256": doc["sha256"]}}}}}
+    state, doc = _init_state(None, summary, TINY["width"], TINY["units"], str(tmp_path / "c"), None)
+    assert doc["source"] == "the run's models.sddfiqa.weights" and torch.equal(state["body.0.res_layer.1.weight"],
+                                                                                 net.state_dict()["body.0.res_layer.1.weight"])
+    state, doc = _init_state(None, {}, TINY["width"], TINY["units"], str(tmp_path / "c"), None)
+    assert state is None and doc["source"] == "random" and "random initialisation" in doc["note"]
+    with pytest.raises(Exception, match="does not fit the architecture"):
+        _init_state(str(path), {}, 16, TINY["units"], str(tmp_path / "c"), None)  # strict: a wrong shape is refused
