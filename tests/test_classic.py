@@ -138,3 +138,93 @@ def test_checkpoint_round_trip_scores_the_same(tmp_path, constructed):
     ckpt = Checkpoint(model="classic", uri=str(path), sha256=sha256_of(str(path)), state_key="state_dict")
     with pytest.raises(Exception, match="not a classic FQA checkpoint"):
         classic.ClassicScorer(ckpt, str(tmp_path / "cache"), torch.device("cpu"))
+
+
+def test_the_stage_scores_aligned_faces_with_the_runs_embedding(tmp_path):
+    """The stage on a batch as the pipeline hands it (after the embedding source), with a checkpoint in
+    the layout `cafi weights synth` writes; rows not in flight stay NaN."""
+    from cafi.config import load_config
+    from cafi.stages.classic import SPEC
+    from cafi.synth import write_checkpoint
+    from cafi.weights import sha256_of
+
+    path = write_checkpoint("classic_fqa", str(tmp_path))
+    cfg = load_config([], ["input.uri=/in", "output.uri=/out", "output.embeddings=true", "models.fiqa.also=[classic]",
+                           "models.detector.align=none", f"models.classic.weights.uri={path}",
+                           f"models.classic.weights.sha256={sha256_of(path)}", f"models.cache_dir={tmp_path / 'c'}"])
+    stage = SPEC.stage(SPEC, cfg)
+    crops = np.stack([labelled_face(LABELS[i % 3], i, 128) for i in range(4)])
+    emb = unit_vectors(4, 2).astype(np.float16)
+    batch = {"uri": np.array([f"u{i}" for i in range(4)], object), "image": crops,
+             "status": np.array(["ok", "ok", "no_face", "ok"], object), "embedding": emb}
+    out = stage(batch)["classic"]
+    live = out[[0, 1, 3]]
+    assert np.isnan(out[2]) and np.isfinite(live).all() and ((live >= 0) & (live <= 1)).all()
+    from cafi.classic.features import extract
+    from cafi.faces.align import resize_aligned
+
+    want = stage.model(extract(resize_aligned(crops[[0, 1, 3]]), emb[[0, 1, 3]].astype(np.float32)))
+    np.testing.assert_allclose(out[[0, 1, 3]], want, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the command on a committed run
+
+
+@pytest.mark.slow
+def test_train_classic_on_a_committed_run(tmp_path, ray_local, capsys):
+    """`cafi train classic` on a committed run of constructed crops (faces re-aligned from the stored
+    landmarks, embeddings from the run): held-out accuracy, the outputs, and the checkpoint the scorer loads."""
+    import json
+
+    import cv2
+    import yaml
+
+    from cafi.cli import main
+    from cafi.decision import OK
+    from cafi.faces.align import ARCFACE_TEMPLATE_112
+    from cafi.weights import Checkpoint, sha256_of
+
+    try:
+        from .test_report import decision_cfg, embedding_array, scored_table, write_run
+    except ImportError:  # pragma: no cover
+        from test_report import decision_cfg, embedding_array, scored_table, write_run  # type: ignore
+
+    per, run_id = 30, "20250101T000000Z-c1a551"
+    labels = [LABELS[i % 3] for i in range(3 * per)]
+    uris = []
+    for i, lab in enumerate(labels):
+        path = tmp_path / f"crop{i}.png"
+        cv2.imwrite(str(path), labelled_face(lab, i, 128)[..., ::-1])
+        uris.append(str(path))
+    n = len(uris)
+    marks = np.tile((ARCFACE_TEMPLATE_112 * 384 / 112).ravel(), (n, 1)).astype(np.float32)  # the whole crop
+    cfg = decision_cfg(min_serfiq=0.0)
+    values = {"uri": uris, "status": [OK] * n, "serfiq": np.full(n, 0.9), "landmarks": list(marks),
+              "embedding": embedding_array(unit_vectors(n, 4), valid=np.arange(n) != 5)}  # row 5: no embedding
+    run = write_run(str(tmp_path / "out"), scored_table(values, cfg, run_id, "v1"), run_id, cfg, files=2)
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("path,quality\n" + "".join(f"{u},{lab.upper()}\n" for u, lab in zip(uris, labels, strict=True))
+                        + f"{tmp_path / 'elsewhere.png'},good\n")
+    out = tmp_path / "model"
+    assert main(["train", "classic", str(csv_path), "--run", run, "--out", str(out), "--uri-column", "path",
+                 "--label-column", "quality", "--heldout", "0.3", "--epochs-autoencoder", "10",
+                 "--epochs-classifier", "100", "--epochs-finetune", "10"]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "train.json").read_text())
+    assert doc["rows"]["labelled"] == n + 1 and doc["rows"]["used"] == n - 1 and doc["rows"]["not_found"] == 2
+    split = doc["split"]
+    assert split["heldout_rows"] + split["train_rows"] == n - 1 and split["heldout_rows"] == 27  # 9 of 29, 30, 30
+    assert doc["heldout_accuracy"] >= 0.8 and "held-out accuracy" in printed
+    assert np.sum(doc["heldout"]["confusion"]) == 27
+    block = yaml.safe_load((out / "classic.yaml").read_text())["models"]["classic"]["weights"]
+    assert block["sha256"] == sha256_of(str(out / "classic.pth")) and block["uri"].endswith("classic.pth")
+    html = (out / "train.html").read_text()
+    assert html.count("<svg") == 2 and "http" not in html.replace("http://www.w3.org/2000/svg", "")
+    ckpt = Checkpoint(model="classic", uri=block["uri"], sha256=block["sha256"], state_key="state_dict",
+                      strip_prefixes=())
+    scorer = classic.ClassicScorer(ckpt, str(tmp_path / "cache"), torch.device("cpu"))
+    assert scorer.meta["run_id"] == run_id and scorer.meta["features"]["gist"]["orientations"] == 8
+    faces = np.stack([cv2.resize(labelled_face(lab, i, 128), (112, 112), interpolation=cv2.INTER_AREA)
+                      for i, lab in enumerate(labels[:6])])
+    scores = scorer(features.extract(faces, unit_vectors(n, 4)[:6]))
+    assert scores.shape == (6,) and ((scores >= 0) & (scores <= 1)).all()
