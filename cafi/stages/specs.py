@@ -78,13 +78,15 @@ def chosen(cfg: JobConfig, family: str) -> StageSpec:
 
 def specs_for(cfg: JobConfig) -> list[StageSpec]:
     """The model stages a config runs, in pipeline order (decide is not one: it runs in its own tasks).
-    A scorer that reads the run's `embedding` (the classic classifier) runs after the family's others,
-    one of which makes it."""
+    A FIQA scorer that reads the run's `embedding` (the classic classifier) runs after the other FIQA
+    scorers, one of which makes it."""
     out: list[StageSpec] = []
     for family in FAMILIES[:-1]:
         if family in ("fiqa", "iqa"):
             chosen_ = [spec(k) for k in kinds(cfg, family)]
-            out += sorted(chosen_, key=lambda s: "embedding" in s.reads(cfg))
+            if family == "fiqa":  # the family whose scorers make the embedding
+                chosen_.sort(key=lambda s: "embedding" in s.reads(cfg))
+            out += chosen_
         else:
             out += list(of_family(family))
     return out
