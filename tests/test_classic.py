@@ -228,3 +228,21 @@ def test_train_classic_on_a_committed_run(tmp_path, ray_local, capsys):
                       for i, lab in enumerate(labels[:6])])
     scores = scorer(features.extract(faces, unit_vectors(n, 4)[:6]))
     assert scores.shape == (6,) and ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_labels_csv_columns_are_configurable_and_bad_rows_name_their_line(tmp_path):
+    from cafi.errors import CafiError
+    from cafi.train.classic import read_class_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text("file,grade,person\na.png, Good ,p1\nb.png,BAD,\nc.png,average,p2\n")
+    t = read_class_labels(str(path), None, uri_column="file", label_column="grade", identity_column="person")
+    assert t.to_pydict() == {"uri": ["a.png", "b.png", "c.png"], "label": [0, 2, 1], "identity": ["p1", None, "p2"]}
+    with pytest.raises(CafiError, match="no 'label' column .*--label-column"):
+        read_class_labels(str(path), None, uri_column="file")
+    path.write_text("uri,label\na.png,good\nb.png,blurry\n")
+    with pytest.raises(CafiError, match="line 3: label 'blurry' is not one of good, average, bad"):
+        read_class_labels(str(path), None)
+    path.write_text("uri,label\na.png,good\na.png,bad\n")
+    with pytest.raises(CafiError, match="line 3: a.png is labelled twice"):
+        read_class_labels(str(path), None)

@@ -104,13 +104,14 @@ class ClassicScorer:
 
     def __init__(self, ckpt, cache_dir: str, device: torch.device, storage=None, **_ignored):
         from cafi.errors import WeightsError
+        from cafi.redact import redact_uri
         from cafi.weights import fetch, read_state_dict
 
         path = fetch(ckpt, cache_dir, storage)
         obj = torch.load(path, map_location="cpu", weights_only=True)
         meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
         if list(meta.get("classes", [])) != list(CLASSES) or tuple(meta.get("kinds", ())) != KINDS:
-            raise WeightsError(f"{ckpt.model}: {ckpt.uri} is not a classic FQA checkpoint of this cafi "
+            raise WeightsError(f"{ckpt.model}: {redact_uri(ckpt.uri)} is not a classic FQA checkpoint of this cafi "
                                f"(classes {meta.get('classes')}, kinds {meta.get('kinds')})")
         self.meta = meta
         self.device = device

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from cafi.config import StorageConfig
 from cafi.errors import CafiError
 from cafi.redact import redact_uri
-from cafi.storage import filesystem, join
+from cafi.storage import filesystem, join, protocol_of
 from cafi.train import run_rows
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,9 @@ def train(labels_uri: str, run: str, out: str, uri_column: str = "uri", label_co
     if not 0.0 < settings.holdout < 1.0:
         raise CafiError(f"--heldout: {settings.holdout} is not a fraction in (0, 1)")
     labels = read_class_labels(labels_uri, storage, uri_column, label_column, identity_column)
-    fs_out, out_path = filesystem(out, storage)
-    fs_out.makedirs(out_path, exist_ok=True)  # a local DIR; a no-op on object stores
+    if protocol_of(out) == "file":  # object stores have no directories to make
+        fs_out, out_path = filesystem(out, storage)
+        fs_out.makedirs(out_path, exist_ok=True)
     ref, files = run_rows.run_files(run, storage)
     run_rows.require_column(ref, files, "landmarks", "landmarks", NO_LANDMARKS, storage)
     run_rows.require_column(ref, files, "embedding", "embeddings", NO_EMBEDDINGS, storage)
@@ -170,7 +171,10 @@ def train(labels_uri: str, run: str, out: str, uri_column: str = "uri", label_co
     if (counts < 2).any():
         raise CafiError("each class needs at least 2 labelled faces of the run (a training and a held-out one); "
                         f"found {dict(zip(classic.CLASSES, counts.tolist(), strict=True))}")
-    ids = labels["identity"].to_numpy(zero_copy_only=False)[rows] if identity_column else None
+    ids = None
+    if identity_column:  # a row without an identity is a group of its own
+        given = labels["identity"].to_pylist()
+        ids = np.array([given[r] if given[r] is not None else f"\0row{r}" for r in rows], dtype=object)
     train_idx, held_idx = fit.split(y, settings.holdout, settings.seed, groups=ids)
     net, history = fit.fit({k: v[train_idx] for k, v in feats.items()}, y[train_idx], settings)
     held_feats = {k: v[held_idx] for k, v in feats.items()}
