@@ -7,11 +7,12 @@
   uniform codes (LBP^u2_{8,2}), histogrammed over a 7x7 grid of 16x16-pixel cells and each cell's
   histogram normalised to sum 1 -- Ahonen, Hadid & Pietikainen's face descriptor (TPAMI 2006):
   49 x 59 = 2891 values.
-- GIST: Oliva & Torralba's Gabor-bank energies on a 4x4 grid (cafi/classic/gist.py): 512 values.
+- GIST: Oliva & Torralba's Gabor-bank energies on a 4x4 grid (cafi/classic/gist.py), on the mean of
+  the colour channels as LMgist takes it: 512 values.
 - CNN: the run's recognition embedding of the face (the `embedding` column: L2-normalised, 512 values)
   -- computed once by the run's recognizer, never again here.
 
-All on BT.601 luma of the RGB face, as float32.
+HOG and LBP on BT.601 luma of the RGB face; every kind as float32.
 """
 
 from __future__ import annotations
@@ -68,14 +69,20 @@ def lbp(gray: np.ndarray) -> np.ndarray:
     return hist.reshape(n, DIMS["lbp"]).astype(np.float32)
 
 
-def extract(faces: np.ndarray, embeddings: np.ndarray) -> dict[str, np.ndarray]:
-    """Aligned uint8 RGB faces (N, 112, 112, 3) and their recognition embeddings (N, 512) -> kind ->
-    (N, dim) float32, in KINDS order."""
+def hand_crafted(faces: np.ndarray) -> dict[str, np.ndarray]:
+    """Aligned uint8 RGB faces (N, 112, 112, 3) -> GIST, HOG and LBP (N, dim) float32."""
     faces = np.asarray(faces)
     if faces.shape[1:] != (FACE, FACE, 3):
         raise ValueError(f"classic features need aligned {FACE}x{FACE} RGB faces, not {faces.shape[1:]}")
+    gray = luma(faces)
+    return {"gist": _gist.gist(faces.mean(axis=3, dtype=np.float32)), "hog": hog(gray), "lbp": lbp(gray)}
+
+
+def extract(faces: np.ndarray, embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """Aligned uint8 RGB faces (N, 112, 112, 3) and their recognition embeddings (N, 512) -> kind ->
+    (N, dim) float32, in KINDS order."""
     embeddings = np.asarray(embeddings, np.float32).reshape(len(faces), -1)
     if embeddings.shape[1] != CNN_DIM:
         raise ValueError(f"classic features need {CNN_DIM}-value recognition embeddings, not {embeddings.shape[1]}")
-    gray = luma(faces)
-    return {"gist": _gist.gist(gray), "cnn": embeddings, "hog": hog(gray), "lbp": lbp(gray)}
+    feats = hand_crafted(faces)
+    return {k: embeddings if k == "cnn" else feats[k] for k in KINDS}

@@ -1,20 +1,21 @@
 """GIST (Oliva & Torralba, "Modeling the shape of the scene", IJCV 2001), as their reference code
-LMgist.m computes it, vectorised over a batch of grey images.
+LMgist.m computes it with its default parameters, vectorised over a batch of grey images.
 
-Parameters (LMgist.m's defaults, except the image size: a 112x112 face has no detail above 128):
-- the image is resized to IMAGE_SIZE x IMAGE_SIZE (LMgist: 256) and min-max scaled to 0..255;
-- prefiltering (LMgist prefilt.m): log(1 + I), whitening by subtracting a Gaussian low-pass with
-  fc_prefilt = PREFILTER_FC = 4 cycles/image (s1 = fc / sqrt(ln 2)), then local contrast normalisation
-  by 0.2 + the low-passed local standard deviation; 5 px symmetric padding, cropped off after;
-- a bank of Gabor transfer functions (createGabor.m) at SCALES = 4 scales with ORIENTATIONS = 8
-  orientations each (orientationsPerScale [8 8 8 8]): filter (i, j) is
-  exp(-10 a (f/(n b) - 1)^2 - 2 c pi theta^2) with a = 0.35, b = 0.3 / 1.85^i, c = 16 o^2 / 32^2,
-  theta the polar angle shifted by pi j / o; applied in the frequency domain on the image padded by
-  BOUNDARY = 16 px (symmetric; LMgist pads 32 px at 256, the same eighth of the image);
-- the magnitude of each response averaged over a BLOCKS x BLOCKS = 4 x 4 grid (numberBlocks 4):
-  4 * 8 * 16 = 512 values per face, ordered (filter, block row, block column).
+Parameters (LMgist.m's defaults: param.imageSize 128, orientationsPerScale [8 8 8 8], numberBlocks 4,
+fc_prefilt 4, boundaryExtension 32):
+- the grey image (LMgist: the mean of the colour channels) is resized to IMAGE_SIZE x IMAGE_SIZE = 128
+  (bilinear) and min-max scaled to 0..255;
+- prefiltering (prefilt): log(1 + I) with 5 px symmetric padding, whitening by subtracting a Gaussian
+  low-pass exp(-(fx^2 + fy^2) / s1^2), s1 = fc / sqrt(ln 2), fc = PREFILTER_FC = 4 cycles/image, then
+  local contrast normalisation: divided by 0.2 + sqrt(|low-pass of the squared output|);
+- a bank of Gabor transfer functions (createGabor) at SCALES = 4 scales with ORIENTATIONS = 8
+  orientations each: filter (i, j) is exp(-10 a (f / (n b) - 1)^2 - 2 c pi theta^2) with a = 0.35,
+  b = 0.3 / 1.85^i, c = 16 o^2 / 32^2, f the radial frequency, theta the polar angle shifted by pi j / o
+  (wrapped to [-pi, pi]), on the n x n grid of the image padded by BOUNDARY = 32 px (symmetric);
+- the magnitude of each filter's response (gistGabor), cropped back to the image, averaged over a
+  BLOCKS x BLOCKS = 4 x 4 grid (downN): 4 * 8 * 16 = 512 values per face, in LMgist's order (filter
+  by filter, each filter's 16 blocks column by column).
 """
-
 from __future__ import annotations
 
 from functools import cache
@@ -27,7 +28,7 @@ IMAGE_SIZE = 128
 PREFILTER_FC = 4.0
 SCALES = 4
 ORIENTATIONS = 8
-BOUNDARY = 16
+BOUNDARY = 32
 BLOCKS = 4
 DIM = SCALES * ORIENTATIONS * BLOCKS * BLOCKS
 
@@ -91,8 +92,8 @@ def gist(gray: np.ndarray) -> np.ndarray:
     bank = gabor_bank(x.shape[1])
     inner = slice(BOUNDARY, BOUNDARY + IMAGE_SIZE)
     cell = IMAGE_SIZE // BLOCKS
-    out = np.empty((len(x), len(bank), BLOCKS, BLOCKS), np.float32)
+    out = np.empty((len(x), len(bank), BLOCKS, BLOCKS), np.float32)  # (face, filter, row, col)
     for k, g in enumerate(bank):  # one filter at a time over the whole batch: memory stays N x n x n
         response = np.abs(fft.ifft2(spectrum * g))[:, inner, inner]
         out[:, k] = response.reshape(len(x), BLOCKS, cell, BLOCKS, cell).mean(axis=(2, 4))
-    return out.reshape(len(x), DIM)
+    return out.transpose(0, 1, 3, 2).reshape(len(x), DIM)  # blocks column-major, as MATLAB's reshape

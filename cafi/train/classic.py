@@ -79,11 +79,10 @@ def read_class_labels(uri: str, storage: StorageConfig | None, uri_column: str =
 
 def _hand_features(batch: dict) -> dict:
     """Ray Data task: aligned faces -> their GIST, HOG and LBP (the CNN feature is the stored embedding)."""
-    from cafi.classic import features, gist
+    from cafi.classic import features
 
-    gray = features.luma(batch["image"])
-    return {"row": batch["row"].astype(np.int64), "gist": gist.gist(gray), "hog": features.hog(gray),
-            "lbp": features.lbp(gray)}
+    feats = features.hand_crafted(batch["image"])
+    return {"row": batch["row"].astype(np.int64), **feats}
 
 
 def _embeddings(files: list[str], fs, uris: pa.Array) -> dict[str, np.ndarray]:
