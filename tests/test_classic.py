@@ -246,3 +246,26 @@ def test_labels_csv_columns_are_configurable_and_bad_rows_name_their_line(tmp_pa
     path.write_text("uri,label\na.png,good\na.png,bad\n")
     with pytest.raises(CafiError, match="line 3: a.png is labelled twice"):
         read_class_labels(str(path), None)
+
+
+def test_preflight_refuses_embeddings_of_another_recognizer(tmp_path):
+    from cafi import preflight
+    from cafi.config import load_config
+    from cafi.errors import ConfigError
+    from cafi.weights import sha256_of
+
+    def cfg_for(recognizer_sha: str, trained: dict | None):
+        path = tmp_path / f"classic-{recognizer_sha[0]}-{trained is None}.pth"
+        torch.save(classic.checkpoint_object(classic.build(), {"embedding_model": trained}), path)
+        return load_config([], ["input.uri=/in", "output.uri=/out", "output.embeddings=true",
+                                "models.fiqa.also=[classic]", "models.serfiq.weights.uri=/w/arcface.pth",
+                                f"models.serfiq.weights.sha256={recognizer_sha}", f"models.classic.weights.uri={path}",
+                                f"models.classic.weights.sha256={sha256_of(str(path))}",
+                                f"models.cache_dir={tmp_path / 'c'}"])
+
+    trained = {"stage": "serfiq", "arch": "arcface_ir_se50", "sha256": "1" * 64}
+    preflight.check_recognizer(cfg_for("1" * 64, trained))  # the same recognizer
+    preflight.check_recognizer(cfg_for("2" * 64, None))  # a checkpoint that records none
+    with pytest.raises(ConfigError, match=r"models.classic.weights: trained on embeddings of serfiq .*1111.*but this "
+                                          r"run's embedding comes from serfiq arcface_ir_se50 \(sha256 2222"):
+        preflight.check_recognizer(cfg_for("2" * 64, trained))

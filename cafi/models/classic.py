@@ -99,6 +99,15 @@ def synth_checkpoint() -> dict:
     return checkpoint_object(build(), {"synthetic": True, "embedding_model": None})
 
 
+def trained_recognizer(path: str) -> dict | None:
+    """The recognizer (stage, arch, sha256) whose embeddings a checkpoint's CNN feature was trained on;
+    None when it does not say (a synthetic checkpoint, or a run that recorded none)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    model = meta.get("embedding_model") if isinstance(meta, dict) else None
+    return model if isinstance(model, dict) else None
+
+
 class ClassicScorer:
     """The trained classifier of a checkpoint: features -> score, on the CPU (a few small matrices)."""
 

@@ -4,8 +4,8 @@
 Its GIST, HOG and LBP come from the aligned face (cafi/classic/features.py); its CNN feature is the
 run's recognition embedding, the `embedding` another FIQA scorer of the run writes in its own pass
 (output.embeddings=true): no second recognition pass. Without output.embeddings the config is refused
-(ConfigError naming the key). The embedding's recognizer should be the one the checkpoint was trained
-on (train.json and classic.yaml name it; not checked here). Runs on the CPU: a few small matrices.
+(ConfigError naming the key). The embedding's recognizer must be the one the checkpoint was trained on
+(the checkpoint records it; cafi/preflight.py checks at start). Runs on the CPU: a few small matrices.
 """
 
 from __future__ import annotations
