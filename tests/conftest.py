@@ -44,7 +44,7 @@ def fast_config(tmp_path_factory, synth_dir) -> str:
     d = str(tmp_path_factory.mktemp("fast"))
     # the optional scorers the pipeline tests run (tests/test_rescore.py): each other one's random
     # checkpoint costs seconds to write (CR-FIQA's iResNet100, SDD-FIQA's IR-50); add a kind here to run it
-    path = synth(d, detector="retinaface_mobile0.25", scorers=("magface", "topiq_face", "crfiqa", "sddfiqa"))
+    path = synth(d, detector="retinaface_mobile0.25", scorers=("magface", "topiq_face", "crfiqa", "sddfiqa", "classic"))
     extra = os.path.join(d, "fast.yaml")
     with open(extra, "w") as fh:
         fh.write(
