@@ -99,6 +99,8 @@ COLUMNS: tuple[Column, ...] = (
            "higher"),
     Column("sddfiqa", _F, "SDD-FIQA: IR-50 regression of the similarity-distribution-distance label", "~0..100",
            "higher", span=(0.0, 100.0)),
+    Column("classic", _F, "score-based FQA classifier (your `cafi train classic` checkpoint): P(good) + "
+           "0.5 P(average) over GIST, HOG, LBP and the recognition embedding", "0..1", "higher", span=(0.0, 1.0)),
     # -- image-quality (IQA) scorers
     Column("dbcnn", _F, "DBCNN on the masked face (KonIQ-10k MOS scale for the published weights)", "0..100",
            "higher", span=(0.0, 100.0)),

@@ -107,6 +107,14 @@ class SddfiqaConfig(StageConfig):
 
 
 @dataclass(frozen=True)
+class ClassicConfig(StageConfig):
+    family: ClassVar[str] = "fiqa"
+
+    # No published weights: the checkpoint `cafi train classic` wrote (its DIR/classic.yaml block).
+    weights: WeightsConfig | None = None
+
+
+@dataclass(frozen=True)
 class TopiqFaceConfig(StageConfig):
     family: ClassVar[str] = "iqa"
 
@@ -171,6 +179,7 @@ class ModelsConfig:
     magface: MagfaceConfig = field(default_factory=MagfaceConfig)
     crfiqa: CrfiqaConfig = field(default_factory=CrfiqaConfig)
     sddfiqa: SddfiqaConfig = field(default_factory=SddfiqaConfig)
+    classic: ClassicConfig = field(default_factory=ClassicConfig)
     dbcnn: DbcnnConfig = field(default_factory=DbcnnConfig)
     topiq_face: TopiqFaceConfig = field(default_factory=TopiqFaceConfig)
     maniqa: ManiqaConfig = field(default_factory=ManiqaConfig)
@@ -231,6 +240,7 @@ class DecisionConfig:
     min_magface: float | None = None
     min_crfiqa: float | None = None
     min_sddfiqa: float | None = None
+    min_classic: float | None = None
     min_mask_fraction: float = 0.05
     min_dbcnn: float | None = None
     min_topiq_face: float | None = None
@@ -441,6 +451,8 @@ def validate(cfg: JobConfig) -> None:
            cfg.ray.scale_gpu_pools)
     d = cfg.decision
     _check(0.0 <= d.min_serfiq <= 1.0, "decision.min_serfiq", "a number in [0, 1]", d.min_serfiq)
+    _check(d.min_classic is None or 0.0 <= d.min_classic <= 1.0, "decision.min_classic", "null or a number in [0, 1]",
+           d.min_classic)
     _check(0.0 <= d.min_mask_fraction <= 1.0, "decision.min_mask_fraction", "a number in [0, 1]",
            d.min_mask_fraction)
     fusion.check(d)

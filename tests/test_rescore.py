@@ -176,10 +176,12 @@ def test_switching_scorers_reruns_only_the_new_scorer(first, fast_config):
     assert scored and all(r["magface_raw"] > 0 and r["magface"] == r["magface_raw"] and r["serfiq"] is None
                           for r in scored)
     # CR-FIQA with embeddings: only CR-FIQA runs, and its one pass gives the embedding, which the run
-    # records as coming from it (summary and the column's Parquet field metadata)
-    cr = pipeline.run(load_config(fast_config, base + ["models.iqa.kind=topiq_face", "models.fiqa.kind=crfiqa",
+    # records as coming from it (summary and the column's Parquet field metadata); the classic classifier
+    # beside it reads that embedding in the same batch (it runs after CR-FIQA whatever the order given)
+    cr = pipeline.run(load_config(fast_config, base + ["models.iqa.kind=topiq_face", "models.fiqa.kind=classic",
+                                                       "models.fiqa.also=[crfiqa]", "decision.min_classic=0.0",
                                                        "output.embeddings=true"]))
-    assert cr["stages_run"] == ["crfiqa"], cr["stages_run"]
+    assert cr["stages_run"] == ["crfiqa", "classic"], cr["stages_run"]
     assert cr["embedding_model"]["stage"] == "crfiqa" and cr["embedding_model"]["arch"].startswith("crfiqa")
     ds = manifest.dataset(str(tmp / "out"))
     files = [f for f in ds.files if cr["run_id"] in f]
@@ -187,5 +189,6 @@ def test_switching_scorers_reruns_only_the_new_scorer(first, fast_config):
     rows = manifest.read(str(tmp / "out"), version=cr["model_version"]).to_pylist()
     scored = [r for r in rows if r["status"] == "scored"]
     assert scored and all(r["embedding"] is not None and np.isfinite(r["crfiqa"]) for r in scored)
+    assert all(0.0 <= r["classic"] <= 1.0 for r in scored) and len({r["classic"] for r in scored}) > 1
     # the versions stay side by side: four committed model versions of the same inputs
     assert len({r["model_version"] for r in manifest.committed_runs(str(tmp / "out"))}) >= 4

@@ -17,7 +17,8 @@ from cafi.stages.spec import FAMILIES, StageSpec
 
 # Thresholds added after model versions were first recorded enter the decision's fingerprint only when
 # set: null turns a rule off, as an absent key does, so every version made before them keeps its name.
-_LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa", "min_fused", "min_maniqa", "min_musiq")
+_LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa", "min_fused", "min_classic", "min_maniqa",
+                     "min_musiq")
 
 
 def _decide_settings(cfg: JobConfig, columns: tuple[str, ...]) -> dict:
@@ -77,11 +78,16 @@ def chosen(cfg: JobConfig, family: str) -> StageSpec:
 
 
 def specs_for(cfg: JobConfig) -> list[StageSpec]:
-    """The model stages a config runs, in pipeline order (decide is not one: it runs in its own tasks)."""
+    """The model stages a config runs, in pipeline order (decide is not one: it runs in its own tasks).
+    A FIQA scorer that reads the run's `embedding` (the classic classifier) runs after the other FIQA
+    scorers, one of which makes it."""
     out: list[StageSpec] = []
     for family in FAMILIES[:-1]:
         if family in ("fiqa", "iqa"):
-            out += [spec(k) for k in kinds(cfg, family)]
+            chosen_ = [spec(k) for k in kinds(cfg, family)]
+            if family == "fiqa":  # the family whose scorers make the embedding
+                chosen_.sort(key=lambda s: "embedding" in s.reads(cfg))
+            out += chosen_
         else:
             out += list(of_family(family))
     return out
