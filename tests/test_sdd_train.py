@@ -172,46 +172,51 @@ def test_training_starts_from_init_else_the_configured_weights_else_says_random(
 
 # ---------------------------------------------------------------- the MANIQA backbone (--backbone maniqa)
 
+@pytest.fixture
+def one_thread():
+    """Toy-width nets are many tiny ops: one torch thread runs them several times faster than two on a
+    shared box (the threads' hand-offs cost more than the work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _faces112(n: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([cv2.resize(draw_face(128, s), (112, 112), interpolation=cv2.INTER_AREA)
                                       for s in range(n)]))
 
 
-def test_the_maniqa_backbone_is_a_maniqa_checkpoint_whose_score_head_regresses_the_labels():
+def test_the_maniqa_backbone_is_a_maniqa_checkpoint_whose_score_head_regresses_the_labels(one_thread):
     import torch.nn.functional as F
 
     from cafi.models import maniqa
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is several times faster than two on a shared box
-    try:
-        torch.manual_seed(0)
-        net = sdd_fit.build_net({"backbone": "sddfiqa_maniqa_tiny"})
-        assert isinstance(net, maniqa.FaceRegressor)
-        assert list(net.state_dict()) == list(maniqa.build("maniqa_tiny").state_dict())  # MANIQA's own keys
-        x = to_input(_faces112(4), flip=False)
-        with torch.inference_mode():  # the face scaled to one crop, through MANIQA's weighted score head
-            one_crop = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
-            np.testing.assert_allclose(net(x).numpy(), maniqa.MANIQA.forward(net, one_crop, 1).numpy(), rtol=1e-6)
-        target = torch.tensor([15.0, 40.0, 65.0, 90.0])
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        net.train()
-        losses = []
-        for _ in range(10):
-            loss = F.smooth_l1_loss(net(x), target)
-            opt.zero_grad()
-            loss.backward()
-            if not losses:  # the whole network learns, from the patch embedding to the score head
-                assert net.vit.patch_embed.proj.weight.grad.abs().sum() > 0
-                assert net.fc_score[3].weight.grad.abs().sum() > 0
-            opt.step()
-            losses.append(loss.item())
-        assert losses[-1] < 0.7 * losses[0]
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = sdd_fit.build_net({"backbone": "sddfiqa_maniqa_tiny"})
+    assert isinstance(net, maniqa.FaceRegressor)
+    assert list(net.state_dict()) == list(maniqa.build("maniqa_tiny").state_dict())  # MANIQA's own keys
+    x = to_input(_faces112(4), flip=False)
+    with torch.inference_mode():  # the face scaled to one crop, through MANIQA's weighted score head
+        one_crop = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+        np.testing.assert_allclose(net(x).numpy(), maniqa.MANIQA.forward(net, one_crop, 1).numpy(), rtol=1e-6)
+    target = torch.tensor([15.0, 40.0, 65.0, 90.0])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net.train()
+    losses = []
+    for _ in range(10):
+        loss = F.smooth_l1_loss(net(x), target)
+        opt.zero_grad()
+        loss.backward()
+        if not losses:  # the whole network learns, from the patch embedding to the score head
+            assert net.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+            assert net.fc_score[3].weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
 
 
-def test_what_maniqa_backbone_training_writes_loads_into_the_sddfiqa_stage(tmp_path):
+def test_what_maniqa_backbone_training_writes_loads_into_the_sddfiqa_stage(tmp_path, one_thread):
     """Training saves the regressor's bare state dict (MANIQA's layout); models.sddfiqa.arch
     sddfiqa_maniqa(_tiny) loads it strictly and scores the aligned faces as the trained net does."""
     from cafi.config import load_config
