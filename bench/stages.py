@@ -10,6 +10,7 @@ what each of four separate pools gets with `torch_threads: 0` and `num_cpus: 0.2
                            [--parser bisenet] [--config extra.yaml ...] [key=value ...]
     python bench/stages.py --batch-sizes 1,2,4,8 [--threads 1,2] [--n 16]   # batch-size sweep
     python bench/stages.py --fiqa [--threads 1] [--n 16]   # every FIQA scorer on the same faces: CPU ms per face
+    python bench/stages.py --iqa [--threads 2] [--n 2]     # every IQA scorer on the same masked faces: CPU ms per face
     python bench/stages.py --classic [--threads 1] [--n 16]   # classic FQA features and scorer vs the detector
 
 Also the helpers the other benchmarks share (machine line, synthetic setup, measure()).
@@ -363,6 +364,30 @@ def fiqa_costs(cfg_path: str, paths: list[str], d: str, args, threads: list[int]
     print(f"\nfiqa cost per face: {', '.join(f'{k} {first[k]:.0f} ms' for k in order if k in first)}", flush=True)
 
 
+def iqa_costs(cfg_path: str, paths: list[str], d: str, args, threads: list[int]) -> None:
+    """Each IQA scorer on the same detected, parsed (masked) faces: wall and CPU ms per face, and the one
+    line that compares them (CPU ms per face at the first thread count)."""
+    from cafi.stages.specs import of_family
+
+    kinds = [s.name for s in of_family("iqa")]
+    order = ["dbcnn", "topiq_face", "maniqa", "musiq"] + [k for k in kinds if k not in
+                                                          ("dbcnn", "topiq_face", "maniqa", "musiq")]
+    cfg = load_config([cfg_path, *args.config], [f"input.uri={os.path.dirname(paths[0])}", f"output.uri={d}/out",
+                                                 *base_overrides(d), "models.iqa.kind=dbcnn",
+                                                 f"models.iqa.also=[{','.join(k for k in order if k != 'dbcnn')}]",
+                                                 *args.overrides])
+    m = cfg.models
+    print(f"IQA scorers: DBCNN, TOPIQ-face, MANIQA {m.maniqa.arch} ({m.maniqa.crops} crops), MUSIQ {m.musiq.arch}; "
+          f"masked faces from parser {m.parser.arch}", flush=True)
+    costs: dict[int, dict[str, float]] = {}
+    for t in threads:
+        rows = [r for r in measure(cfg, paths, t, args.repeats, only={*kinds, "parse"}) if r["stage"] in kinds]
+        costs[t] = {r["stage"]: 1000 * r["cpu_seconds"] / r["images"] for r in rows}
+        print(f"\ntorch threads = {t}\n{stage_table(rows)}", flush=True)
+    first = costs[threads[0]]
+    print(f"\niqa cost per face: {', '.join(f'{k} {first[k]:.0f} ms' for k in order if k in first)}", flush=True)
+
+
 def classic_cost(cfg_path: str, paths: list[str], d: str, args, threads: list[int]) -> None:
     """The classic FQA scorer's CPU cost per face beside the detector's: its features alone (GIST, HOG,
     LBP on 112x112 faces; the CNN feature is the run's stored embedding, no cost here), and the whole
@@ -430,6 +455,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--batch-sizes", default="", help="instead: every model stage at each of these batch sizes")
     ap.add_argument("--fiqa", action="store_true", help="instead: every FIQA scorer's cost per face")
+    ap.add_argument("--iqa", action="store_true", help="instead: every IQA scorer's cost per face")
     ap.add_argument("--classic", action="store_true", help="instead: the classic FQA scorer's cost vs the detector")
     ap.add_argument("--config", action="append", default=[], help="extra config files, after the synthetic one")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. models.dbcnn.batch_size=4)")
@@ -450,6 +476,9 @@ def main() -> None:
             return
         if args.fiqa:
             fiqa_costs(cfg_path, paths, d, args, threads)
+            return
+        if args.iqa:
+            iqa_costs(cfg_path, paths, d, args, threads)
             return
         if args.classic:
             classic_cost(cfg_path, paths, d, args, threads)

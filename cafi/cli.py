@@ -214,7 +214,8 @@ def cmd_train_sddfiqa(args: argparse.Namespace) -> int:
         units = tuple(int(u) for u in args.units.split(",")) if args.units else None
         doc = train_sddfiqa.train(args.run, args.out, epochs=args.epochs, batch_size=args.batch_size,
                                   workers=args.workers, use_gpu=args.use_gpu, init=args.init, lr=args.lr,
-                                  heldout=args.heldout, width=args.width, units=units, **common)
+                                  heldout=args.heldout, width=args.width, units=units, backbone=args.backbone,
+                                  **common)
     s = doc["labels"]
     print(f"pseudo-labels of run {doc['run_id']}: {s['labelled']} of {s['rows']} rows labelled "
           f"({s['identities']} identities; {s['unlabelled_one_sample']} rows of one-sample identities unlabelled), "
@@ -490,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     ts.add_argument("--heldout", type=float, default=0.1, metavar="FRACTION",
                     help="fraction of the identities held out for SRCC (default: 0.1)")
+    ts.add_argument("--backbone", default="ir50", choices=("ir50", "maniqa", "maniqa_tiny"),
+                    help="the regressor: ir50 (TFace's IR-50, default) or maniqa (MANIQA in its place, as the "
+                         "seed team trained it; models.sddfiqa.arch: sddfiqa_maniqa scores with it; "
+                         "maniqa_tiny: toy widths, for tests)")
     ts.add_argument("--width", type=int, default=None, help=argparse.SUPPRESS)  # reduced nets: tests, benches
     ts.add_argument("--units", default=None, help=argparse.SUPPRESS)
     ts.add_argument("--seed", type=int, default=0, help="seed of the random draws and of the pool (default: 0)")

@@ -106,6 +106,10 @@ COLUMNS: tuple[Column, ...] = (
            "higher", span=(0.0, 100.0)),
     Column("topiq_face", _F, "TOPIQ-face (pyiqa topiq_nr-face) on the FFHQ-aligned face", "0..1", "higher",
            span=(0.0, 1.0)),
+    Column("maniqa", _F, "MANIQA (pyiqa, KonIQ-10k weights) on the masked face", "~0..1", "higher",
+           span=(0.0, 1.0)),
+    Column("musiq", _F, "MUSIQ (pyiqa, KonIQ-10k weights) on the masked face (KonIQ-10k MOS scale)", "~0..100",
+           "higher", span=(0.0, 100.0)),
     # -- decision
     Column("cafi", _F, "the configured IQA score of accepted rows (null when rejected)", "", "higher"),
     Column("fused", _F, "weighted mean of the columns of decision.fusion.weights, each mapped onto 0..1 by its "

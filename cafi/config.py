@@ -100,6 +100,9 @@ class CrfiqaConfig(StageConfig):
 class SddfiqaConfig(StageConfig):
     family: ClassVar[str] = "fiqa"
 
+    # sddfiqa_ir50 (TFace's regressor) | sddfiqa_maniqa (MANIQA in its place: cafi train sddfiqa --backbone
+    # maniqa) | sddfiqa_maniqa_tiny (tests)
+    arch: str = "sddfiqa_ir50"
     weights: WeightsConfig | None = None
 
 
@@ -125,6 +128,28 @@ class DbcnnConfig(StageConfig):
     family: ClassVar[str] = "iqa"
 
     # Score the masked face (background replaced by models.parser.fill): the CAFI method.
+    masked: bool = True
+    weights: WeightsConfig | None = None
+
+
+@dataclass(frozen=True)
+class ManiqaConfig(StageConfig):
+    family: ClassVar[str] = "iqa"
+
+    arch: str = "maniqa_koniq"  # maniqa_koniq (pyiqa's KonIQ-10k weights) | maniqa_tiny (tests)
+    # Score the masked face (background replaced by models.parser.fill), as DBCNN does.
+    masked: bool = True
+    # Test-time crops per face (pyiqa's test_sample): their tokens' weighted scores are pooled.
+    crops: int = 20
+    batch_size: int = 2
+    weights: WeightsConfig | None = None
+
+
+@dataclass(frozen=True)
+class MusiqConfig(StageConfig):
+    family: ClassVar[str] = "iqa"
+
+    arch: str = "musiq_koniq"  # musiq_koniq (pyiqa's KonIQ-10k weights) | musiq_tiny (tests)
     masked: bool = True
     weights: WeightsConfig | None = None
 
@@ -157,6 +182,8 @@ class ModelsConfig:
     classic: ClassicConfig = field(default_factory=ClassicConfig)
     dbcnn: DbcnnConfig = field(default_factory=DbcnnConfig)
     topiq_face: TopiqFaceConfig = field(default_factory=TopiqFaceConfig)
+    maniqa: ManiqaConfig = field(default_factory=ManiqaConfig)
+    musiq: MusiqConfig = field(default_factory=MusiqConfig)
 
 
 @dataclass(frozen=True)
@@ -217,6 +244,8 @@ class DecisionConfig:
     min_mask_fraction: float = 0.05
     min_dbcnn: float | None = None
     min_topiq_face: float | None = None
+    min_maniqa: float | None = None
+    min_musiq: float | None = None
     max_yaw: float | None = None
     max_pitch: float | None = None
     min_inter_eye_px: float | None = None
@@ -405,6 +434,7 @@ def validate(cfg: JobConfig) -> None:
     _check(0.0 < s.dropout < 1.0, "models.serfiq.dropout", "a number in (0, 1)", s.dropout)
     _check(s.alpha > 0, "models.serfiq.alpha", "a positive number", s.alpha)
     _check(0.0 <= s.r <= 1.0, "models.serfiq.r", "a number in [0, 1]", s.r)
+    _check(1 <= m.maniqa.crops <= 64, "models.maniqa.crops", "an integer in [1, 64]", m.maniqa.crops)
     for f in fields(m):
         if isinstance(getattr(m, f.name), StageConfig):
             _validate_stage(f"models.{f.name}", getattr(m, f.name))

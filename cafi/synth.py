@@ -61,14 +61,15 @@ def write_checkpoint(arch: str, directory: str, seed: int = 0) -> str:
 
 
 def synth(directory: str, detector: str = "retinaface_resnet50", parser: str = "bisenet", seed: int = 0,
-          scorers: tuple[str, ...] | None = None) -> str:
+          scorers: tuple[str, ...] | None = None, archs: dict[str, str] | None = None) -> str:
     """Write the checkpoints of every stage and `synthetic.yaml`; return the config path. `scorers`: the
-    scorers beyond the default FIQA and IQA kinds to write (None: all of them)."""
+    scorers beyond the default FIQA and IQA kinds to write (None: all of them). `archs`: the arch of
+    other sections than the detector's and parser's (section -> arch; default: each stage's first)."""
     from cafi.stages.specs import all_specs
 
     os.makedirs(directory, exist_ok=True)
     defaults = ModelsConfig()
-    arch_of = {"detector": detector, "parser": parser}
+    arch_of = {**(archs or {}), "detector": detector, "parser": parser}
     block: dict = {}
     for s in all_specs():
         if s.synth is None:

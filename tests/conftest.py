@@ -15,6 +15,14 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+# Files synth_dir does not write: MANIQA's random 136 M parameters (543 MB, seconds to build; also the
+# MANIQA-backbone SDD-FIQA regressor's) are not worth a session fixture; the layout is checked on the meta
+# device (tests/test_scorers.py) and the strict load in tests/test_specs.py (slow tier). Their toy-width
+# variants are written.
+NOT_IN_SYNTH_DIR = ("maniqa_koniq", "sddfiqa_maniqa")
+TINY = {"maniqa": "maniqa_tiny", "musiq": "musiq_tiny"}
+
+
 def _made_once(tmp_path_factory, name: str, make) -> str:
     """A directory that session fixtures only read, made once for the whole run: under pytest-xdist
     (the suite runs on two workers) the first worker makes it, the other waits on the lock and reuses
@@ -36,14 +44,14 @@ def _made_once(tmp_path_factory, name: str, make) -> str:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> str:
     """Random checkpoints in the published formats (resnet50 detector, bisenet parser) + synthetic.yaml,
-    and every other published record's file beside them."""
-    from cafi.models.registry import PUBLISHED
+    and every other published record's file (and every test arch's) beside them."""
+    from cafi.models.registry import PUBLISHED, UNPUBLISHED
     from cafi.synth import synth, write_checkpoint
 
     def make(d: str) -> None:
-        synth(d)
-        for arch, rec in PUBLISHED.items():
-            if not os.path.isfile(os.path.join(d, rec.file_name)):
+        synth(d, archs=TINY)
+        for arch, rec in {**PUBLISHED, **UNPUBLISHED}.items():
+            if arch not in NOT_IN_SYNTH_DIR and not os.path.isfile(os.path.join(d, rec.file_name)):
                 write_checkpoint(arch, d)
 
     return _made_once(tmp_path_factory, "weights", make)
@@ -65,9 +73,11 @@ def fast_config(tmp_path_factory) -> list[str]:
 def _write_fast_config(d: str) -> None:
     from cafi.synth import synth
 
-    # the optional scorers the pipeline tests run (tests/test_rescore.py): each other one's random
-    # checkpoint costs seconds to write (CR-FIQA's iResNet100, SDD-FIQA's IR-50); add a kind here to run it
-    synth(d, detector="retinaface_mobile0.25", scorers=("magface", "topiq_face", "crfiqa", "sddfiqa", "classic"))
+    # the optional scorers the pipeline tests run (tests/test_rescore.py, the GPU script's dry run): each
+    # other one's random checkpoint costs seconds to write (CR-FIQA's iResNet100, SDD-FIQA's IR-50); add a
+    # kind here to run it. MANIQA and MUSIQ run at toy widths (their published sizes cost seconds a face).
+    synth(d, detector="retinaface_mobile0.25",
+          scorers=("magface", "topiq_face", "crfiqa", "sddfiqa", "classic", "maniqa", "musiq"), archs=TINY)
     extra = os.path.join(d, "fast.yaml")
     with open(extra, "w") as fh:
         fh.write(

@@ -1,6 +1,6 @@
 """The optional scorers: MagFace (iResNet100 embedding norm), CR-FIQA (iResNet + quality head), SDD-FIQA
-(TFace's IR-50 regressor) and TOPIQ face (pyiqa's topiq_nr-face), loaded strictly from synthetic
-checkpoints in the published layouts, and the FFHQ alignment."""
+(TFace's IR-50 regressor), TOPIQ face (pyiqa's topiq_nr-face), MANIQA and MUSIQ (pyiqa's), loaded strictly
+from synthetic checkpoints in the published layouts, and the FFHQ alignment."""
 
 import os
 
@@ -12,8 +12,8 @@ import torch
 from cafi.config import WeightsConfig
 from cafi.errors import WeightsError
 from cafi.faces.align import FFHQ_BORDER_RGB, FFHQ_TEMPLATE_512, align_ffhq
-from cafi.models import crfiqa, iresnet, magface, sddfiqa, topiq
-from cafi.models.registry import PUBLISHED, checkpoint
+from cafi.models import crfiqa, iresnet, magface, maniqa, musiq, sddfiqa, topiq
+from cafi.models.registry import PUBLISHED, checkpoint, published
 from cafi.samples import draw_face
 from cafi.weights import Checkpoint, load_into, read_state_dict, sha256_of
 
@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 def _ck(synth_dir, arch, model):
     """The stage's checkpoint for the synthetic file: the record's layout and renaming rules."""
-    path = os.path.join(synth_dir, PUBLISHED[arch].file_name)
+    path = os.path.join(synth_dir, published(arch).file_name)
     return checkpoint(model, arch, WeightsConfig(uri=path, sha256=sha256_of(path), synthetic=True))
 
 
@@ -189,6 +189,87 @@ def test_topiq_token_grid_follows_the_last_feature_map():
     for h in hooks:
         h.remove()
     assert seen == [(1, 4, 256)] * 5
+
+
+# ------------------------------------------------------------------ MANIQA and MUSIQ
+
+def test_maniqa_has_pyiqas_key_layout_at_the_published_size():
+    """Built on the meta device (no memory, no init): the names and shapes pyiqa's KonIQ-10k file holds."""
+    with torch.device("meta"):
+        state = maniqa.build("maniqa_koniq").state_dict()
+    assert len(state) == 316
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert list(shapes)[:3] == ["vit.cls_token", "vit.pos_embed", "vit.patch_embed.proj.weight"]
+    assert shapes["vit.pos_embed"] == (1, 1 + 28 * 28, 768) and shapes["vit.patch_embed.proj.weight"] == (768, 3, 8, 8)
+    assert shapes["vit.blocks.11.mlp.fc2.weight"] == (768, 3072) and shapes["vit.head.weight"] == (1000, 768)
+    assert shapes["tablock1.1.c_v.weight"] == (784, 784)  # attention over the 28x28 tokens' axis
+    assert shapes["conv1.weight"] == (768, 4 * 768, 1, 1) and shapes["conv2.weight"] == (384, 768, 1, 1)
+    assert shapes["swintransformer1.downsample.weight"] == (768, 768, 3, 3)  # built, never called
+    blk = "swintransformer1.layers.1.blocks.{}."
+    assert shapes[blk.format(0) + "attn.relative_position_bias_table"] == (49, 4)  # (2*4-1)^2 offsets, 4 heads
+    assert shapes[blk.format(0) + "attn.relative_position_index"] == (16, 16)
+    assert shapes[blk.format(1) + "attn_mask"] == (49, 16, 16) and blk.format(0) + "attn_mask" not in shapes
+    assert shapes["swintransformer2.layers.0.blocks.1.mlp.fc1.weight"] == (768, 384)  # dim_mlp 768 in both
+    assert shapes["fc_score.3.weight"] == (1, 384) and shapes["fc_weight.0.weight"] == (384, 384)
+
+
+def test_maniqa_crops_follow_pyiqas_uniform_grid():
+    rows, cols = torch.meshgrid(torch.arange(384.0), torch.arange(384.0), indexing="ij")
+    x = (rows * 1000 + cols).expand(2, 1, 384, 384)
+    crops = maniqa.uniform_crops(x, 224, 20)
+    assert crops.shape == (40, 1, 224, 224)
+    # a 5x5 grid with step (384 - 224) // 4 = 40, the first 20 in row order; each image's crops together
+    corners = [(40 * i, 40 * j) for i in range(5) for j in range(5)][:20]
+    assert [(int(c[0, 0, 0]) // 1000, int(c[0, 0, 0]) % 1000) for c in crops[:20]] == corners
+    assert torch.equal(crops[20:], crops[:20])
+    small = maniqa.uniform_crops(torch.zeros(1, 3, 200, 300), 224, 1)  # shorter side <= 224: scaled to 225
+    assert small.shape == (1, 3, 224, 224)
+
+
+def test_maniqa_tiny_loads_its_synthetic_checkpoint_strictly_and_pools_its_crops(synth_dir):
+    scorer = maniqa.ManiqaScorer(_ck(synth_dir, "maniqa_tiny", "maniqa"), "/tmp", CPU, arch="maniqa_tiny", crops=4)
+    raw = torch.load(os.path.join(synth_dir, "maniqa_tiny.pth"), weights_only=True)
+    assert all(torch.equal(v, raw[k]) for k, v in scorer.net.state_dict().items())
+    mask = scorer.net.swintransformer1.layers[0].blocks[1].attn_mask  # 8x8 tokens, 4 windows, shift 2
+    assert mask.shape == (4, 16, 16) and not mask[0].any() and set(mask[3].unique().tolist()) == {-100.0, 0.0}
+
+    faces = np.stack([draw_face(128, s) for s in (5, 6)])
+    scores = scorer(faces)
+    assert scores.shape == (2,) and scores.dtype == np.float32 and np.all(scores >= 0) and scores[0] != scores[1]
+    np.testing.assert_allclose(scorer(faces[1:2]), scores[1:2], rtol=1e-5)
+    # pyiqa's preprocessing written out: [0, 1], mean = std = 0.5, four 64-px crops on the grid
+    x = (torch.from_numpy(faces[:1]).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    crops = torch.stack([x[0, :, t:t + 64, s:s + 64] for t in (0, 32) for s in (0, 32)])
+    with torch.inference_mode():
+        np.testing.assert_allclose(scorer.net(crops, 4).numpy(), scores[:1], rtol=1e-5)
+    assert len(scorer(faces[:0])) == 0
+
+
+def test_musiq_encodes_three_scales_with_hashed_positions_and_masks_the_padding():
+    d = musiq.DIMS["musiq_koniq"]
+    patches, spatial, scale, mask = musiq.multiscale_patches(torch.zeros(1, 3, 384, 384), d)
+    assert patches.shape == (1, 49 + 144 + 144, 3, 32, 32) and bool(mask.all())
+    assert torch.bincount(scale[0]).tolist() == [49, 144, 144]  # 224 (7x7), 384 (12x12), the original
+    # a 7x7 patch grid hashed onto 10x10 by nearest neighbour: rows/cols 0,1,2,4,5,7,8
+    assert spatial[0, :7].tolist() == [0, 1, 2, 4, 5, 7, 8] and spatial[0, 7] == 10
+    wide = musiq.multiscale_patches(torch.zeros(2, 3, 268, 384), d)
+    live = wide[3][0]
+    # 224: 156x224 -> 5x7 of 49; 384: 268x384 -> 9x12 of 144; the original 9x12, all kept
+    assert live.shape == (49 + 144 + 108,) and int(live.sum()) == 35 + 108 + 108
+    assert not live[35:49].any() and not live[49 + 108:49 + 144].any()
+
+
+def test_musiq_tiny_loads_its_synthetic_checkpoint_strictly_and_scores_any_size(synth_dir):
+    scorer = musiq.MusiqScorer(_ck(synth_dir, "musiq_tiny", "musiq"), "/tmp", CPU, arch="musiq_tiny")
+    raw = torch.load(os.path.join(synth_dir, "musiq_tiny.pth"), weights_only=True)
+    assert all(torch.equal(v, raw[k]) for k, v in scorer.net.state_dict().items())
+    faces = np.stack([draw_face(96, s) for s in (5, 6)])
+    scores = scorer(faces)
+    assert scores.shape == (2,) and scores.dtype == np.float32 and np.all(np.isfinite(scores))
+    assert scores[0] != scores[1]
+    np.testing.assert_allclose(scorer(faces[1:2]), scores[1:2], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(scorer(faces[:1, :, :70])).all()  # non-square: padded tokens masked
+    assert len(scorer(faces[:0])) == 0
 
 
 # ------------------------------------------------------------------ FFHQ alignment

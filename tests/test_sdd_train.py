@@ -168,3 +168,93 @@ def test_training_starts_from_init_else_the_configured_weights_else_says_random(
     assert state is None and doc["source"] == "random" and "random initialisation" in doc["note"]
     with pytest.raises(Exception, match="does not fit the architecture"):
         _init_state(str(path), {}, 16, TINY["units"], str(tmp_path / "c"), None)  # strict: a wrong shape is refused
+
+
+# ---------------------------------------------------------------- the MANIQA backbone (--backbone maniqa)
+
+@pytest.fixture
+def one_thread():
+    """Toy-width nets are many tiny ops: one torch thread runs them several times faster than two on a
+    shared box (the threads' hand-offs cost more than the work)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _faces112(n: int) -> torch.Tensor:
+    return torch.from_numpy(np.stack([cv2.resize(draw_face(128, s), (112, 112), interpolation=cv2.INTER_AREA)
+                                      for s in range(n)]))
+
+
+def test_the_maniqa_backbone_is_a_maniqa_checkpoint_whose_score_head_regresses_the_labels(one_thread):
+    import torch.nn.functional as F
+
+    from cafi.models import maniqa
+
+    torch.manual_seed(0)
+    net = sdd_fit.build_net({"backbone": "sddfiqa_maniqa_tiny"})
+    assert isinstance(net, maniqa.FaceRegressor)
+    assert list(net.state_dict()) == list(maniqa.build("maniqa_tiny").state_dict())  # MANIQA's own keys
+    x = to_input(_faces112(4), flip=False)
+    with torch.inference_mode():  # the face scaled to one crop, through MANIQA's weighted score head
+        one_crop = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+        np.testing.assert_allclose(net(x).numpy(), maniqa.MANIQA.forward(net, one_crop, 1).numpy(), rtol=1e-6)
+    target = torch.tensor([15.0, 40.0, 65.0, 90.0])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net.train()
+    losses = []
+    for _ in range(10):
+        loss = F.smooth_l1_loss(net(x), target)
+        opt.zero_grad()
+        loss.backward()
+        if not losses:  # the whole network learns, from the patch embedding to the score head
+            assert net.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+            assert net.fc_score[3].weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_what_maniqa_backbone_training_writes_loads_into_the_sddfiqa_stage(tmp_path, one_thread):
+    """Training saves the regressor's bare state dict (MANIQA's layout); models.sddfiqa.arch
+    sddfiqa_maniqa(_tiny) loads it strictly and scores the aligned faces as the trained net does."""
+    from cafi.config import load_config
+    from cafi.models import maniqa
+    from cafi.stages.specs import spec
+
+    net = sdd_fit.build_net({"backbone": "sddfiqa_maniqa_tiny"})
+    path = tmp_path / "sddfiqa.pth"
+    torch.save(net.state_dict(), path)
+    cfg = load_config([], ["input.uri=/in", "output.uri=/out", "models.fiqa.kind=sddfiqa",
+                           "models.sddfiqa.arch=sddfiqa_maniqa_tiny", f"models.sddfiqa.weights.uri={path}",
+                           f"models.sddfiqa.weights.sha256={sha256_of(str(path))}",
+                           f"models.cache_dir={tmp_path / 'cache'}"])
+    s = spec("sddfiqa")
+    stage = s.stage(s, cfg, load=True)
+    assert isinstance(stage.model, maniqa.FaceRegressorScorer)
+    faces = _faces112(3)
+    with torch.inference_mode():
+        ref = net(to_input(faces, flip=False)).numpy()
+    np.testing.assert_allclose(stage.model(faces.numpy()), ref, rtol=1e-5)
+
+
+def test_the_maniqa_backbone_starts_from_init_else_the_runs_maniqa_weights_else_random(tmp_path):
+    from cafi.train.sddfiqa import _maniqa_init
+
+    arch = "sddfiqa_maniqa_tiny"
+    net = sdd_fit.build_net({"backbone": arch})
+    path = tmp_path / "start.pth"
+    torch.save(net.state_dict(), path)
+    digest = sha256_of(str(path))
+    state, doc = _maniqa_init(str(path), {}, arch, str(tmp_path / "c"), None)
+    assert doc["source"] == "--init" and all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    iqa = {"arch": "maniqa_tiny", "weights": {"uri": str(path), "sha256": digest}}  # the IQA kind's MANIQA
+    state, doc = _maniqa_init(None, {"config": {"models": {"maniqa": iqa}}}, arch, str(tmp_path / "c"), None)
+    assert doc["source"] == "the run's models.maniqa.weights" and state is not None
+    synthetic = {"maniqa": {**iqa, "weights": {**iqa["weights"], "synthetic": True}}}
+    other = {"maniqa": {**iqa, "arch": "maniqa_koniq"}}  # the published size does not fit the tiny net
+    for models in (synthetic, other):
+        state, doc = _maniqa_init(None, {"config": {"models": models}}, arch, str(tmp_path / "c"), None)
+        assert state is None and doc["source"] == "random" and "MANIQA's KonIQ-10k" in doc["note"]
+

@@ -42,7 +42,7 @@ def _downstream(name: str, ups: dict) -> set[str]:
 def test_the_specs_are_found_and_every_family_is_there():
     names = [s.name for s in specs.all_specs()]
     assert {"detect", "serfiq", "magface", "crfiqa", "sddfiqa", "parse", "components", "dbcnn", "topiq_face",
-            "decide"} <= set(names)
+            "maniqa", "musiq", "decide"} <= set(names)
     assert len(names) == len(set(names))
     assert [s.name for s in specs.specs_for(_cfg())][:1] == ["detect"]
 

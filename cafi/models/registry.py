@@ -10,6 +10,7 @@ CelebAMask-HQ are distributed for non-commercial research only, whatever the cod
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from cafi.errors import ConfigError
@@ -30,6 +31,9 @@ SDDFIQA_DRIVE = ("https://drive.usercontent.google.com/download"
                  "?id=1AM0iWVfSVWRjCriwZZ3FXiUGbcDzkF25&export=download&confirm=t")
 
 MS1M = "MS1MV2 (refined MS-Celeb-1M; non-commercial research only)"
+# pyiqa's licence at chaofengc/IQA-PyTorch@01ae427 (README "License"; the older records above were
+# checked when it read CC BY-NC-SA 4.0). Non-commercial either way.
+PYIQA_LICENCE = "PolyForm Noncommercial 1.0.0"
 
 @dataclass(frozen=True)
 class Pretrained:
@@ -171,6 +175,35 @@ PUBLISHED: dict[str, Pretrained] = {
             score_range=(0.0, 1.0),  # CGFIQA MOS normalised to [0, 1]; outputs may overshoot slightly
         ),
         Pretrained(
+            # pyiqa `maniqa` (train_dataset koniq): the MANIQA authors' KonIQ-10k file (IIGROUP/MANIQA's
+            # release name), re-published by pyiqa on Hugging Face; a bare state dict. Its name carries
+            # no digest and no public manifest gives one: the config must name it (see checkpoint()).
+            arch="maniqa_koniq",
+            licence=PYIQA_LICENCE, source="chaofengc/IQA-PyTorch (pyiqa; MANIQA by IIGROUP)",
+            training_data="KonIQ-10k (ViT-B/8 pre-trained on ImageNet)",
+            uri=f"{PYIQA_HF}/ckpt_koniq10k.pt",
+            file_name="ckpt_koniq10k.pt",
+            sha256="",
+            input_size=224,  # the side of the test-time crops (cafi.models.maniqa.uniform_crops)
+            mean=(0.5, 0.5, 0.5),  # pyiqa: IMAGENET_INCEPTION_MEAN / STD
+            std=(0.5, 0.5, 0.5),
+            score_range=(0.0, 1.0),  # pyiqa's "~0, ~1"
+        ),
+        Pretrained(
+            # pyiqa `musiq` (pretrained koniq10k): Google's KonIQ-10k checkpoint converted by pyiqa
+            # (scripts/convert_musiq_to_pth.py); a bare state dict. Full digest unpublished.
+            arch="musiq_koniq",
+            licence=PYIQA_LICENCE, source="chaofengc/IQA-PyTorch (pyiqa; MUSIQ by google-research)",
+            training_data="KonIQ-10k (pre-trained on ImageNet)",
+            uri=f"{PYIQA_HF}/musiq_koniq_ckpt-e95806b9.pth",
+            file_name="musiq_koniq_ckpt-e95806b9.pth",
+            sha256="",
+            sha256_prefix="e95806b9",
+            mean=(0.5, 0.5, 0.5),  # pyiqa: (x - 0.5) * 2
+            std=(0.5, 0.5, 0.5),
+            score_range=(0.0, 100.0),  # KonIQ-10k MOS scale (pyiqa's "~0, ~100")
+        ),
+        Pretrained(
             # CR-FIQA(L): iResNet100 on MS1MV2, the README's `--model_id 181952` (`<step>backbone.pth`).
             # The authors publish no digest (one third-party manifest on GitHub lists sha256 5fca2473...
             # and 261,219,071 bytes: not the authors', so not pinned here); the config must name it.
@@ -231,10 +264,31 @@ PUBLISHED: dict[str, Pretrained] = {
     )
 }
 
+# Architectures with no published file: toy-width variants of published networks for tests (random
+# weights from `cafi weights synth` only) and networks cafi trains itself; the config must name the weights.
+# Their preprocessing is that of the published network they are built from.
+TESTS = "cafi weights synth (random weights, for tests)"
+SDDFIQA_MANIQA = "cafi train sddfiqa --backbone maniqa"
+_MANIQA_FACE = dict(input_size=224, score_range=(0.0, 100.0), licence="yours (trained by cafi on your data)",
+                    source=SDDFIQA_MANIQA, training_data="your run's SDD-FIQA pseudo-labels")
+UNPUBLISHED: dict[str, Pretrained] = {
+    p.arch: p
+    for p in (
+        dataclasses.replace(PUBLISHED["maniqa_koniq"], arch="maniqa_tiny", uri="", file_name="maniqa_tiny.pth",
+                            input_size=64, licence="n/a", source=TESTS, training_data="none"),
+        dataclasses.replace(PUBLISHED["musiq_koniq"], arch="musiq_tiny", uri="", sha256_prefix="",
+                            file_name="musiq_tiny.pth", licence="n/a", source=TESTS, training_data="none"),
+        dataclasses.replace(PUBLISHED["maniqa_koniq"], arch="sddfiqa_maniqa", uri="", file_name="sddfiqa.pth",
+                            **_MANIQA_FACE),
+        dataclasses.replace(PUBLISHED["maniqa_koniq"], arch="sddfiqa_maniqa_tiny", uri="",
+                            file_name="sddfiqa_maniqa_tiny.pth", **{**_MANIQA_FACE, "input_size": 64, "source": TESTS}),
+    )
+}
+
 
 def published(arch: str) -> Pretrained:
     try:
-        return PUBLISHED[arch]
+        return PUBLISHED[arch] if arch in PUBLISHED else UNPUBLISHED[arch]
     except KeyError:
         raise KeyError(f"no published checkpoint for {arch!r}; known: {sorted(PUBLISHED)}") from None
 
@@ -255,6 +309,9 @@ def checkpoint(model: str, arch: str, weights):
                 f"with `cafi train {model} LABELS.csv --run RUN --out DIR` and add the block DIR/{model}.yaml "
                 f"holds (models.{model}.weights.uri and .sha256) to your config"
             )
+        if arch in UNPUBLISHED:
+            raise ConfigError(f"models.{model}.weights: {arch} has no published file (its weights come from "
+                              f"`{record.source.split(' (')[0]}`): set models.{model}.weights.uri and .sha256")
         if not record.sha256:
             hint = (f" (pyiqa names the file by its digest: it starts with {record.sha256_prefix})"
                     if record.sha256_prefix else "")

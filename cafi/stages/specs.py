@@ -17,7 +17,8 @@ from cafi.stages.spec import FAMILIES, StageSpec
 
 # Thresholds added after model versions were first recorded enter the decision's fingerprint only when
 # set: null turns a rule off, as an absent key does, so every version made before them keeps its name.
-_LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa", "min_fused", "min_classic")
+_LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa", "min_fused", "min_classic", "min_maniqa",
+                     "min_musiq")
 
 
 def _decide_settings(cfg: JobConfig, columns: tuple[str, ...]) -> dict:

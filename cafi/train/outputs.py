@@ -63,12 +63,12 @@ def write_checkpoint(state: dict, uri: str, storage: StorageConfig | None) -> st
 
 
 def write_weights_block(uri: str, model: str, weights_uri: str, sha256: str, storage: StorageConfig | None,
-                        comment: str | None = None) -> dict:
-    """DIR/<model>.yaml: the config block `models.<model>.weights: {uri, sha256}` that a re-score merges
-    with --config; returns the block."""
+                        comment: str | None = None, settings: dict | None = None) -> dict:
+    """DIR/<model>.yaml: the config block `models.<model>.weights: {uri, sha256}` (after `settings`, such as
+    the arch) that a re-score merges with --config; returns the block."""
     import yaml
 
-    block = {"models": {model: {"weights": {"uri": weights_uri, "sha256": sha256}}}}
+    block = {"models": {model: {**(settings or {}), "weights": {"uri": weights_uri, "sha256": sha256}}}}
     text = (f"# {comment}\n" if comment else "") + yaml.safe_dump(block, sort_keys=False)
     write_text(uri, text, storage)
     return block

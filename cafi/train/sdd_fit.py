@@ -1,6 +1,7 @@
 """Training the SDD-FIQA regressor on a run's pseudo-labels with Ray Train (TorchTrainer), as TFace's
 quality/train.py does: the aligned 112x112 face -> its 0..100 pseudo-label, Smooth L1 loss, Adam (its
-learning rate decayed along a half cosine over the epochs), random horizontal flips.
+learning rate decayed along a half cosine over the epochs), random horizontal flips. The regressor is
+TFace's IR-50, or (backbone maniqa) MANIQA in its place, as the seed team trained it.
 
 The datasets are cafi/train/faces.py's (faces re-aligned from the run's landmarks, a `label` column),
 split by identity (cafi/train/split.py). One checkpoint per epoch (weights, optimiser, history) under
@@ -34,6 +35,26 @@ def epoch_lr(lr: float, epoch: int, epochs: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1))))
 
 
+def build_net(config: dict):
+    """The regressor being trained: TFace's IR-50 (config width, units), or MANIQA in its place
+    (config backbone: the sddfiqa arch, cafi.models.maniqa.FaceRegressor). Either maps normalised faces
+    to (N,) or (N, 1) scores."""
+    backbone = config.get("backbone", "ir50")
+    if backbone == "ir50":
+        from cafi.models.sddfiqa import build
+
+        return build(config["width"], tuple(config["units"]))
+    import torch
+
+    from cafi.models.maniqa import build_regressor
+
+    net = build_regressor(backbone)
+    # From random weights MANIQA's score head (a ReLU last) can start dead: every face 0, no gradient. Its
+    # last bias starts at the labels' middle (50 of 0..100) instead; weights to start from replace it.
+    torch.nn.init.constant_(net.fc_score[3].bias, 50.0)
+    return net
+
+
 def train_loop(config: dict) -> None:
     """Per Ray Train worker: resume from the latest checkpoint when there is one, then one report (and,
     on rank 0, one checkpoint) per epoch."""
@@ -42,12 +63,10 @@ def train_loop(config: dict) -> None:
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
-    from cafi.models.sddfiqa import build
-
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(config["seed"] * 1000 + rank)
-    net = build(config["width"], tuple(config["units"]))
+    net = build_net(config)
     if config.get("init_state") is not None:
         net.load_state_dict(config["init_state"], strict=True)
     start, history = 0, []

@@ -22,7 +22,8 @@ def render(doc: dict, pred: np.ndarray, label: np.ndarray) -> str:
     init = doc["init"]
     rows = [("run", doc["run"]), ("identities", doc["identities_file"] or f"kept column {doc['identity_column']}"),
             ("started from", init["source"] + (f" ({init['uri']}, sha256 {init['sha256']})" if init["uri"] else "")),
-            ("arch", f"{doc['arch']['name']} (width {doc['arch']['width']}, units {doc['arch']['units']})"),
+            ("arch", f"{doc['arch']['name']} (width {doc['arch']['width']}, units {doc['arch']['units']})"
+                     if "width" in doc["arch"] else f"{doc['arch']['name']} ({doc['arch']['backbone']})"),
             ("split", f"{doc['split']['train_rows']} training, {doc['split']['heldout_rows']} held-out rows "
                       f"({doc['split']['heldout_identities']} identities)"),
             ("epochs", f"{doc['training']['epochs_done']} of {doc['training']['epochs']}"),

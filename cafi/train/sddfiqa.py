@@ -4,9 +4,10 @@ written to DIR/labels.parquet (uri, identity, label, n_same) and DIR/labels.json
 their statistics). The identities come from a CSV (`uri` + `--identity-column`, default `identity`) or,
 without --identities, from a column the run kept from its input (`--identity-column COL`).
 
-Without --labels-only, the regressor is then trained on them (cafi/train/sdd_fit.py) over faces re-aligned
-from the run's landmarks (cafi/train/faces.py), held-out identities apart (cafi/train/split.py), and
-DIR/sddfiqa.pth, sddfiqa.yaml, train.json, train.html are written (cafi/train/outputs.py, sdd_page.py).
+Without --labels-only, the regressor (TFace's IR-50, or with --backbone maniqa the seed team's MANIQA in its
+place) is then trained on them (cafi/train/sdd_fit.py) over faces re-aligned from the run's landmarks
+(cafi/train/faces.py), held-out identities apart (cafi/train/split.py), and DIR/sddfiqa.pth, sddfiqa.yaml,
+train.json, train.html are written (cafi/train/outputs.py, sdd_page.py).
 
 The run's manifest files are read by Ray Data on the workers (cafi/train/sdd_label_job.py); the driver
 reads only the identities CSV, the files' metadata, the pool sample and the labels it writes.
@@ -112,12 +113,50 @@ def _init_state(init: str | None, summary: dict, width: int, units: tuple[int, .
                           "random initialisation (TFace starts from its recognition model's weights)"}
 
 
+# --backbone -> the sddfiqa arch it trains (maniqa_tiny: toy widths, for tests)
+BACKBONES = {"ir50": "sddfiqa_ir50", "maniqa": "sddfiqa_maniqa", "maniqa_tiny": "sddfiqa_maniqa_tiny"}
+
+
+def _maniqa_init(init: str | None, summary: dict, arch: str, cache_dir: str,
+                 storage: StorageConfig | None) -> tuple[dict | None, dict]:
+    """The MANIQA-backbone regressor's starting weights: --init PATH (a MANIQA state dict), else the run's
+    own MANIQA-backbone SDD-FIQA weights, else the MANIQA IQA weights the run's config names (pyiqa's
+    KonIQ-10k MANIQA: the seed team fine-tuned the IQA network), else random initialisation."""
+    from cafi.models import maniqa
+    from cafi.models.registry import published
+    from cafi.runs import config_section
+    from cafi.weights import Checkpoint, load_into, sha256_of
+
+    record = published(arch)
+    layout = {"state_key": record.state_key, "strip_prefixes": record.strip_prefixes,
+              "drop_prefixes": record.drop_prefixes}
+    if init:
+        with local_copy(init, storage) as local:
+            ckpt = Checkpoint(model="--init", uri=local, sha256=sha256_of(local), **layout)
+            net = load_into(maniqa.build_regressor(arch), ckpt, cache_dir, storage)
+        return net.state_dict(), {"source": "--init", "uri": redact_uri(init), "sha256": ckpt.sha256}
+    models = config_section(summary, "models")
+    for section, default in (("sddfiqa", "sddfiqa_ir50"), ("maniqa", "maniqa_koniq")):
+        cfg = models.get(section) or {}
+        weights = cfg.get("weights") or {}
+        fits = maniqa.DIMS.get(cfg.get("arch") or default) == maniqa.DIMS[arch]
+        if fits and weights.get("uri") and weights.get("sha256") and not weights.get("synthetic"):
+            ckpt = Checkpoint(model=section, uri=weights["uri"], sha256=weights["sha256"].lower(), **layout)
+            net = load_into(maniqa.build_regressor(arch), ckpt, cache_dir, storage)
+            return net.state_dict(), {"source": f"the run's models.{section}.weights", "uri": redact_uri(ckpt.uri),
+                                      "sha256": ckpt.sha256}
+    return None, {"source": "random", "uri": None, "sha256": None,
+                  "note": "no --init and no MANIQA weights in the run's config: the regressor starts from random "
+                          "initialisation (the seed team started from MANIQA's KonIQ-10k weights)"}
+
+
 def train(uri: str, out: str, identities: str | None = None, identity_column: str = "identity", seed: int = 0,
           epochs: int = 10, batch_size: int = 64, workers: int = 1, use_gpu: bool = False, init: str | None = None,
           lr: float = 1e-3, heldout: float = 0.1, width: int | None = None, units: tuple[int, ...] | None = None,
-          storage: StorageConfig | None = None) -> dict:
+          storage: StorageConfig | None = None, backbone: str = "ir50") -> dict:
     """Labels (as `labels`), then the regressor trained on them; writes DIR/sddfiqa.pth, sddfiqa.yaml,
-    train.json, train.html. Returns train.json's content."""
+    train.json, train.html. Returns train.json's content. `backbone` ir50 (TFace's regressor; `width` and
+    `units` reduce it for tests) or maniqa (MANIQA in its place, its checkpoint in MANIQA's layout)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -127,8 +166,11 @@ def train(uri: str, out: str, identities: str | None = None, identity_column: st
     from cafi.train import faces, outputs, sdd_fit, sdd_page, split
 
     started = time.time()
+    if backbone not in BACKBONES:
+        raise CafiError(f"--backbone: {backbone!r} is not one of {', '.join(BACKBONES)}")
+    arch = BACKBONES[backbone]
     width, units = width or IR50_WIDTH, tuple(units or IR50_UNITS)
-    published_layout = (width, units) == (IR50_WIDTH, IR50_UNITS)
+    published_layout = (width, units) == (IR50_WIDTH, IR50_UNITS) and backbone in ("ir50", "maniqa")
     ref, files = run_rows.run_files(uri, storage)
     run_rows.require_column(ref, files, "landmarks", "landmarks", NO_LANDMARKS, storage)
     label_doc = _earlier_labels(uri, out, identities, identity_column, seed, storage)
@@ -144,14 +186,17 @@ def train(uri: str, out: str, identities: str | None = None, identity_column: st
     train_labels, val_labels, held = split.split_table(table, heldout, seed)
     models_cfg = config_section(ref.summary, "models")
     cache_dir = os.path.expanduser(models_cfg.get("cache_dir") or "~/.cache/cafi/weights")
-    init_state, init_doc = _init_state(init, ref.summary, width, units, cache_dir, storage)
+    if backbone == "ir50":
+        init_state, init_doc = _init_state(init, ref.summary, width, units, cache_dir, storage)
+    else:
+        init_state, init_doc = _maniqa_init(init, ref.summary, arch, cache_dir, storage)
     if init_doc["source"] == "random":
         log.warning("sddfiqa training: %s", init_doc["note"])
     source = faces.face_source(ref, files, storage)
     train_ds, val_ds = (faces.cached(faces.faces_dataset(source, t.select(["uri", "label"]), storage), t.num_rows)
                         for t in (train_labels, val_labels))
     config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "width": width, "units": list(units),
-              "init_state": init_state}
+              "init_state": init_state, "backbone": "ir50" if backbone == "ir50" else arch}
     result = sdd_fit.fit(train_ds, val_ds, config, out, workers, use_gpu)
     if result.checkpoint is None:
         raise CafiError(f"training wrote no checkpoint under {redact_uri(outputs.ray_storage(out))}")
@@ -160,11 +205,14 @@ def train(uri: str, out: str, identities: str | None = None, identity_column: st
         with np.load(os.path.join(d, sdd_fit.HELDOUT_FILE)) as z:
             pred, lab = z["pred"], z["label"]
     pth = join(out, "sddfiqa.pth")
-    digest = outputs.write_checkpoint(published_state(state["model"]), pth, storage)
+    # IR-50: TFace's DataParallel layout; MANIQA: its own bare state dict (as pyiqa's ckpt_koniq10k.pt)
+    digest = outputs.write_checkpoint(published_state(state["model"]) if backbone == "ir50" else state["model"],
+                                      pth, storage)
+    reduced = f"width {width}, units {list(units)}" if backbone == "ir50" else "MANIQA at toy widths"
     block = outputs.write_weights_block(
         join(out, "sddfiqa.yaml"), "sddfiqa", pth, digest, storage,
-        comment=None if published_layout else f"a reduced net (width {width}, units {list(units)}) for tests and "
-                                              "benches: the sddfiqa stage loads only the published IR-50 layout")
+        comment=None if published_layout else f"a reduced net ({reduced}) for tests and benches",
+        settings=None if backbone == "ir50" else {"arch": arch})
     history = state["history"]
     doc = {"run": label_doc["run"], "run_id": label_doc["run_id"], "model_version": label_doc["model_version"],
            "identities_file": label_doc["identities_file"], "identity_column": identity_column,
@@ -173,8 +221,11 @@ def train(uri: str, out: str, identities: str | None = None, identity_column: st
            "split": {"by": "identity", "heldout_fraction": heldout, "heldout_identities": len(held),
                      "train_rows": train_labels.num_rows, "heldout_rows": val_labels.num_rows},
            "init": init_doc,
-           "arch": {"name": "sddfiqa_ir50" if published_layout else "sddfiqa_ir (reduced)", "width": width,
-                    "units": list(units), "published_layout": published_layout},
+           "arch": ({"name": "sddfiqa_ir50" if published_layout else "sddfiqa_ir (reduced)", "width": width,
+                     "units": list(units), "published_layout": published_layout} if backbone == "ir50" else
+                    {"name": arch, "backbone": "MANIQA (pyiqa maniqa_arch layout)",
+                     "published_layout": published_layout,
+                     "input": "the aligned 112x112 face scaled bilinearly to one ViT crop"}),
            "training": {"loss": "SmoothL1", "optimizer": "Adam", "lr": lr,
                         "lr_schedule": "half cosine to lr/20 over the epochs", "batch_size": batch_size,
                         "augmentation": "random horizontal flip", "workers": workers, "use_gpu": use_gpu,
