@@ -188,9 +188,11 @@ def test_cli_pseudo_labels_end_to_end(labelled_run, ray_local, s3, capsys, monke
     assert doc["labels"]["rows"] == 299 and doc["labels"]["unlabelled_one_sample"] == 2
     assert doc["labels"]["identities"] == 52 and sum(doc["labels"]["histogram"]["counts"]) == 297
     assert doc["seed"] == 7 and doc["run_id"] == RUN_ID
-    # A set this small is labelled on the driver by default (no shuffle): the same labels, bit for bit.
+    # A set this small is labelled on the driver by default (no shuffle): the same draws, so the same
+    # labels up to float rounding (BLAS sums the products in an order that depends on the memory layout).
     monkeypatch.setattr(sdd_label_job, "LOCAL_ROWS", small_set)
     labels(labelled_run["run"], str(tmp_path / "here"), labelled_run["ids"], "person", seed=7)
     here = pq.read_table(tmp_path / "here" / "labels.parquet").to_pandas().set_index("uri")
     assert here.index.sort_values().equals(got.index.sort_values())
-    assert here.label.reindex(got.index).equals(got.label) and here.n_same.reindex(got.index).equals(got.n_same)
+    assert np.allclose(here.label.reindex(got.index), got.label, rtol=0, atol=1e-3, equal_nan=True)
+    assert here.n_same.reindex(got.index).equals(got.n_same)

@@ -84,7 +84,7 @@ def train_loop(config: dict) -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             seen += len(y)
         train_seconds = time.time() - started
         net.eval()

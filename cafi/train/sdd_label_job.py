@@ -16,7 +16,8 @@ recognition embedding) and optionally `scored_at`. The flow:
 Memory per worker is bounded by a bucket (about BUCKET_ROWS rows), not by the set. A set of at most
 LOCAL_ROWS rows (= POOL: the pool is then every row, and one bucket) skips steps 2-3's two passes and
 the shuffle: its rows come to the driver once and the same bucket function labels them there (the
-same labels; starting a shuffle costs more than such a set's work).
+same draws, so the same labels up to float rounding; starting a shuffle costs more than such a set's
+work).
 """
 
 from __future__ import annotations
