@@ -97,7 +97,7 @@ def every_scorer(cfg_files: list[str]) -> list[str]:
         kind = getattr(base.models, family).kind
         others = [s.name for s in of_family(family) if s.name != kind]
         out.append(f"models.{family}.also=[{','.join(others)}]")
-    return out
+    return [*out, "output.embeddings=true"]  # the classic scorer reads the embedding another FIQA scorer makes
 
 
 def write_crops(folder: str, n: int) -> list[str]:

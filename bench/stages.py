@@ -10,6 +10,7 @@ what each of four separate pools gets with `torch_threads: 0` and `num_cpus: 0.2
                            [--parser bisenet] [--config extra.yaml ...] [key=value ...]
     python bench/stages.py --batch-sizes 1,2,4,8 [--threads 1,2] [--n 16]   # batch-size sweep
     python bench/stages.py --fiqa [--threads 1] [--n 16]   # every FIQA scorer on the same faces: CPU ms per face
+    python bench/stages.py --classic [--threads 1] [--n 16]   # classic FQA features and scorer vs the detector
 
 Also the helpers the other benchmarks share (machine line, synthetic setup, measure()).
 """
@@ -349,6 +350,7 @@ def fiqa_costs(cfg_path: str, paths: list[str], d: str, args, threads: list[int]
     cfg = load_config([cfg_path, *args.config], [f"input.uri={os.path.dirname(paths[0])}", f"output.uri={d}/out",
                                                  *base_overrides(d), "models.fiqa.kind=serfiq",
                                                  f"models.fiqa.also=[{','.join(k for k in order if k != 'serfiq')}]",
+                                                 "output.embeddings=true",  # the classic scorer reads SER-FIQ's
                                                  *args.overrides])
     print(f"FIQA scorers: SER-FIQ T={cfg.models.serfiq.samples}, CR-FIQA {cfg.models.crfiqa.arch}, "
           f"MagFace iResNet100, SDD-FIQA IR-50", flush=True)
@@ -359,6 +361,41 @@ def fiqa_costs(cfg_path: str, paths: list[str], d: str, args, threads: list[int]
         print(f"\ntorch threads = {t}\n{stage_table(rows)}", flush=True)
     first = costs[threads[0]]
     print(f"\nfiqa cost per face: {', '.join(f'{k} {first[k]:.0f} ms' for k in order if k in first)}", flush=True)
+
+
+def classic_cost(cfg_path: str, paths: list[str], d: str, args, threads: list[int]) -> None:
+    """The classic FQA scorer's CPU cost per face beside the detector's: its features alone (GIST, HOG,
+    LBP on 112x112 faces; the CNN feature is the run's stored embedding, no cost here), and the whole
+    stage (align + features + classifier) in the pipeline's order after detection and SER-FIQ (which
+    makes the embedding it reads). The target: the scorer under 10 % of the detector."""
+    import cv2
+
+    from cafi.classic import features
+    from cafi.imaging import decode
+
+    cfg = load_config([cfg_path, *args.config], [f"input.uri={os.path.dirname(paths[0])}", f"output.uri={d}/out",
+                                                 *base_overrides(d), "models.fiqa.kind=serfiq",
+                                                 "models.fiqa.also=[classic]", "output.embeddings=true",
+                                                 *args.overrides])
+    crops = []
+    for p in paths:  # the crops themselves at 112x112: the features' cost does not depend on the content
+        with open(p, "rb") as fh:
+            crops.append(cv2.resize(decode(fh.read(), cfg.image).image, (112, 112), interpolation=cv2.INTER_AREA))
+    faces = np.stack(crops)
+    emb = np.random.default_rng(0).normal(size=(len(faces), 512)).astype(np.float32)
+    for t in threads:
+        torch.set_num_threads(t)
+        features.extract(faces[:2], emb[:2])  # warm-up (imports, the Gabor bank)
+        c0 = time.process_time()
+        wall = best_of(lambda: features.extract(faces, emb), args.repeats)
+        feat_cpu = 1000 * (time.process_time() - c0) / max(1, args.repeats) / len(faces)
+        rows = [r for r in measure(cfg, paths, t, args.repeats, only={"serfiq", "classic"})
+                if r["stage"] in ("detect", "serfiq", "classic")]
+        print(f"\ntorch threads = {t}\n{stage_table(rows)}", flush=True)
+        cpu = {r["stage"]: 1000 * r["cpu_seconds"] / r["images"] for r in rows}
+        print(f"classic features per face: {feat_cpu:.1f} ms (CPU; wall {1000 * wall / len(faces):.1f} ms)", flush=True)
+        print(f"classic scorer per face: {cpu['classic']:.1f} ms CPU vs detector {cpu['detect']:.1f} ms: "
+              f"{cpu['classic'] / cpu['detect']:.3f} of the detector (target < 0.10)", flush=True)
 
 
 # ---------------------------------------------------------------- main
@@ -393,6 +430,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--batch-sizes", default="", help="instead: every model stage at each of these batch sizes")
     ap.add_argument("--fiqa", action="store_true", help="instead: every FIQA scorer's cost per face")
+    ap.add_argument("--classic", action="store_true", help="instead: the classic FQA scorer's cost vs the detector")
     ap.add_argument("--config", action="append", default=[], help="extra config files, after the synthetic one")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. models.dbcnn.batch_size=4)")
     args = ap.parse_args()
@@ -412,6 +450,9 @@ def main() -> None:
             return
         if args.fiqa:
             fiqa_costs(cfg_path, paths, d, args, threads)
+            return
+        if args.classic:
+            classic_cost(cfg_path, paths, d, args, threads)
             return
         results = {}
         for t in threads:

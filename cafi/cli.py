@@ -94,6 +94,9 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
         # What the weights may be used for travels with them: printed with the config block.
         lines.append(f"  # {arch}: licence {rec.licence or 'unknown'} ({rec.source}); trained on "
                      f"{rec.training_data or 'unknown'}")
+        if rec.user_trained:  # nothing published: the team's own training wrote it and its config block
+            lines += [f"  # {key}: no published file; `cafi train {key}` writes it and DIR/{key}.yaml, its block"]
+            continue
         if rec.manual_download:  # the URI is a web page listing the file: nothing to copy automatically
             lines += [f"  # {key}: download {rec.file_name} by hand from {rec.uri}, copy it to DEST, then:",
                       f"  {key}:", "    weights:", f"      uri: {join(args.dest, rec.file_name)}",
@@ -150,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate.evaluate(args.manifest, args.labels, storage=_storage(args), precision=args.precision,
                                mos_column=args.mos_column, accept_column=args.accept_column,
                                identities_uri=args.identities, identity_column=args.identity_column,
-                               options=options)
+                               options=options, fit_fusion=args.fit_fusion)
     print(result.to_json() if args.json else evaluate.format_result(result))
     if args.out:
         from cafi import eval_page
@@ -225,6 +228,28 @@ def cmd_train_sddfiqa(args: argparse.Namespace) -> int:
           f"{last.get('train_loss', float('nan')):.3f}, held-out SRCC {last.get('heldout_srcc', float('nan')):.3f} "
           f"({doc['split']['heldout_rows']} faces of {doc['split']['heldout_identities']} held-out identities)")
     for name in ("sddfiqa.pth", "sddfiqa.yaml", "train.json", "train.html", "heldout.csv"):
+        print(f"wrote {redact_uri(join(args.out, name))}")
+    return 0
+
+
+def cmd_train_classic(args: argparse.Namespace) -> int:
+    from cafi.classic.fit import FitSettings
+    from cafi.redact import redact_uri
+    from cafi.storage import join
+    from cafi.train import classic as train_classic
+
+    settings = FitSettings(holdout=args.heldout, seed=args.seed, epochs_autoencoder=args.epochs_autoencoder,
+                           epochs_classifier=args.epochs_classifier, epochs_finetune=args.epochs_finetune)
+    doc = train_classic.train(args.labels, args.run, args.out, uri_column=args.uri_column,
+                              label_column=args.label_column, identity_column=args.identity_column,
+                              heldout=args.heldout, settings=settings, storage=_storage(args))
+    r, held = doc["rows"], doc["heldout"]
+    print(f"classic FQA of run {doc['run_id']}: {r['used']} of {r['labelled']} labelled faces "
+          f"({', '.join(f'{k} {v}' for k, v in r['per_class'].items())}); {r['not_found']} not in the run "
+          f"with landmarks and an embedding; {doc['seconds']} s")
+    print(f"held-out accuracy {held['accuracy']:.3f} on {held['rows']} faces (split by {doc['split']['by']}); "
+          f"confusion (rows true, columns predicted {'/'.join(doc['classes'])}): {held['confusion']}")
+    for name in train_classic.OUTPUTS:
         print(f"wrote {redact_uri(join(args.out, name))}")
     return 0
 
@@ -342,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the thresholds that maximise F1)")
     ev.add_argument("--mos-column", default="mos", help="name of the MOS column (default: mos)")
     ev.add_argument("--accept-column", default="accept", help="name of the accept column (default: accept)")
+    ev.add_argument("--fit-fusion", action="store_true",
+                    help="fit non-negative decision.fusion.weights to the labels (SRCC with the MOS, else F1 with "
+                         "the accepts) over the run's quality columns and print the config block")
     ed = ev.add_argument_group("EDC (needs embeddings: score with output.embeddings=true)")
     ed.add_argument("--identities", metavar="IDS.csv", default=None,
                     help="CSV with a uri column and an identity column: compute the EDC of every quality column")
@@ -468,6 +496,30 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--seed", type=int, default=0, help="seed of the random draws and of the pool (default: 0)")
     add_storage(ts)
     ts.set_defaults(func=cmd_train_sddfiqa)
+    tc = tsub.add_parser("classic", help="the score-based FQA classifier from good/average/bad labels",
+                         description="The score-based FQA classifier (GIST, HOG, LBP and the run's recognition "
+                                     "embedding, each through an autoencoder to 50 values, a joint autoencoder, "
+                                     "a softmax over good/average/bad) trained on LABELS.csv's labels of a "
+                                     "committed run's faces, re-aligned from the landmarks it stored; the run "
+                                     "needs output.embeddings=true. Plain torch on this process (thousands of "
+                                     "rows). Writes DIR/classic.pth, classic.yaml (the models.classic.weights "
+                                     "block), train.json (held-out accuracy, confusion matrix), train.html.")
+    tc.add_argument("labels", metavar="LABELS.csv", help="CSV with a URI column and a good/average/bad label column")
+    tc.add_argument("--run", required=True, metavar="RUN_OR_OUTPUT",
+                    help="<output>/runs/<run_id>, or an output root for its latest model version's committed runs")
+    tc.add_argument("--out", required=True, metavar="DIR", help="where to write the model (any fsspec URI)")
+    tc.add_argument("--uri-column", default="uri", help="LABELS.csv's URI column (default: uri)")
+    tc.add_argument("--label-column", default="label", help="LABELS.csv's label column (default: label)")
+    tc.add_argument("--identity-column", default=None,
+                    help="a LABELS.csv column of identities: the held-out split keeps each on one side")
+    tc.add_argument("--heldout", type=float, default=0.2, metavar="FRACTION",
+                    help="fraction of each class held out for the accuracy (default: 0.2)")
+    tc.add_argument("--seed", type=int, default=0, help="seed of the split and the initialisation (default: 0)")
+    tc.add_argument("--epochs-autoencoder", type=int, default=60, help="epochs of each autoencoder (default: 60)")
+    tc.add_argument("--epochs-classifier", type=int, default=150, help="epochs of the softmax layer (default: 150)")
+    tc.add_argument("--epochs-finetune", type=int, default=60, help="epochs of the fine-tuning (default: 60)")
+    add_storage(tc)
+    tc.set_defaults(func=cmd_train_classic)
     return p
 
 

@@ -10,6 +10,11 @@ Directions ("better"):
   lower       smaller is better (exposure clipping fractions)
   abs_lower   smaller magnitude is better (head-pose angles: 0 = frontal)
   near_half   closer to 0.5 is better (mean luminance on a 0..1 scale)
+
+`span` is a quality column's documented range, where it has one: the fused score (cafi/fusion.py)
+maps each column onto [0, 1] by it (`Column.unit_interval`). Columns whose scale depends on the data or the
+checkpoint (pixels, Laplacian variance, raw regressions) have none: a fusion that weighs them names
+their range in `decision.fusion.ranges`.
 """
 
 from __future__ import annotations
@@ -29,11 +34,24 @@ class Column:
     doc: str
     unit: str = ""
     better: str | None = None  # None: not a quality measure
+    span: tuple[float, float] | None = None  # documented range: the fused score's mapping onto [0, 1]
 
     def oriented(self, values: np.ndarray) -> np.ndarray:
         """The values turned so that higher is better (NaN stays NaN)."""
         v = np.asarray(values, dtype=np.float64)
         return {"higher": v, "lower": -v, "abs_lower": -np.abs(v), "near_half": -np.abs(v - 0.5)}[self.better]
+
+    def unit_interval(self, values: np.ndarray, span: tuple[float, float] | None = None) -> np.ndarray:
+        """The values mapped onto [0, 1], 1 = best, by `span` (default: the documented one), clipped:
+        higher (v-lo)/(hi-lo), lower its complement, abs_lower 1 - |v|/hi (an angle: 1 - angle/90),
+        near_half 1 - 2|x-0.5| of x = (v-lo)/(hi-lo). NaN stays NaN."""
+        lo, hi = span if span is not None else self.span
+        v = np.asarray(values, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            if self.better == "abs_lower":
+                return 1.0 - np.clip(np.abs(v) / hi, 0.0, 1.0)
+            x = np.clip((v - lo) / (hi - lo), 0.0, 1.0)
+            return {"higher": x, "lower": 1.0 - x, "near_half": 1.0 - 2.0 * np.abs(x - 0.5)}[self.better]
 
 
 _F = pa.float32()
@@ -46,43 +64,53 @@ COLUMNS: tuple[Column, ...] = (
     Column("width", pa.int32(), "source image width before square-padding and resizing", "px"),
     Column("height", pa.int32(), "source image height", "px"),
     # -- detection (RetinaFace)
-    Column("det_score", _F, "confidence of the best face", "0..1", "higher"),
+    Column("det_score", _F, "confidence of the best face", "0..1", "higher", span=(0.0, 1.0)),
     Column("landmarks", pa.list_(_F, 10), "eyes, nose, mouth corners (x, y) in crop pixels (crop_size)", "px"),
     # -- face parsing
-    Column("mask_fraction", _F, "face-label pixels over crop pixels", "0..1", "higher"),
+    Column("mask_fraction", _F, "face-label pixels over crop pixels", "0..1", "higher", span=(0.0, 1.0)),
     # -- quality components (cafi/components.py defines each one)
     Column("yaw", _F, "head yaw from the 5 landmarks, relative to the line of sight; + = the face turns towards "
-           "the image's left (its nose points left)", "deg", "abs_lower"),
-    Column("pitch", _F, "head pitch relative to the line of sight; + = the face looks up", "deg", "abs_lower"),
+           "the image's left (its nose points left)", "deg", "abs_lower", span=(0.0, 90.0)),
+    Column("pitch", _F, "head pitch relative to the line of sight; + = the face looks up", "deg", "abs_lower",
+           span=(0.0, 90.0)),
     Column("roll", _F, "in-plane head roll; + = the face is rotated clockwise in the image (the eye on the "
-           "image's right is lower)", "deg", "abs_lower"),
+           "image's right is lower)", "deg", "abs_lower", span=(0.0, 90.0)),
     Column("inter_eye_px", _F, "eye-centre distance in source-image pixels", "px", "higher"),
     Column("face_fraction", _F, "bounding box of the face mask over the crop area (0 when the mask is empty)",
-           "0..1", "higher"),
+           "0..1", "higher", span=(0.0, 1.0)),
     Column("sharpness", _F, "variance of the Laplacian of BT.601 luma Y' over the eroded face mask",
            "(0..255)^2", "higher"),
-    Column("luma_mean", _F, "mean BT.601 luma Y' of face pixels", "0..1", "near_half"),
-    Column("luma_std", _F, "standard deviation of face-pixel luminance", "0..1", "higher"),
-    Column("under_exposed", _F, "fraction of face pixels with Y' <= 25 of 255", "0..1", "lower"),
-    Column("over_exposed", _F, "fraction of face pixels with Y' >= 247 of 255", "0..1", "lower"),
-    Column("dynamic_range", _F, "entropy of the face-pixel luminance histogram", "bits (0..8)", "higher"),
+    Column("luma_mean", _F, "mean BT.601 luma Y' of face pixels", "0..1", "near_half", span=(0.0, 1.0)),
+    Column("luma_std", _F, "standard deviation of face-pixel luminance", "0..1", "higher",
+           span=(0.0, 0.5)),  # the largest deviation values in [0, 1] can have
+    Column("under_exposed", _F, "fraction of face pixels with Y' <= 25 of 255", "0..1", "lower", span=(0.0, 1.0)),
+    Column("over_exposed", _F, "fraction of face pixels with Y' >= 247 of 255", "0..1", "lower", span=(0.0, 1.0)),
+    Column("dynamic_range", _F, "entropy of the face-pixel luminance histogram", "bits (0..8)", "higher",
+           span=(0.0, 8.0)),
     # -- face-image quality (FIQA) scorers
-    Column("serfiq", _F, "SER-FIQ, rescaled 1/(1+exp(-alpha*(raw-r)))", "0..1", "higher"),
+    Column("serfiq", _F, "SER-FIQ, rescaled 1/(1+exp(-alpha*(raw-r)))", "0..1", "higher", span=(0.0, 1.0)),
     Column("serfiq_raw", _F, "SER-FIQ: 2*sigmoid(-mean pairwise distance of T dropout embeddings)", "0..1",
-           "higher"),
+           "higher", span=(0.0, 1.0)),
     Column("magface", _F, "MagFace quality: the embedding norm, or OFIQ's 0..100 mapping of it if configured",
            "norm or 0..100", "higher"),
-    Column("magface_raw", _F, "MagFace embedding L2 norm", "norm (~10..110)", "higher"),
+    Column("magface_raw", _F, "MagFace embedding L2 norm", "norm (~10..110)", "higher",
+           span=(10.0, 110.0)),  # MagFace's magnitude bounds l_a, u_a
     Column("crfiqa", _F, "CR-FIQA: the quality head's regression of the relative classifiability", "raw",
            "higher"),
     Column("sddfiqa", _F, "SDD-FIQA: IR-50 regression of the similarity-distribution-distance label", "~0..100",
-           "higher"),
+           "higher", span=(0.0, 100.0)),
+    Column("classic", _F, "score-based FQA classifier (your `cafi train classic` checkpoint): P(good) + "
+           "0.5 P(average) over GIST, HOG, LBP and the recognition embedding", "0..1", "higher", span=(0.0, 1.0)),
     # -- image-quality (IQA) scorers
     Column("dbcnn", _F, "DBCNN on the masked face (KonIQ-10k MOS scale for the published weights)", "0..100",
-           "higher"),
-    Column("topiq_face", _F, "TOPIQ-face (pyiqa topiq_nr-face) on the FFHQ-aligned face", "0..1", "higher"),
+           "higher", span=(0.0, 100.0)),
+    Column("topiq_face", _F, "TOPIQ-face (pyiqa topiq_nr-face) on the FFHQ-aligned face", "0..1", "higher",
+           span=(0.0, 1.0)),
     # -- decision
     Column("cafi", _F, "the configured IQA score of accepted rows (null when rejected)", "", "higher"),
+    Column("fused", _F, "weighted mean of the columns of decision.fusion.weights, each mapped onto 0..1 by its "
+           "range (cafi/fusion.py); null without weights or where a weighted column is null", "0..1", "higher",
+           span=(0.0, 1.0)),
     Column("accepted", pa.bool_(), "true when no rule rejected the row"),
     Column("decision", pa.string(), "accepted | rejected (a partition column by default)"),
     Column("reject_reason", pa.string(), "first failed rule (cafi/decision.py REASONS), null when accepted"),

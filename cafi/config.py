@@ -20,6 +20,7 @@ from typing import ClassVar
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cafi import fusion
 from cafi.errors import ConfigError
 
 
@@ -103,6 +104,14 @@ class SddfiqaConfig(StageConfig):
 
 
 @dataclass(frozen=True)
+class ClassicConfig(StageConfig):
+    family: ClassVar[str] = "fiqa"
+
+    # No published weights: the checkpoint `cafi train classic` wrote (its DIR/classic.yaml block).
+    weights: WeightsConfig | None = None
+
+
+@dataclass(frozen=True)
 class TopiqFaceConfig(StageConfig):
     family: ClassVar[str] = "iqa"
 
@@ -145,6 +154,7 @@ class ModelsConfig:
     magface: MagfaceConfig = field(default_factory=MagfaceConfig)
     crfiqa: CrfiqaConfig = field(default_factory=CrfiqaConfig)
     sddfiqa: SddfiqaConfig = field(default_factory=SddfiqaConfig)
+    classic: ClassicConfig = field(default_factory=ClassicConfig)
     dbcnn: DbcnnConfig = field(default_factory=DbcnnConfig)
     topiq_face: TopiqFaceConfig = field(default_factory=TopiqFaceConfig)
 
@@ -187,6 +197,15 @@ class ImageConfig:
 
 
 @dataclass(frozen=True)
+class FusionConfig:
+    """The fused score (cafi/fusion.py): column -> weight, and [low, high] ranges for columns without a
+    documented one (or to replace it)."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    ranges: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DecisionConfig:
     """Thresholds of the decision rules (cafi/decision.py); null turns a rule off."""
 
@@ -194,6 +213,7 @@ class DecisionConfig:
     min_magface: float | None = None
     min_crfiqa: float | None = None
     min_sddfiqa: float | None = None
+    min_classic: float | None = None
     min_mask_fraction: float = 0.05
     min_dbcnn: float | None = None
     min_topiq_face: float | None = None
@@ -205,6 +225,8 @@ class DecisionConfig:
     max_luma_mean: float | None = None
     max_under_exposed: float | None = None
     max_over_exposed: float | None = None
+    min_fused: float | None = None
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
 
 @dataclass(frozen=True)
@@ -399,8 +421,11 @@ def validate(cfg: JobConfig) -> None:
            cfg.ray.scale_gpu_pools)
     d = cfg.decision
     _check(0.0 <= d.min_serfiq <= 1.0, "decision.min_serfiq", "a number in [0, 1]", d.min_serfiq)
+    _check(d.min_classic is None or 0.0 <= d.min_classic <= 1.0, "decision.min_classic", "null or a number in [0, 1]",
+           d.min_classic)
     _check(0.0 <= d.min_mask_fraction <= 1.0, "decision.min_mask_fraction", "a number in [0, 1]",
            d.min_mask_fraction)
+    fusion.check(d)
 
 
 INPUT_FORMATS = ("files", "webdataset", "parquet")

@@ -17,8 +17,9 @@ OK, SCORED, NO_FACE, ERROR = "ok", "scored", "no_face", "error"
 
 # Precedence, first to last: what a row could not be, then the causes a curator can act on
 # (pose, source resolution) before the symptoms they produce (unrecognisable, blur, low quality).
+# The fused score (cafi/fusion.py) sums those symptoms, so its rule comes last.
 REASONS = ("error", "no_face", "pose", "low_resolution", "unrecognisable", "face_too_small", "blur", "exposure",
-           "low_quality")
+           "low_quality", "low_fused")
 
 
 def rescale_serfiq(raw: np.ndarray, alpha: float, r: float) -> np.ndarray:
@@ -74,7 +75,8 @@ def _any(*failed: np.ndarray | None) -> np.ndarray | None:
 def rule_failures(cols: dict[str, np.ndarray], cfg: DecisionConfig, fiqa: ScoreRule,
                   iqa: ScoreRule) -> dict[str, np.ndarray | None]:
     """reason -> rows that fail its rule (None where the rule is off). `fiqa` and `iqa` are the score
-    rules of the scorers the decision uses (models.fiqa.kind, models.iqa.kind)."""
+    rules of the scorers the decision uses (models.fiqa.kind, models.iqa.kind); `fused` is among `cols`
+    where decision.min_fused is set (cafi/fusion.py)."""
     nan = np.full(len(cols["status"]), np.nan)
     col = lambda name: cols.get(name, nan)  # noqa: E731 - a column this run did not compute is NaN
     with np.errstate(invalid="ignore"):
@@ -90,6 +92,7 @@ def rule_failures(cols: dict[str, np.ndarray], cfg: DecisionConfig, fiqa: ScoreR
             # Without a threshold a scored row still needs a finite IQA score (a NaN is a model fault).
             "low_quality": _below(col(iqa.column), iqa.minimum) if iqa.minimum is not None
             else ~np.isfinite(col(iqa.column)),
+            "low_fused": _below(col("fused"), cfg.min_fused),
         }
 
 

@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cafi import columns, decision, runs
+from cafi import columns, decision, eval_fusion, runs
 from cafi.errors import CafiError
+from cafi.eval_fusion import FusionFit
 from cafi.eval_rows import ROW_COLUMNS, floats, present_quality
 from cafi.eval_stats import confusion, plcc, srcc
 from cafi.eval_thresholds import Suggestion, best_filter, own_units, suggest
@@ -80,14 +81,18 @@ class LabelResult:
     iqa: str = runs.DEFAULT_IQA
     suggestion: Suggestion | None = None
     precision_target: float | None = None
+    fit_fusion: bool = False              # --fit-fusion asked
+    fusion: FusionFit | None = None       # its result (None: too few rows or columns)
 
     def as_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "suggestion"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("suggestion", "fusion")}
         out["suggestion"] = None if self.suggestion is None else self.suggestion.as_dict()
+        out["fusion"] = None if self.fusion is None else self.fusion.as_dict()
         return out
 
 
-def evaluate_labels(rows: runs.Rows, labels: pa.Table, labels_uri: str, precision: float | None) -> LabelResult:
+def evaluate_labels(rows: runs.Rows, labels: pa.Table, labels_uri: str, precision: float | None,
+                    fit_fusion: bool = False) -> LabelResult:
     joined = _join(labels, rows.table.select(ROW_COLUMNS))  # not the embeddings: no copy of them
     matched = set(joined["uri"].to_pylist())
     unmatched = [u for u in labels["uri"].to_pylist() if u not in matched]
@@ -97,12 +102,15 @@ def evaluate_labels(rows: runs.Rows, labels: pa.Table, labels_uri: str, precisio
     dec = runs.decision_config(rows.summary)
     fiqa, iqa = runs.scorers(rows.summary)
     res = LabelResult(labels_uri, labels.num_rows, joined.num_rows, unmatched[:5], fiqa=fiqa, iqa=iqa,
-                      thresholds={f.name: getattr(dec, f.name) for f in fields(dec)}, precision_target=precision)
+                      thresholds={f.name: getattr(dec, f.name) for f in fields(dec) if f.name != "fusion"},
+                      precision_target=precision, fit_fusion=fit_fusion)
     mos = floats(joined, "mos")
     has = pc.is_valid(joined["accept"]).to_numpy(zero_copy_only=False)
     truth = np.where(has, pc.fill_null(joined["accept"], False).to_numpy(zero_copy_only=False), -1).astype(np.int8)
     res.ranking = rank_columns(joined, mos, truth if has.any() else None)
     res.sorted_by = "srcc" if np.isfinite(mos).any() else "f1" if has.any() else ""
+    if fit_fusion:
+        res.fusion = eval_fusion.fit(joined, mos, truth if has.any() else None, dec.fusion.ranges)
     if has.any():
         sub = joined.filter(pa.array(has))
         human = truth[has].astype(bool)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from cafi.eval_fusion import MIN_ROWS, FusionFit
 from cafi.eval_identities import EdcSection
 from cafi.eval_labels import LabelResult
 from cafi.eval_result import Result
@@ -24,6 +25,11 @@ def _thr(x: float | None) -> str:
 
 
 def format_labels(r: LabelResult, source: str) -> list[str]:
+    """The labels section; the --fit-fusion result last, so its config block ends the text."""
+    return _labels(r, source) + (format_fusion(r.fusion) if r.fit_fusion else [])
+
+
+def _labels(r: LabelResult, source: str) -> list[str]:
     lines = [f"cafi eval: {r.matched} of {r.labels} labelled URIs found in {source}"]
     if r.unmatched_examples:
         lines.append(f"  {r.labels - r.matched} labelled URIs are not in the manifest, e.g. "
@@ -71,6 +77,22 @@ def format_labels(r: LabelResult, source: str) -> list[str]:
     lines += ["", "Suggested config (every other decision threshold stays as it is):",
               "decision:", f"  {fi}: {s.min_fiqa:g}", f"  {iq}: {'null' if s.min_iqa is None else f'{s.min_iqa:g}'}"]
     return lines
+
+
+def format_fusion(f: FusionFit | None) -> list[str]:
+    if f is None:
+        return ["", f"--fit-fusion: fewer than {MIN_ROWS} labelled rows or fewer than two quality columns with a "
+                    "range and values: nothing fitted"]
+    fitted = (f"SRCC {_f(f.srcc)} against the MOS" if f.target == "mos" else f"F1 {_f(f.f1)} against the accepts")
+    single = f.best_single
+    best = (f"{single['column']}: SRCC {_f(single['srcc'])}" if "srcc" in single
+            else f"{single['column']}: F1 {_f(single.get('f1'))}")
+    lines = ["", f"Fused score fitted to the {'MOS' if f.target == 'mos' else 'human accepts'} "
+                 f"({f.rows} rows, non-negative weights over {len(f.columns)} columns: {', '.join(f.columns)}):",
+             f"  fitted: {fitted}" + (f"; F1 {_f(f.f1)} at min_fused {f.min_fused:.4g}" if f.target == "mos"
+                                      and f.f1 is not None else ""),
+             f"  best single column on the same rows: {best}", "", "Config (a threshold-only re-score applies it):"]
+    return lines + f.config_block().splitlines()
 
 
 def format_edc(e: EdcSection) -> list[str]:

@@ -7,7 +7,8 @@ live in their own modules, each importing only those listed before it:
   cafi/eval_thresholds.py  the best single-threshold filter, the (min FIQA, min IQA) search, own units
   cafi/eval_inputs.py      the labels and identities CSVs
   cafi/eval_rows.py        the manifest columns read, quality values as numpy
-  cafi/eval_labels.py      the labels section: ranking, decision against the human one, suggestion
+  cafi/eval_fusion.py      --fit-fusion: weights of the fused score fitted to the labels
+  cafi/eval_labels.py      the labels section: ranking, decision against the human one, suggestion, fit
   cafi/eval_identities.py  the identities section: EDC of every quality column (cafi/edc.py)
   cafi/eval_result.py      the document of both sections and its JSON
   cafi/eval_text.py        the text printed without --json
@@ -65,10 +66,12 @@ def check_options(options: edc.Options) -> None:
 def evaluate(manifest_uri: str, labels_uri: str | None = None, storage: StorageConfig | None = None,
              precision: float | None = None, mos_column: str = "mos", accept_column: str = "accept",
              identities_uri: str | None = None, identity_column: str = "identity",
-             options: edc.Options | None = None) -> Result:
+             options: edc.Options | None = None, fit_fusion: bool = False) -> Result:
     """Read what is needed once (the labelled and identified rows only) and evaluate against both."""
     if labels_uri is None and identities_uri is None:
         raise CafiError("nothing to evaluate against: give LABELS.csv and/or --identities IDS.csv")
+    if fit_fusion and labels_uri is None:
+        raise CafiError("--fit-fusion fits to labels: give LABELS.csv")
     if precision is not None and not 0.0 < precision <= 1.0:
         raise CafiError(f"--precision {precision} is not in (0, 1]")
     options = options or edc.Options()
@@ -81,7 +84,7 @@ def evaluate(manifest_uri: str, labels_uri: str | None = None, storage: StorageC
     rows = runs.read_rows(manifest_uri, storage, cols, pc.unique(wanted))
     result = Result(rows.source)
     if labels is not None:
-        result.labels = evaluate_labels(rows, labels, labels_uri, precision)
+        result.labels = evaluate_labels(rows, labels, labels_uri, precision, fit_fusion)
     if ids is not None:
         result.edc = evaluate_identities(rows, ids, identities_uri, identity_column, options)
     return result

@@ -508,7 +508,10 @@ def _stage_table(summary: dict) -> str:
 
 
 def _thresholds_text(dec: DecisionConfig) -> str:
-    on = [f"{f.name} = {getattr(dec, f.name)}" for f in fields(dec) if getattr(dec, f.name) is not None]
+    on = [f"{f.name} = {getattr(dec, f.name)}" for f in fields(dec)
+          if getattr(dec, f.name) is not None and f.name != "fusion"]
+    if dec.fusion.weights:
+        on.append("fused = " + " + ".join(f"{w:g} {c}" for c, w in dec.fusion.weights.items()) + " (normalised)")
     return ", ".join(on) + " (every other rule off)"
 
 

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from cafi import manifest
-from cafi.config import DecisionConfig, ImageConfig, StorageConfig
+from cafi.config import DecisionConfig, FusionConfig, ImageConfig, StorageConfig
 from cafi.errors import CafiError
 from cafi.redact import is_interpolation_text, redact_uri
 from cafi.storage import filesystem
@@ -94,7 +94,10 @@ def _known(cls: type, values: dict) -> dict:
 
 def decision_config(summary: dict) -> DecisionConfig:
     """The thresholds the run decided with; a key the summary lacks keeps its default (older runs)."""
-    return DecisionConfig(**_known(DecisionConfig, config_section(summary, "decision")))
+    values = _known(DecisionConfig, config_section(summary, "decision"))
+    if isinstance(values.get("fusion"), dict):
+        values["fusion"] = FusionConfig(**_known(FusionConfig, values["fusion"]))
+    return DecisionConfig(**values)
 
 
 def storage_config(summary: dict) -> StorageConfig:

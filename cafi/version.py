@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from cafi.config import JobConfig
-from cafi.stages.specs import DECIDE, specs_for, stage_columns
+from cafi.stages.specs import DECIDE, embedding_source, specs_for, stage_columns
 
 
 def _digest(obj) -> str:
@@ -22,7 +22,8 @@ def _digest(obj) -> str:
 def upstream(cfg: JobConfig) -> dict[str, tuple[str, ...]]:
     """Whose results each stage's results depend on: what it reads; the decision reads every stage."""
     model = specs_for(cfg)
-    out = {s.name: s.upstream(cfg) for s in model}
+    source = embedding_source(cfg)
+    out = {s.name: s.upstream(cfg) + ((source,) if "embedding" in s.reads(cfg) and source else ()) for s in model}
     out["decide"] = tuple(out)
     return out
 

@@ -15,6 +15,24 @@ os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+def _made_once(tmp_path_factory, name: str, make) -> str:
+    """A directory that session fixtures only read, made once for the whole run: under pytest-xdist
+    (the suite runs on two workers) the first worker makes it, the other waits on the lock and reuses
+    it -- pytest-xdist's documented pattern for session fixtures. Without xdist, once per session."""
+    from filelock import FileLock  # a dependency of ray
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's temp root, shared by its workers
+    d = root / name
+    with FileLock(str(d) + ".lock"):
+        if not (d / ".made").is_file():
+            d.mkdir(exist_ok=True)
+            make(str(d))
+            (d / ".made").touch()
+    return str(d)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> str:
     """Random checkpoints in the published formats (resnet50 detector, bisenet parser) + synthetic.yaml,
@@ -22,12 +40,13 @@ def synth_dir(tmp_path_factory) -> str:
     from cafi.models.registry import PUBLISHED
     from cafi.synth import synth, write_checkpoint
 
-    d = str(tmp_path_factory.mktemp("weights"))
-    synth(d)
-    for arch, rec in PUBLISHED.items():
-        if not os.path.isfile(os.path.join(d, rec.file_name)):
-            write_checkpoint(arch, d)
-    return d
+    def make(d: str) -> None:
+        synth(d)
+        for arch, rec in PUBLISHED.items():
+            if not os.path.isfile(os.path.join(d, rec.file_name)):
+                write_checkpoint(arch, d)
+
+    return _made_once(tmp_path_factory, "weights", make)
 
 
 @pytest.fixture(scope="session")
@@ -36,15 +55,19 @@ def synth_config(synth_dir) -> str:
 
 
 @pytest.fixture(scope="session")
-def fast_config(tmp_path_factory, synth_dir) -> str:
+def fast_config(tmp_path_factory) -> list[str]:
     """Synthetic weights, the small detector, 128-pixel crops and few SER-FIQ samples: the real
     architectures and code paths at a size that keeps CPU tests quick."""
+    return [os.path.join(_made_once(tmp_path_factory, "fast", _write_fast_config), name)
+            for name in ("synthetic.yaml", "fast.yaml")]
+
+
+def _write_fast_config(d: str) -> None:
     from cafi.synth import synth
 
-    d = str(tmp_path_factory.mktemp("fast"))
     # the optional scorers the pipeline tests run (tests/test_rescore.py): each other one's random
     # checkpoint costs seconds to write (CR-FIQA's iResNet100, SDD-FIQA's IR-50); add a kind here to run it
-    path = synth(d, detector="retinaface_mobile0.25", scorers=("magface", "topiq_face", "crfiqa", "sddfiqa"))
+    synth(d, detector="retinaface_mobile0.25", scorers=("magface", "topiq_face", "crfiqa", "sddfiqa", "classic"))
     extra = os.path.join(d, "fast.yaml")
     with open(extra, "w") as fh:
         fh.write(
@@ -60,7 +83,6 @@ def fast_config(tmp_path_factory, synth_dir) -> str:
             "output:\n  report: false\n"
             "decision:\n  min_serfiq: 0.5\n"
         )
-    return [path, extra]
 
 
 def _free_port() -> int:

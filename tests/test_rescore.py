@@ -155,7 +155,9 @@ def test_component_rules_are_a_threshold_only_rescore_that_reads_no_image(by_man
     os.rename(tmp / "in", tmp / "gone")  # any image read now would be an error row
     try:
         rules = [f"decision.max_yaw={(yaws[0] + yaws[-1]) / 2}", f"decision.min_sharpness={sharp[-1] + 1}",
-                 "decision.min_serfiq=0.0", "decision.min_mask_fraction=0.0"]
+                 "decision.min_serfiq=0.0", "decision.min_mask_fraction=0.0",
+                 # the fused score is made at decide time too: no model, no read
+                 "decision.fusion.weights.yaw=1", "decision.fusion.weights.serfiq=3"]
         new = pipeline.run(load_config(fast_config, base + rules))
     finally:
         os.rename(tmp / "gone", tmp / "in")
@@ -167,6 +169,8 @@ def test_component_rules_are_a_threshold_only_rescore_that_reads_no_image(by_man
         if row["status"] != "scored":
             continue
         assert row["yaw"] == scored[uri]["yaw"] and row["sharpness"] == scored[uri]["sharpness"]
+        facing = max(0.0, 1 - abs(row["yaw"]) / 90)  # an angle past 90 degrees counts as 0
+        assert row["fused"] == pytest.approx((facing + 3 * row["serfiq"]) / 4, abs=1e-5)
         want = "pose" if abs(row["yaw"]) > (yaws[0] + yaws[-1]) / 2 else "blur"
         assert row["reject_reason"] == want, (uri, row["reject_reason"], row["yaw"], row["sharpness"])
     assert {"pose", "blur"} <= set(new["counts"]["reject_reason"])
@@ -221,10 +225,12 @@ def test_switching_scorers_reruns_only_the_new_scorer(first, fast_config):
     assert scored and all(r["magface_raw"] > 0 and r["magface"] == r["magface_raw"] and r["serfiq"] is None
                           for r in scored)
     # CR-FIQA with embeddings: only CR-FIQA runs, and its one pass gives the embedding, which the run
-    # records as coming from it (summary and the column's Parquet field metadata)
-    cr = pipeline.run(load_config(fast_config, base + ["models.iqa.kind=topiq_face", "models.fiqa.kind=crfiqa",
+    # records as coming from it (summary and the column's Parquet field metadata); the classic classifier
+    # beside it reads that embedding in the same batch (it runs after CR-FIQA whatever the order given)
+    cr = pipeline.run(load_config(fast_config, base + ["models.iqa.kind=topiq_face", "models.fiqa.kind=classic",
+                                                       "models.fiqa.also=[crfiqa]", "decision.min_classic=0.0",
                                                        "output.embeddings=true"]))
-    assert cr["stages_run"] == ["crfiqa"], cr["stages_run"]
+    assert cr["stages_run"] == ["crfiqa", "classic"], cr["stages_run"]
     assert cr["embedding_model"]["stage"] == "crfiqa" and cr["embedding_model"]["arch"].startswith("crfiqa")
     ds = manifest.dataset(str(tmp / "out"))
     files = [f for f in ds.files if cr["run_id"] in f]
@@ -232,5 +238,6 @@ def test_switching_scorers_reruns_only_the_new_scorer(first, fast_config):
     rows = manifest.read(str(tmp / "out"), version=cr["model_version"]).to_pylist()
     scored = [r for r in rows if r["status"] == "scored"]
     assert scored and all(r["embedding"] is not None and np.isfinite(r["crfiqa"]) for r in scored)
+    assert all(0.0 <= r["classic"] <= 1.0 for r in scored) and len({r["classic"] for r in scored}) > 1
     # the versions stay side by side: four committed model versions of the same inputs
     assert len({r["model_version"] for r in manifest.committed_runs(str(tmp / "out"))}) >= 4

@@ -57,6 +57,8 @@ class Pretrained:
     training_data: str = ""
     # The URI is a web page that lists the file (a Drive folder), not the file: download it by hand.
     manual_download: bool = False
+    # No published file at all: the user trains it (`cafi train classic`); the config must name it.
+    user_trained: bool = False
 
 
 PUBLISHED: dict[str, Pretrained] = {
@@ -211,6 +213,21 @@ PUBLISHED: dict[str, Pretrained] = {
             std=(0.5, 0.5, 0.5),
             score_range=(0.0, 100.0),  # pseudo-labels min-max scaled to 0..100 in training
         ),
+        Pretrained(
+            # The score-based FQA classifier (cafi/models/classic.py): nothing published; each team trains
+            # its own on its labels with `cafi train classic`, which writes this file and the config block.
+            arch="classic_fqa",
+            licence="the team's own (trained on its labels and images)", source="cafi train classic",
+            training_data="the labelled crops given to `cafi train classic`",
+            uri="",
+            file_name="classic.pth",
+            sha256="",
+            user_trained=True,
+            state_key="state_dict",
+            strip_prefixes=(),
+            input_size=112,
+            score_range=(0.0, 1.0),  # P(good) + 0.5 P(average)
+        ),
     )
 }
 
@@ -232,6 +249,12 @@ def checkpoint(model: str, arch: str, weights):
     layout = {"state_key": record.state_key, "strip_prefixes": record.strip_prefixes,
               "drop_prefixes": record.drop_prefixes}
     if weights is None:
+        if record.user_trained:
+            raise ConfigError(
+                f"models.{model}.weights: the {model} scorer has no published weights; train them on your labels "
+                f"with `cafi train {model} LABELS.csv --run RUN --out DIR` and add the block DIR/{model}.yaml "
+                f"holds (models.{model}.weights.uri and .sha256) to your config"
+            )
         if not record.sha256:
             hint = (f" (pyiqa names the file by its digest: it starts with {record.sha256_prefix})"
                     if record.sha256_prefix else "")

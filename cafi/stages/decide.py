@@ -1,7 +1,8 @@
 """Decide (CPU tasks, cheap): the CAFI decision on each row, and the manifest rows themselves.
 
 Scores made from the stored raw ones (each scorer's `derive`: SER-FIQ's rescaling, MagFace's OFIQ
-mapping) and the thresholds apply here, so changing them runs no model (a threshold-only re-score).
+mapping), the fused score (cafi/fusion.py) and the thresholds apply here, so changing them runs no
+model (a threshold-only re-score).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import datetime as _dt
 import numpy as np
 import pyarrow as pa
 
+from cafi import fusion
 from cafi.columns import SCHEMA
 from cafi.config import JobConfig
 from cafi.decision import OK, SCORED, reject_reasons
@@ -47,6 +49,9 @@ def decide(batch: dict, cfg: JobConfig, model_version: str, run_id: str, kept: p
     fiqa, iqa = cfg.models.fiqa.kind, cfg.models.iqa.kind
     n = len(batch["uri"])
     cols = {**batch, **derived_scores(batch, cfg)}
+    f = cfg.decision.fusion
+    if f.weights:
+        cols["fused"] = fusion.fused(cols, f.weights, f.ranges, n)
     status = np.asarray(batch["status"], dtype=object).copy()
     cols["status"] = status
     reason = reject_reasons(cols, cfg.decision, *score_rules(cfg.decision, fiqa, iqa))

@@ -18,8 +18,10 @@ from typing import Any
 # Families in pipeline order: detection, then the FIQA scorers (on the aligned original face), then
 # parsing and the components (which read the mask), then the IQA scorers, then the decision.
 FAMILIES = ("detect", "fiqa", "parse", "components", "iqa", "decide")
-# What a stage reads besides the batch's own columns, and which stage makes it.
-READS = {"crop": None, "landmarks": "detect", "aligned": "detect", "mask": "parse"}
+# What a stage reads besides the batch's own columns, and which stage makes it. `embedding`: the run's
+# recognition embedding, made by the run's embedding source (cafi/stages/specs.py embedding_source; the
+# model version adds that stage upstream of its readers: cafi/version.py).
+READS = {"crop": None, "landmarks": "detect", "aligned": "detect", "mask": "parse", "embedding": None}
 
 
 def _none(cfg) -> dict:

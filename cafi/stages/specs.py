@@ -10,19 +10,23 @@ import importlib
 import pkgutil
 from functools import cache
 
+from cafi import fusion
 from cafi.config import JobConfig
 from cafi.errors import ConfigError
 from cafi.stages.spec import FAMILIES, StageSpec
 
 # Thresholds added after model versions were first recorded enter the decision's fingerprint only when
 # set: null turns a rule off, as an absent key does, so every version made before them keeps its name.
-_LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa")
+_LATER_THRESHOLDS = ("min_crfiqa", "min_sddfiqa", "min_fused", "min_classic")
 
 
 def _decide_settings(cfg: JobConfig, columns: tuple[str, ...]) -> dict:
-    """Thresholds, the scorers the decision uses, and every scorer's decide-time mapping settings."""
-    thresholds = {k: v for k, v in vars(cfg.decision).items() if v is not None or k not in _LATER_THRESHOLDS}
-    out = {"decision": thresholds, "fiqa": cfg.models.fiqa.kind, "iqa": cfg.models.iqa.kind}
+    """Thresholds, the scorers the decision uses, the fusion, and every scorer's decide-time mapping
+    settings."""
+    thresholds = {k: v for k, v in vars(cfg.decision).items()
+                  if k != "fusion" and (v is not None or k not in _LATER_THRESHOLDS)}
+    out = {"decision": thresholds, "fiqa": cfg.models.fiqa.kind, "iqa": cfg.models.iqa.kind,
+           **fusion.settings(cfg.decision)}
     for s in all_specs():
         out.update(s.decide_settings(cfg))
     return out
@@ -73,11 +77,16 @@ def chosen(cfg: JobConfig, family: str) -> StageSpec:
 
 
 def specs_for(cfg: JobConfig) -> list[StageSpec]:
-    """The model stages a config runs, in pipeline order (decide is not one: it runs in its own tasks)."""
+    """The model stages a config runs, in pipeline order (decide is not one: it runs in its own tasks).
+    A FIQA scorer that reads the run's `embedding` (the classic classifier) runs after the other FIQA
+    scorers, one of which makes it."""
     out: list[StageSpec] = []
     for family in FAMILIES[:-1]:
         if family in ("fiqa", "iqa"):
-            out += [spec(k) for k in kinds(cfg, family)]
+            chosen_ = [spec(k) for k in kinds(cfg, family)]
+            if family == "fiqa":  # the family whose scorers make the embedding
+                chosen_.sort(key=lambda s: "embedding" in s.reads(cfg))
+            out += chosen_
         else:
             out += list(of_family(family))
     return out
@@ -149,6 +158,12 @@ def validate(cfg: JobConfig, pinned: bool = True) -> None:
                 s.checkpoint(cfg)
         except KeyError as exc:
             raise ConfigError(f"models.{s.section}: {exc.args[0]}") from None
+    made = {c for s in specs_for(cfg) for c in (*s.outputs, *((s.score,) if s.score else ()))}
+    for name in cfg.decision.fusion.weights:
+        if name not in made:
+            raise ConfigError(f"decision.fusion.weights.{name}: this run does not compute {name} (its scorers: "
+                              f"{', '.join(kinds(cfg, 'fiqa') + kinds(cfg, 'iqa'))}); add its scorer to "
+                              "models.<family>.also or drop the weight")
     if cfg.output.embeddings and embedding_source(cfg) is None:
         able = [s.name for s in of_family("fiqa") if s.embedding is not None]
         raise ConfigError(f"output.embeddings: none of this run's FIQA scorers ({', '.join(kinds(cfg, 'fiqa'))}) "
