@@ -228,7 +228,7 @@ def cmd_train_sddfiqa(args: argparse.Namespace) -> int:
     print(f"trained {doc['training']['epochs_done']} epoch(s) from {doc['init']['source']} init: train loss "
           f"{last.get('train_loss', float('nan')):.3f}, held-out SRCC {last.get('heldout_srcc', float('nan')):.3f} "
           f"({doc['split']['heldout_rows']} faces of {doc['split']['heldout_identities']} held-out identities)")
-    for name in ("sddfiqa.pth", "sddfiqa.yaml", "train.json", "train.html"):
+    for name in ("sddfiqa.pth", "sddfiqa.yaml", "train.json", "train.html", "heldout.csv"):
         print(f"wrote {redact_uri(join(args.out, name))}")
     return 0
 
@@ -469,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "DIR/labels.json; then (without --labels-only) trains the SDD-FIQA regressor on "
                                      "them with Ray Train (faces re-aligned from the run's landmarks, held-out "
                                      "identities, a checkpoint per epoch: run again with the same --out to "
-                                     "resume) and writes DIR/sddfiqa.pth, sddfiqa.yaml, train.json, train.html.")
+                                     "resume) and writes DIR/sddfiqa.pth, sddfiqa.yaml, train.json, train.html, "
+                                     "heldout.csv.")
     ts.add_argument("run", metavar="RUN_OR_OUTPUT",
                     help="<output>/runs/<run_id>, or an output root for its latest model version's committed runs")
     ts.add_argument("--identities", metavar="IDS.csv", default=None,

@@ -23,7 +23,8 @@ COLS = ["uri", "status", "error", "det_score", "mask_fraction", "serfiq_raw", "s
 def first(tmp_path_factory, fast_config, ray_local):
     tmp = tmp_path_factory.mktemp("rescore")
     write_samples(str(tmp / "in"), count=3, seed=21, unusual=False, broken=True)
-    base = [f"input.uri={tmp / 'in'}", f"output.uri={tmp / 'out'}"]
+    # embeddings stored (SER-FIQ's): `cafi eval --identities` of a later version compares its scorers
+    base = [f"input.uri={tmp / 'in'}", f"output.uri={tmp / 'out'}", "output.embeddings=true"]
     summary = pipeline.run(load_config(fast_config, base))
     return tmp, base, summary
 
@@ -57,6 +58,54 @@ def test_threshold_change_is_a_new_version_that_runs_no_model(first, fast_config
     # the old version stays committed and readable, untouched
     assert manifest.read(str(tmp / "out"), version=summary["model_version"]).num_rows == summary["inputs"]
     assert manifest.read(str(tmp / "out"))["model_version"][0].as_py() == new["model_version"]  # latest
+
+
+def test_sddfiqa_trained_weights_are_a_new_version_that_runs_only_sddfiqa(first, fast_config, tmp_path, capsys):
+    """Re-scoring with what `cafi train sddfiqa` writes to its DIR -- the weights in the published layout,
+    DIR/sddfiqa.yaml naming them, DIR/heldout.csv -- and `models.fiqa.kind=sddfiqa` (SER-FIQ kept beside
+    it) is a new model version that runs the SDD-FIQA stage alone; `cafi eval --identities DIR/heldout.csv`
+    then compares the two. (This run's three crops are too few to label -- SDD-FIQA draws 24 samples of
+    other identities -- so the outputs are written by the functions training writes them with, from an
+    IR-50 with random weights; the training itself is tests/test_sdd_train.py's.)"""
+    import json
+
+    import torch
+
+    from cafi.cli import main
+    from cafi.models import sddfiqa
+    from cafi.train import outputs
+    from cafi.train.sddfiqa import published_state
+
+    tmp, base, summary = first
+    trained = tmp_path / "trained"
+    torch.manual_seed(5)
+    pth = str(trained / "sddfiqa.pth")
+    digest = outputs.write_checkpoint(published_state(sddfiqa.build().state_dict()), pth, None)
+    outputs.write_weights_block(str(trained / "sddfiqa.yaml"), "sddfiqa", pth, digest, None)
+    scored = sorted(u for u, r in _rows(tmp / "out", summary["model_version"]).items() if r["status"] == "scored")
+    assert len(scored) >= 3
+    outputs.write_identities_csv(str(trained / "heldout.csv"), scored, ["a", "a"] + ["b"] * (len(scored) - 2), None)
+
+    cfg = load_config([*fast_config, str(trained / "sddfiqa.yaml")],
+                      base + ["models.fiqa.kind=sddfiqa", "models.fiqa.also=[serfiq]"])
+    assert cfg.models.sddfiqa.weights.sha256 == digest
+    versions = {r["model_version"] for r in manifest.committed_runs(str(tmp / "out"))}
+    new = pipeline.run(cfg)
+    assert new["model_version"] not in versions
+    assert new["stages_run"] == ["sddfiqa"]
+    assert set(new["reuse"]["reused_stages"]) == {"detect", "parse", "components", "serfiq", "dbcnn"}
+    old, cur = _rows(tmp / "out", summary["model_version"]), _rows(tmp / "out", new["model_version"])
+    sdd = {r["uri"]: r["sddfiqa"] for r in manifest.read(str(tmp / "out"), version=new["model_version"],
+                                                          columns=["uri", "sddfiqa"]).to_pylist()}
+    for uri in scored:
+        assert cur[uri]["serfiq_raw"] == old[uri]["serfiq_raw"] and np.isfinite(sdd[uri])
+
+    run = manifest.run_uri(str(tmp / "out"), new["run_id"])
+    capsys.readouterr()
+    assert main(["eval", run, "--identities", str(trained / "heldout.csv"), "--min-mated", "1", "--json"]) == 0
+    edc = json.loads(capsys.readouterr().out)["edc"]
+    assert edc["samples"] == len(scored) and edc["mated_pairs"] == 1
+    assert {"sddfiqa", "serfiq"} <= {p["score"] for p in edc["pauc"]}
 
 
 def test_new_dbcnn_weights_rerun_only_parsing_and_dbcnn(first, fast_config, tmp_path):

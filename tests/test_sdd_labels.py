@@ -156,7 +156,12 @@ def test_a_missing_kept_identity_column_is_named(labelled_run, tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_cli_pseudo_labels_end_to_end(labelled_run, ray_local, s3, capsys):
+def test_cli_pseudo_labels_end_to_end(labelled_run, ray_local, s3, capsys, monkeypatch, tmp_path):
+    from cafi.train import sdd_label_job
+    from cafi.train.sddfiqa import labels
+
+    small_set = sdd_label_job.LOCAL_ROWS
+    monkeypatch.setattr(sdd_label_job, "LOCAL_ROWS", 0)  # the distributed path (buckets, pool, shuffle)
     s3.mkdir("sdd-labels")
     out = "s3://sdd-labels/train/v1"  # DIR is any fsspec URI: here the loopback S3
     argv = ["train", "sddfiqa", labelled_run["run"], "--identities", labelled_run["ids"],
@@ -183,3 +188,11 @@ def test_cli_pseudo_labels_end_to_end(labelled_run, ray_local, s3, capsys):
     assert doc["labels"]["rows"] == 299 and doc["labels"]["unlabelled_one_sample"] == 2
     assert doc["labels"]["identities"] == 52 and sum(doc["labels"]["histogram"]["counts"]) == 297
     assert doc["seed"] == 7 and doc["run_id"] == RUN_ID
+    # A set this small is labelled on the driver by default (no shuffle): the same draws, so the same
+    # labels up to float rounding (BLAS sums the products in an order that depends on the memory layout).
+    monkeypatch.setattr(sdd_label_job, "LOCAL_ROWS", small_set)
+    labels(labelled_run["run"], str(tmp_path / "here"), labelled_run["ids"], "person", seed=7)
+    here = pq.read_table(tmp_path / "here" / "labels.parquet").to_pandas().set_index("uri")
+    assert here.index.sort_values().equals(got.index.sort_values())
+    assert np.allclose(here.label.reindex(got.index), got.label, rtol=0, atol=1e-3, equal_nan=True)
+    assert here.n_same.reindex(got.index).equals(got.n_same)

@@ -39,6 +39,9 @@ def read_json(uri: str, storage: StorageConfig | None) -> dict | None:
 def put(local: str, uri: str, storage: StorageConfig | None) -> None:
     """Copy a local file to `uri`, streamed."""
     fs, path = filesystem(uri, storage)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
     with open(local, "rb") as src, fs.open(path, "wb") as dst:
         for chunk in iter(lambda: src.read(8 << 20), b""):
             dst.write(chunk)

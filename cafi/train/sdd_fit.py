@@ -1,7 +1,8 @@
 """Training the SDD-FIQA regressor on a run's pseudo-labels with Ray Train (TorchTrainer), as TFace's
 quality/train.py does: the aligned 112x112 face -> its 0..100 pseudo-label, Smooth L1 loss, Adam (its
-learning rate decayed along a half cosine over the epochs), random horizontal flips. The regressor is
-TFace's IR-50, or (backbone maniqa) MANIQA in its place, as the seed team trained it.
+learning rate decayed along a half cosine over the epochs), random horizontal flips, the faces shuffled
+within a buffer each epoch. The regressor is TFace's IR-50, or (backbone maniqa) MANIQA in its place, as
+the seed team trained it.
 
 The datasets are cafi/train/faces.py's (faces re-aligned from the run's landmarks, a `label` column),
 split by identity (cafi/train/split.py). One checkpoint per epoch (weights, optimiser, history) under
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 RUN_NAME = "sddfiqa"
 STATE_FILE = "state.pt"
 HELDOUT_FILE = "heldout.npz"
+SHUFFLE_BUFFER = 1024  # faces mixed before each training batch (~37 MiB of 112x112 faces)
 
 
 def epoch_lr(lr: float, epoch: int, epochs: int) -> float:
@@ -92,13 +94,16 @@ def train_loop(config: dict) -> None:
         for group in opt.param_groups:  # cosine decay over --epochs: the last epochs settle the ranking
             group["lr"] = epoch_lr(config["lr"], epoch, config["epochs"])
         net.train()
-        for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device):
+        # shuffled within a buffer, seeded per epoch (the faces arrive in file order, an identity's together)
+        for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
+                                                    local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                                    local_shuffle_seed=config["seed"] * 1000 + epoch):
             x, y = to_input(batch["image"], flip=True), batch["label"].float()
             loss = loss_fn(net(x).view(-1), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             seen += len(y)
         train_seconds = time.time() - started
         net.eval()
@@ -141,6 +146,7 @@ def fit(train_ds, val_ds, config: dict, out_uri: str, workers: int, use_gpu: boo
         run_config=ray.train.RunConfig(name=RUN_NAME, storage_path=ray_storage(out_uri),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every worker sees the whole held-out set
+        # every worker sees the whole held-out set; one worker needs no split (nor its coordinator actor)
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if workers > 1 else []),
     )
     return trainer.fit()

@@ -13,7 +13,11 @@ recognition embedding) and optionally `scored_at`. The flow:
 4. the per-draw minimum and maximum over the set (read on the driver: 12 floats a row) normalise the
    distances to 0..100, averaged over the draws: the label, streamed into one Parquet file.
 
-Memory per worker is bounded by a bucket (about BUCKET_ROWS rows), not by the set.
+Memory per worker is bounded by a bucket (about BUCKET_ROWS rows), not by the set. A set of at most
+LOCAL_ROWS rows (= POOL: the pool is then every row, and one bucket) skips steps 2-3's two passes and
+the shuffle: its rows come to the driver once and the same bucket function labels them there (the
+same draws, so the same labels up to float rounding; starting a shuffle costs more than such a set's
+work).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from cafi.train.run_rows import vectors_of
 
 POOL = 8192            # other-identity draws come from this many rows of the whole set (all when fewer)
 BUCKET_ROWS = 50_000   # rows per identity bucket (a bucket's embeddings: ~100 MiB as float32)
+LOCAL_ROWS = POOL      # a set of at most this many rows is labelled on the driver: no shuffle to start
 ID_KEY = "cafi-sddfiqa-ids"  # pandas hash keys are 16 characters
 
 
@@ -70,8 +75,12 @@ def collect_pool(tagged, seed: int, n_estimate: int, size: int = POOL) -> dict:
              .iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
     if not parts:
         return {"vectors": np.zeros((0, 0), np.float32), "codes": np.zeros(0, np.uint64)}
-    t = pa.concat_tables(parts)
-    t = t.take(pc.sort_indices(t, [("rank", "ascending")])[:size])
+    return _pool_of(pa.concat_tables(parts), size)
+
+
+def _pool_of(candidates: pa.Table, size: int) -> dict:
+    """The pool from candidate rows (rank, code, embedding): the `size` of smallest rank, sorted by code."""
+    t = candidates.take(pc.sort_indices(candidates, [("rank", "ascending")])[:size])
     t = t.take(pc.sort_indices(t, [("code", "ascending"), ("rank", "ascending")]))
     return {"vectors": sdd_labels.unit(vectors_of(t["embedding"])), "codes": t["code"].to_numpy()}
 
@@ -112,6 +121,8 @@ def pseudo_labels(ds, n_estimate: int, seed: int = 0, pool_size: int = POOL,
     the number of buckets and the pool's sampling rate)."""
     buckets = max(1, math.ceil(n_estimate / bucket_rows))
     tagged = ds.map_batches(_tag, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
+    if n_estimate <= min(LOCAL_ROWS, pool_size):
+        return _small_set(tagged, seed, pool_size)
     pool = collect_pool(tagged, seed, n_estimate, pool_size)
     if len(pool["codes"]) == 0:
         raise CafiError("no row with an embedding and an identity: nothing to label")
@@ -120,8 +131,30 @@ def pseudo_labels(ds, n_estimate: int, seed: int = 0, pool_size: int = POOL,
     pool_ref = ray.put(pool)
     dists = tagged.groupby("bucket", num_partitions=buckets).map_groups(_bucket, fn_args=(pool_ref, seed),
                                                                        batch_format="pyarrow").materialize()
+    lo, hi = _extremes(dists.iter_batches(batch_format="pyarrow", batch_size=None))
+    return Labels(dists, lo, hi)
+
+
+def _small_set(tagged, seed: int, pool_size: int) -> Labels:
+    """A set no larger than the pool, in one bucket: its rows (embeddings included, at most LOCAL_ROWS)
+    come to the driver in one pass, which computes the pool and the bucket as the distributed path
+    would (every row is in the pool, the one bucket is every row): the same labels without a shuffle."""
+    parts = [b for b in tagged.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    if not parts:
+        raise CafiError("no row with an embedding and an identity: nothing to label")
+    table = pa.concat_tables(parts)
+    ranks = uri_ranks(table["uri"], seed)
+    pool = _pool_of(pa.table({"rank": pa.array(ranks, pa.uint64()), "code": table["code"],
+                              "embedding": table["embedding"]}), pool_size)
+    dists = _bucket(table, pool, seed)
+    lo, hi = _extremes([dists])
+    return Labels(dists, lo, hi)
+
+
+def _extremes(batches) -> tuple[np.ndarray, np.ndarray]:
+    """Each draw's minimum and maximum distance over the labelled rows (12 floats a row are read)."""
     lo = hi = None
-    for batch in dists.iter_batches(batch_format="pyarrow", batch_size=None):  # 12 floats a row, no embedding
+    for batch in batches:
         d = vectors_of(batch["dist"])
         d = d[~np.isnan(d[:, 0])] if len(d) else d
         if len(d):
@@ -129,18 +162,23 @@ def pseudo_labels(ds, n_estimate: int, seed: int = 0, pool_size: int = POOL,
             hi = d.max(axis=0) if hi is None else np.maximum(hi, d.max(axis=0))
     if lo is None:
         raise CafiError("no identity has two samples with embeddings: SDD-FIQA labels need genuine pairs")
-    return Labels(dists, lo.astype(np.float64), hi.astype(np.float64))
+    return lo.astype(np.float64), hi.astype(np.float64)
 
 
 @dataclass
 class Labels:
-    """The raw distances of every row (a materialized dataset) and each draw's extremes over the set."""
+    """The raw distances of every row (a materialized dataset, or a table for a small set) and each
+    draw's extremes over the set."""
     dists: object
     lo: np.ndarray
     hi: np.ndarray
 
     def batches(self, batch_size: int = 65_536):
-        for batch in self.dists.iter_batches(batch_format="pyarrow", batch_size=batch_size):
+        if isinstance(self.dists, pa.Table):
+            parts = (self.dists.slice(i, batch_size) for i in range(0, self.dists.num_rows, batch_size))
+        else:
+            parts = self.dists.iter_batches(batch_format="pyarrow", batch_size=batch_size)
+        for batch in parts:
             yield _label(batch, self.lo, self.hi)
 
 

@@ -7,7 +7,7 @@ without --identities, from a column the run kept from its input (`--identity-col
 Without --labels-only, the regressor (TFace's IR-50, or with --backbone maniqa the seed team's MANIQA in its
 place) is then trained on them (cafi/train/sdd_fit.py) over faces re-aligned from the run's landmarks
 (cafi/train/faces.py), held-out identities apart (cafi/train/split.py), and DIR/sddfiqa.pth, sddfiqa.yaml,
-train.json, train.html are written (cafi/train/outputs.py, sdd_page.py).
+train.json, train.html, heldout.csv are written (cafi/train/outputs.py, sdd_page.py).
 
 The run's manifest files are read by Ray Data on the workers (cafi/train/sdd_label_job.py); the driver
 reads only the identities CSV, the files' metadata, the pool sample and the labels it writes.
@@ -155,8 +155,9 @@ def train(uri: str, out: str, identities: str | None = None, identity_column: st
           lr: float = 1e-3, heldout: float = 0.1, width: int | None = None, units: tuple[int, ...] | None = None,
           storage: StorageConfig | None = None, backbone: str = "ir50") -> dict:
     """Labels (as `labels`), then the regressor trained on them; writes DIR/sddfiqa.pth, sddfiqa.yaml,
-    train.json, train.html. Returns train.json's content. `backbone` ir50 (TFace's regressor; `width` and
-    `units` reduce it for tests) or maniqa (MANIQA in its place, its checkpoint in MANIQA's layout)."""
+    train.json, train.html and heldout.csv (the held-out identities' rows, as `cafi eval --identities`
+    reads them). Returns train.json's content. `backbone` ir50 (TFace's regressor; `width` and `units`
+    reduce it for tests) or maniqa (MANIQA in its place, its checkpoint in MANIQA's layout)."""
     import pyarrow.parquet as pq
     import torch
 
@@ -219,7 +220,8 @@ def train(uri: str, out: str, identities: str | None = None, identity_column: st
            "identity_source": label_doc["identity_source"], "embedding_model": label_doc["embedding_model"],
            "seed": seed, "labels": label_doc["labels"],
            "split": {"by": "identity", "heldout_fraction": heldout, "heldout_identities": len(held),
-                     "train_rows": train_labels.num_rows, "heldout_rows": val_labels.num_rows},
+                     "train_rows": train_labels.num_rows, "heldout_rows": val_labels.num_rows,
+                     "heldout_csv": redact_uri(join(out, "heldout.csv"))},
            "init": init_doc,
            "arch": ({"name": "sddfiqa_ir50" if published_layout else "sddfiqa_ir (reduced)", "width": width,
                      "units": list(units), "published_layout": published_layout} if backbone == "ir50" else
@@ -235,6 +237,9 @@ def train(uri: str, out: str, identities: str | None = None, identity_column: st
            "seconds": round(time.time() - started, 1)}
     write_json(join(out, "train.json"), doc, storage)
     outputs.write_text(join(out, "train.html"), sdd_page.render(doc, pred, lab), storage)
+    # every labelled row of the held-out identities, for `cafi eval RUN --identities DIR/heldout.csv`
+    outputs.write_identities_csv(join(out, "heldout.csv"), val_labels["uri"].to_pylist(),
+                                 val_labels["identity"].to_pylist(), storage)
     return doc
 
 
