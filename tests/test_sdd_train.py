@@ -1,7 +1,7 @@
 """Training the SDD-FIQA regressor (`cafi train sddfiqa` without --labels-only): the held-out split, the
 reduced net's layout and the published file layout (fast), and one real Ray Train training on constructed
-crops whose visible degradation (noise) follows the hidden quality that drives the embeddings, stopped
-after one epoch and resumed (slow, one module fixture)."""
+crops whose visible degradation (noise) follows the hidden quality that drives the embeddings, killed
+once a checkpoint is registered and resumed (slow, one module fixture)."""
 
 from __future__ import annotations
 
@@ -111,34 +111,68 @@ def crop_run(tmp_path_factory):
             "root": root}
 
 
+def _registered_epochs(out) -> list[int]:
+    """Epochs whose checkpoint Ray Train has registered (what a restart restores from): its checkpoint
+    manager's snapshot under DIR/ray. Empty while there is none, or while it is being rewritten."""
+    try:
+        snap = json.loads((out / "ray" / sdd_fit.RUN_NAME / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [int(r["metrics"]["epoch"]) for r in snap.get("checkpoint_results", [])]
+
+
 @pytest.fixture(scope="module")
 def trained(crop_run, ray_local):
-    """The command run twice on one --out: stopped after epoch 1 (as a killed training would be), then
-    again with --epochs EPOCHS, resuming. What the second run wrote is kept for the tests (read once)."""
+    """The command killed (SIGKILL to its process group: the driver, its Ray and the training worker) once
+    Ray Train has registered a checkpoint, then run again on the same --out, resuming. What the second
+    run wrote is kept for the tests (read once)."""
     import contextlib
     import io
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
 
     out = crop_run["root"] / "model"
     argv = ["train", "sddfiqa", crop_run["run"], "--identities", crop_run["ids"], "--out", str(out),
             "--batch-size", "8", "--lr", "0.003", "--heldout", "0.25", "--seed", str(SEED),
-            "--width", str(TINY["width"]), "--units", ",".join(map(str, TINY["units"]))]
-    assert main([*argv, "--epochs", "1"]) == 0
-    first = json.loads((out / "train.json").read_text())
+            "--width", str(TINY["width"]), "--units", ",".join(map(str, TINY["units"])), "--epochs", str(EPOCHS)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    killed = subprocess.Popen([sys.executable, "-m", "cafi.cli", *argv], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while not _registered_epochs(out) and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        registered = _registered_epochs(out)
+        assert killed.poll() is None, f"training ended before it was killed: {killed.stderr.read()[-3000:]!r}"
+        assert registered, "no checkpoint registered within 600 s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=60)
+        killed.stderr.close()
+    labels_written = (out / "labels.parquet").stat().st_mtime_ns
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main([*argv, "--epochs", str(EPOCHS)]) == 0
-    return {"out": out, "first": first, "doc": json.loads((out / "train.json").read_text()),
-            "printed": printed.getvalue()}
+        assert main(argv) == 0
+    return {"out": out, "registered_at_kill": registered, "labels_written": labels_written,
+            "doc": json.loads((out / "train.json").read_text()), "printed": printed.getvalue()}
 
 
 @pytest.mark.slow
-def test_a_stopped_training_resumes_from_its_last_checkpoint(trained):
-    first, doc = trained["first"], trained["doc"]
-    assert [e["epoch"] for e in first["epochs"]] == [1]
+def test_a_killed_training_resumes_from_its_last_checkpoint(trained):
+    doc = trained["doc"]
     assert [e["epoch"] for e in doc["epochs"]] == list(range(1, EPOCHS + 1))
-    assert doc["epochs"][0] == first["epochs"][0]  # epoch 1 was not trained again
+    # the killed start ran epochs 1..k; the second start ran only the rest, from the checkpoint of epoch k
+    attempts = [e["attempt"] for e in doc["epochs"]]
+    k = attempts.count(0)
+    assert attempts == [0] * k + [1] * (EPOCHS - k), attempts
+    assert 1 <= k < EPOCHS and k >= max(trained["registered_at_kill"]), (attempts, trained["registered_at_kill"])
     assert doc["training"]["epochs_done"] == EPOCHS and "held-out SRCC" in trained["printed"]
-    assert first["labels"] == doc["labels"]  # the labels of the first run were reused, not recomputed
+    # the labels the killed start wrote were trained on again, not recomputed
+    assert (trained["out"] / "labels.parquet").stat().st_mtime_ns == trained["labels_written"]
     assert np.isfinite([e["heldout_srcc"] for e in doc["epochs"]]).all()
 
 

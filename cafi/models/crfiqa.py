@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cafi.models import iresnet
-from cafi.models.registry import published
-from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, build_loaded
+from cafi.models.runtime import LoadedNet, autocast, to_input
+from cafi.weights import Checkpoint
 
 EPS = 1e-5
 # arch -> iResNet depth: CR-FIQA(L) is trained on MS1MV2, CR-FIQA(S) on CASIA-WebFace
@@ -45,14 +44,10 @@ def build(arch: str) -> CrFiqaNet:
     return CrFiqaNet(DEPTHS[arch]).eval()
 
 
-class CrFiqaScorer:
+class CrFiqaScorer(LoadedNet):
     def __init__(self, arch: str, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
                  storage=None, compile: bool = False):
-        self.record = published(arch)
-        self.device = device
-        self.precision = precision
-        self.net = prepare(build_loaded(lambda: build(arch), ckpt, cache_dir, storage), device)
-        self.forward = maybe_compile(self.net, compile)
+        super().__init__(arch, lambda: build(arch), ckpt, cache_dir, device, precision, storage, compile)
 
     @torch.inference_mode()
     def __call__(self, faces: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from cafi.models.registry import published
-from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, build_loaded
+from cafi.models.runtime import LoadedNet, autocast, maybe_compile, to_input
+from cafi.weights import Checkpoint
 
 # SCNN conv stack: (in, out, stride); each conv is 3x3 followed by BatchNorm and ReLU.
 _SCNN_LAYERS = (
@@ -62,13 +61,10 @@ def build() -> DBCNN:
     return DBCNN().eval()
 
 
-class DbcnnScorer:
+class DbcnnScorer(LoadedNet):
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
                  storage=None, compile: bool = False):
-        self.record = published("dbcnn")
-        self.device = device
-        self.precision = precision
-        self.net = prepare(build_loaded(build, ckpt, cache_dir, storage), device)
+        super().__init__("dbcnn", build, ckpt, cache_dir, device, precision, storage)  # compiled: the features
         self.features = maybe_compile(lambda x: (self.net.features1(x), self.net.features2(x)), compile)
 
     @torch.inference_mode()

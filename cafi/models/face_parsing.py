@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from cafi.models import bisenet, parsenet
-from cafi.models.registry import published
-from cafi.models.runtime import autocast, maybe_compile, prepare, to_input, upload
-from cafi.weights import Checkpoint, build_loaded
+from cafi.models.runtime import LoadedNet, autocast, maybe_compile, to_input, upload
+from cafi.weights import Checkpoint
 
 _ARCHS = {"bisenet": bisenet, "parsenet": parsenet}
 
@@ -22,16 +21,13 @@ def build(arch: str) -> torch.nn.Module:
     return _ARCHS[arch].build()
 
 
-class FaceMasker:
+class FaceMasker(LoadedNet):
     def __init__(self, arch: str, ckpt: Checkpoint, cache_dir: str, device: torch.device,
                  face_labels: list[str], fill: list[int], input_size: int = 512,
                  precision: str = "fp32", storage=None, compile: bool = False):
+        super().__init__(arch, lambda: build(arch), ckpt, cache_dir, device, precision, storage)  # compiled: logits
         self.arch = _ARCHS[arch]
-        self.record = published(arch)
-        self.device = device
-        self.precision = precision
         self.input_size = input_size
-        self.net = prepare(build_loaded(lambda: build(arch), ckpt, cache_dir, storage), device)
         self.logits = maybe_compile(lambda x: self.arch.logits(self.net, x), compile)
         names = label_names(arch)
         self.face_ids = torch.tensor([names.index(n) for n in face_labels], device=device)

@@ -22,20 +22,16 @@ import torch.nn.functional as F
 
 from cafi.decision import ofiq_unified_quality
 from cafi.models import iresnet
-from cafi.models.registry import published
-from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, build_loaded
+from cafi.models.runtime import LoadedNet, autocast, to_input
+from cafi.weights import Checkpoint
 
 
-class MagFaceScorer:
+class MagFaceScorer(LoadedNet):
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
                  storage=None, compile: bool = False, ofiq_mapping: bool = False):
-        self.record = published("magface_iresnet100")
-        self.device = device
-        self.precision = precision
+        super().__init__("magface_iresnet100", lambda: iresnet.build(100), ckpt, cache_dir, device, precision, storage,
+                         compile)
         self.ofiq_mapping = ofiq_mapping
-        self.net = prepare(build_loaded(lambda: iresnet.build(100), ckpt, cache_dir, storage), device)
-        self.forward = maybe_compile(self.net, compile)
 
     @torch.inference_mode()
     def embed(self, faces: np.ndarray | torch.Tensor) -> torch.Tensor:

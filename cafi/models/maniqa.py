@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cafi.models.registry import published
-from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, build_loaded
+from cafi.models.runtime import LoadedNet, autocast, to_input
+from cafi.weights import Checkpoint
 
 FEATURE_BLOCKS = (6, 7, 8, 9)  # ViT blocks whose tokens MANIQA reads
 
@@ -295,16 +294,12 @@ def build_regressor(arch: str = "sddfiqa_maniqa") -> FaceRegressor:
     return FaceRegressor(DIMS[arch]).eval()
 
 
-class FaceRegressorScorer:
+class FaceRegressorScorer(LoadedNet):
     """The sddfiqa stage's scorer for the MANIQA-backbone regressor (models.sddfiqa.arch: sddfiqa_maniqa)."""
 
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
                  storage=None, compile: bool = False, arch: str = "sddfiqa_maniqa"):
-        self.record = published(arch)
-        self.device = device
-        self.precision = precision
-        self.net = prepare(build_loaded(lambda: build_regressor(arch), ckpt, cache_dir, storage), device)
-        self.forward = maybe_compile(self.net, compile)
+        super().__init__(arch, lambda: build_regressor(arch), ckpt, cache_dir, device, precision, storage, compile)
 
     @torch.inference_mode()
     def __call__(self, faces: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -317,15 +312,11 @@ class FaceRegressorScorer:
         return score.float().cpu().numpy()
 
 
-class ManiqaScorer:
+class ManiqaScorer(LoadedNet):
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
                  storage=None, compile: bool = False, arch: str = "maniqa_koniq", crops: int = 20):
-        self.record = published(arch)
-        self.device = device
-        self.precision = precision
+        super().__init__(arch, lambda: build(arch), ckpt, cache_dir, device, precision, storage, compile)
         self.crops = crops
-        self.net = prepare(build_loaded(lambda: build(arch), ckpt, cache_dir, storage), device)
-        self.forward = maybe_compile(self.net, compile)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cafi.models.registry import published
-from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, build_loaded
+from cafi.models.runtime import LoadedNet, autocast, to_input
+from cafi.weights import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -224,14 +223,10 @@ def build(arch: str = "musiq_koniq") -> MUSIQ:
     return MUSIQ(DIMS[arch]).eval()
 
 
-class MusiqScorer:
+class MusiqScorer(LoadedNet):
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
                  storage=None, compile: bool = False, arch: str = "musiq_koniq"):
-        self.record = published(arch)
-        self.device = device
-        self.precision = precision
-        self.net = prepare(build_loaded(lambda: build(arch), ckpt, cache_dir, storage), device)
-        self.forward = maybe_compile(self.net, compile)
+        super().__init__(arch, lambda: build(arch), ckpt, cache_dir, device, precision, storage, compile)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -14,9 +14,8 @@ import torch
 from facexlib.detection.retinaface import RetinaFace
 from facexlib.detection.retinaface_utils import PriorBox, batched_decode, batched_decode_landm
 
-from cafi.models.registry import Pretrained, published
-from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, build_loaded
+from cafi.models.runtime import LoadedNet, autocast, to_input
+from cafi.weights import Checkpoint
 
 ARCHS = {"retinaface_resnet50": "resnet50", "retinaface_mobile0.25": "mobile0.25"}
 
@@ -36,15 +35,11 @@ class Detections:
     landmarks: np.ndarray  # (N, 5, 2) eyes, nose, mouth corners in input pixels
 
 
-class FaceDetector:
+class FaceDetector(LoadedNet):
     def __init__(self, arch: str, ckpt: Checkpoint, cache_dir: str, device: torch.device,
                  precision: str = "fp32", storage=None, compile: bool = False):
-        self.record: Pretrained = published(arch)
-        self.device = device
-        self.precision = precision
-        self.net = prepare(build_loaded(lambda: build(arch, "cpu"), ckpt, cache_dir, storage), device)
+        super().__init__(arch, lambda: build(arch, "cpu"), ckpt, cache_dir, device, precision, storage, compile)
         self.net.device = device
-        self.forward = maybe_compile(self.net, compile)
         self._priors: dict[tuple[int, int], torch.Tensor] = {}
 
     def _priors_for(self, h: int, w: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cafi.models.registry import Pretrained
+from cafi.models.registry import Pretrained, published
+from cafi.weights import Checkpoint, build_loaded
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,6 +46,20 @@ def maybe_compile(fn: Callable, enabled: bool) -> Callable:
     """`models.compile`: torch.compile a model's forward. The first batch of each new batch size
     pays the compilation (tens of seconds per model); later batches run the fused kernels."""
     return torch.compile(fn) if enabled else fn
+
+
+class LoadedNet:
+    """What every scorer's wrapper does first: its published record, its network built by `builder`
+    and loaded from the verified checkpoint (cafi/weights.py), on the device in eval mode, its forward
+    compiled where `models.compile` asks. A wrapper adds only its preprocessing and its call."""
+
+    def __init__(self, arch: str, builder: Callable[[], torch.nn.Module], ckpt: Checkpoint, cache_dir: str,
+                 device: torch.device, precision: str = "fp32", storage=None, compile: bool = False):
+        self.record: Pretrained = published(arch)
+        self.device = device
+        self.precision = precision
+        self.net = prepare(build_loaded(builder, ckpt, cache_dir, storage), device)
+        self.forward = maybe_compile(self.net, compile)
 
 
 def autocast(device: torch.device, precision: str):

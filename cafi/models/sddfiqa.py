@@ -20,9 +20,8 @@ import torch
 from facexlib.recognition.arcface_arch import bottleneck_IR
 from torch import nn
 
-from cafi.models.registry import published
-from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, build_loaded
+from cafi.models.runtime import LoadedNet, autocast, to_input
+from cafi.weights import Checkpoint
 
 FEATURES = 512 * 7 * 7
 IR50_UNITS = (3, 4, 14, 3)  # bottleneck_IR units per stage of IR-50 (facexlib get_blocks(50))
@@ -57,14 +56,10 @@ def build(width: int = IR50_WIDTH, units: tuple[int, ...] = IR50_UNITS) -> SddFi
     return SddFiqaNet(width, units).eval()
 
 
-class SddFiqaScorer:
+class SddFiqaScorer(LoadedNet):
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
                  storage=None, compile: bool = False):
-        self.record = published("sddfiqa_ir50")
-        self.device = device
-        self.precision = precision
-        self.net = prepare(build_loaded(build, ckpt, cache_dir, storage), device)
-        self.forward = maybe_compile(self.net, compile)
+        super().__init__("sddfiqa_ir50", build, ckpt, cache_dir, device, precision, storage, compile)
 
     @torch.inference_mode()
     def __call__(self, faces: np.ndarray | torch.Tensor) -> np.ndarray:

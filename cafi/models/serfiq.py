@@ -13,9 +13,8 @@ import torch
 
 from cafi.decision import rescale_serfiq
 from cafi.models import arcface
-from cafi.models.registry import published
-from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, build_loaded
+from cafi.models.runtime import LoadedNet, autocast, maybe_compile, to_input
+from cafi.weights import Checkpoint
 
 FEATURES = 512 * 7 * 7
 
@@ -43,15 +42,13 @@ def rescale(q: torch.Tensor | np.ndarray, alpha: float, r: float):
     return rescale_serfiq(q, alpha, r)
 
 
-class SerFiq:
+class SerFiq(LoadedNet):
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, samples: int = 100,
                  dropout: float = 0.5, alpha: float = 130.0, r: float = 0.88, seed: int = 0,
                  precision: str = "fp32", storage=None, chunk: int = 8, compile: bool = False):
-        self.record = published("arcface_ir_se50")
-        self.device = device
-        self.precision = precision
+        # compiled: the trunk (the head runs T times on its output)
+        super().__init__("arcface_ir_se50", lambda: arcface.build(dropout), ckpt, cache_dir, device, precision, storage)
         self.dropout, self.alpha, self.r = dropout, alpha, r
-        self.net = prepare(build_loaded(lambda: arcface.build(dropout), ckpt, cache_dir, storage), device)
         self.trunk = maybe_compile(lambda x: arcface.trunk(self.net, x), compile)
         self.masks = dropout_masks(samples, dropout, seed, device)
         # nn.Dropout's inverted scaling folded into the masks: one pass over the repeated features

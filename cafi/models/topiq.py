@@ -30,9 +30,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from cafi.models.registry import published
-from cafi.models.runtime import autocast, maybe_compile, prepare, to_input
-from cafi.weights import Checkpoint, build_loaded
+from cafi.models.runtime import LoadedNet, autocast, to_input
+from cafi.weights import Checkpoint
 
 CHANNELS = (64, 256, 512, 1024, 2048)  # stem, layer1..layer4
 DIM, HEADS, FEEDFORWARD = 256, 4, 1024
@@ -173,14 +172,10 @@ def build() -> CFANet:
     return CFANet().eval()
 
 
-class TopiqFaceScorer:
+class TopiqFaceScorer(LoadedNet):
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
                  storage=None, compile: bool = False):
-        self.record = published("topiq_nr_face")
-        self.device = device
-        self.precision = precision
-        self.net = prepare(build_loaded(build, ckpt, cache_dir, storage), device)
-        self.forward = maybe_compile(self.net, compile)
+        super().__init__("topiq_nr_face", build, ckpt, cache_dir, device, precision, storage, compile)
 
     @torch.inference_mode()
     def __call__(self, faces: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -71,7 +71,7 @@ def train_loop(config: dict) -> None:
     net = build_net(config)
     if config.get("init_state") is not None:
         net.load_state_dict(config["init_state"], strict=True)
-    start, history = 0, []
+    start, history, attempt = 0, [], 0
     opt_state = None
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
@@ -79,6 +79,7 @@ def train_loop(config: dict) -> None:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
         net.load_state_dict(state["model"], strict=True)
         opt_state, start, history = state["optimizer"], int(state["epoch"]), list(state["history"])
+        attempt = int(state.get("attempt", 0)) + 1  # each epoch's row says which start of the training ran it
         print(f"sddfiqa training: resumed from the checkpoint of epoch {start}")  # noqa: T201 - the driver shows it
     net.train()
     net = prepare_model(net)
@@ -118,7 +119,8 @@ def train_loop(config: dict) -> None:
                "train_seconds": round(train_seconds, 2),
                "images_per_second": round(seen / train_seconds, 2) if train_seconds > 0 else None,
                "heldout_images": len(lab), "heldout_srcc": rank_correlation(pred, lab),
-               "heldout_loss": float(loss_fn(torch.from_numpy(pred), torch.from_numpy(lab))) if len(lab) else None}
+               "heldout_loss": float(loss_fn(torch.from_numpy(pred), torch.from_numpy(lab))) if len(lab) else None,
+               "attempt": attempt}
         history.append(row)
         print(f"sddfiqa training: epoch {row['epoch']}/{config['epochs']}: train loss {row['train_loss']:.3f} "  # noqa: T201
               f"({seen} faces, {row['images_per_second']} faces/s), held-out SRCC {row['heldout_srcc']:.3f}")
@@ -126,7 +128,7 @@ def train_loop(config: dict) -> None:
             checkpoint = None
             if rank == 0:  # one copy of the weights; every rank reports (Ray Train waits for all)
                 torch.save({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                            "history": history}, os.path.join(d, STATE_FILE))
+                            "history": history, "attempt": attempt}, os.path.join(d, STATE_FILE))
                 np.savez(os.path.join(d, HELDOUT_FILE), pred=pred, label=lab)
                 checkpoint = Checkpoint.from_directory(d)
             ray.train.report({k: v for k, v in row.items() if v is not None}, checkpoint=checkpoint)
