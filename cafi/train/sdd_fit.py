@@ -57,6 +57,18 @@ def build_net(config: dict):
     return net
 
 
+def _progress(config: dict, epoch: int, rank: int):
+    """Rank 0's progress bar over one epoch's batches, drawn on the driver (Ray's tqdm for remote
+    workers); None on the other ranks."""
+    if rank != 0:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    per_worker = -(-int(config.get("train_rows", 0)) // max(1, int(config.get("workers", 1))))
+    return tqdm(desc=f"sddfiqa training: epoch {epoch + 1}/{config['epochs']}",
+                total=-(-per_worker // config["batch_size"]), unit="batch")
+
+
 def train_loop(config: dict) -> None:
     """Per Ray Train worker: resume from the latest checkpoint when there is one, then one report (and,
     on rank 0, one checkpoint) per epoch."""
@@ -95,6 +107,7 @@ def train_loop(config: dict) -> None:
         for group in opt.param_groups:  # cosine decay over --epochs: the last epochs settle the ranking
             group["lr"] = epoch_lr(config["lr"], epoch, config["epochs"])
         net.train()
+        bar = _progress(config, epoch, rank)
         # shuffled within a buffer, seeded per epoch (the faces arrive in file order, an identity's together)
         for batch in train_shard.iter_torch_batches(batch_size=config["batch_size"], device=device,
                                                     local_shuffle_buffer_size=SHUFFLE_BUFFER,
@@ -106,6 +119,10 @@ def train_loop(config: dict) -> None:
             opt.step()
             total += loss.item() * len(y)
             seen += len(y)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         train_seconds = time.time() - started
         net.eval()
         preds, labels = [], []

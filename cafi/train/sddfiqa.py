@@ -197,7 +197,8 @@ def train(uri: str, out: str, identities: str | None = None, identity_column: st
     train_ds, val_ds = (faces.cached(faces.faces_dataset(source, t.select(["uri", "label"]), storage), t.num_rows)
                         for t in (train_labels, val_labels))
     config = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "width": width, "units": list(units),
-              "init_state": init_state, "backbone": "ir50" if backbone == "ir50" else arch}
+              "init_state": init_state, "backbone": "ir50" if backbone == "ir50" else arch,
+              "train_rows": train_labels.num_rows, "workers": workers}
     result = sdd_fit.fit(train_ds, val_ds, config, out, workers, use_gpu)
     if result.checkpoint is None:
         raise CafiError(f"training wrote no checkpoint under {redact_uri(outputs.ray_storage(out))}")
