@@ -15,7 +15,9 @@ import sys
 import types
 
 
-def import_pyiqa_arch(root: str, module: str):
+def import_pyiqa_arch(root: str, module: str, stubs: dict[str, dict] | None = None):
+    """`stubs`: module name -> attributes, registered as modules before the import (backbones the
+    compared configuration never builds, whose own imports would pull in more)."""
     root = os.path.abspath(root)
     steps = []
     for name in ("pyiqa", "pyiqa.archs", "pyiqa.utils", "pyiqa.data"):
@@ -23,6 +25,11 @@ def import_pyiqa_arch(root: str, module: str):
         pkg.__path__ = [os.path.join(root, *name.split("."))]
         sys.modules[name] = pkg
         steps.append(f"namespace {name} -> {name.replace('.', '/')}/ (its __init__ not run)")
+    for name, attrs in (stubs or {}).items():
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        sys.modules[name] = mod
+        steps.append(f"stub {name} ({', '.join(attrs)}: not built in this comparison)")
     try:
         from huggingface_hub import hf_hub_url  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - missing, or a version whose own imports fail here

@@ -26,16 +26,16 @@ Compared, on generated faces with landmarks from a random similarity of the FFHQ
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import tempfile
-import types
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pyiqa_arch import import_pyiqa_arch  # noqa: E402 - bench/ is on the path when run as a script
 
 from cafi.faces.align import FFHQ_TEMPLATE_512, align_ffhq  # noqa: E402
 from cafi.models import topiq  # noqa: E402
@@ -45,32 +45,10 @@ from cafi.weights import Checkpoint, sha256_of  # noqa: E402
 
 
 def import_pyiqa_topiq(root: str):
-    """pyiqa/archs/topiq_arch.py from the checkout, without pyiqa's package __init__ files."""
-    steps = []
-    for name, sub in (("pyiqa", "pyiqa"), ("pyiqa.archs", "pyiqa/archs"), ("pyiqa.utils", "pyiqa/utils")):
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [os.path.join(root, sub)]
-        sys.modules[name] = pkg
-        steps.append(f"namespace {name} -> {sub}/ (its __init__ not run)")
-    stubs = {"pyiqa.archs.clip_model": {"load": None}, "pyiqa.archs.topiq_swin": {"create_swin": None}}
-    for name, attrs in stubs.items():
-        mod = types.ModuleType(name)
-        mod.__dict__.update(attrs)
-        sys.modules[name] = mod
-        steps.append(f"stub {name} ({', '.join(attrs)}: CLIP/Swin backbones, unused with resnet50)")
-    try:
-        from huggingface_hub import hf_hub_url  # noqa: F401 - arch_util builds its URLs with it
-    except Exception as exc:  # noqa: BLE001 - missing, or a version whose own imports fail here
-        hub = types.ModuleType("huggingface_hub")
-        hub.hf_hub_url = lambda repo_id, filename: f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
-        sys.modules["huggingface_hub"] = hub
-        steps.append(f"stub huggingface_hub.hf_hub_url (URL strings only; the real one: {type(exc).__name__})")
-    for dep in ("pyiqa.archs.constants", "pyiqa.utils.registry", "pyiqa.utils.download_util", "pyiqa.archs.arch_util"):
-        importlib.import_module(dep)
-        steps.append(f"import {dep} from the checkout")
-    arch = importlib.import_module("pyiqa.archs.topiq_arch")
-    steps.append("import pyiqa.archs.topiq_arch from the checkout")
-    return arch, importlib.import_module("pyiqa.archs.arch_util"), steps
+    """pyiqa/archs/topiq_arch.py from the checkout (bench/pyiqa_arch.py); its CLIP and Swin backbones
+    are stubbed: unused with resnet50."""
+    return import_pyiqa_arch(root, "topiq_arch", stubs={"pyiqa.archs.clip_model": {"load": None},
+                                                         "pyiqa.archs.topiq_swin": {"create_swin": None}})
 
 
 def facexlib_align(bgr_float: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
