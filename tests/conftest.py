@@ -24,9 +24,9 @@ TINY = {"maniqa": "maniqa_tiny", "musiq": "musiq_tiny"}
 
 
 def _made_once(tmp_path_factory, name: str, make) -> str:
-    """A directory that session fixtures only read, made once for the whole run: under pytest-xdist
-    (the suite runs on two workers) the first worker makes it, the other waits on the lock and reuses
-    it -- pytest-xdist's documented pattern for session fixtures. Without xdist, once per session."""
+    """A directory that session fixtures only read, made once for the whole run. Under pytest-xdist
+    (`-n 2`: not the default, see README) the first worker makes it and the others wait on the lock
+    and reuse it, pytest-xdist's documented pattern for session fixtures; without it, once per session."""
     from filelock import FileLock  # a dependency of ray
 
     root = tmp_path_factory.getbasetemp()
