@@ -14,10 +14,8 @@ import functools
 import json
 import os
 import random
-import resource
 import struct
 import time
-import tracemalloc
 import zlib
 from dataclasses import dataclass
 
@@ -28,6 +26,7 @@ from cafi import imaging
 from cafi.config import ImageConfig, load_config
 from cafi.samples import draw_face, encode
 
+from .peak_rss import PeakRSS
 from .shardkit import parquet_bytes, tar_bytes
 
 KINDS = ("jpg", "png", "webp", "tar", "parquet")
@@ -36,9 +35,9 @@ IMAGE_KINDS = ("jpg", "png", "webp")
 IMAGE = {"crop_size": 32, "min_side": 8, "max_pixels": 2_000_000, "max_bytes": 256 * 1024}
 IMAGE_CFG = ImageConfig(**IMAGE)
 SHARD_BUFFER_MB = 1  # input.shard_buffer_mb: the block a shard task reads at a time
-# The most one case may allocate (Python and numpy, tracemalloc's peak; and growth of the process's peak
-# RSS): a few bytes per pixel allowed (the decoded image, its RGB copy), a few buffers of max_bytes (the
-# bytes, a Parquet column), two shard blocks, the float band of a padded shrink, and 16 MiB of slack.
+# The most one case may allocate (how far the process's resident size rises during it): a few bytes per
+# pixel (the decoded image, its RGB copy), a few buffers of max_bytes (the bytes, a Parquet column), two shard
+# blocks, the float band of a padded shrink, and 16 MiB of slack.
 PER_PIXEL = 8
 CASE_BYTES = (PER_PIXEL * IMAGE["max_pixels"] + 4 * IMAGE["max_bytes"] + 2 * SHARD_BUFFER_MB * 2**20
               + imaging._BAND_BYTES + 16 * 2**20)
@@ -177,13 +176,8 @@ def corpus(kind: str, n: int, seed: int) -> list[tuple[str, bytes]]:
 class Outcome:
     case: str
     rows: list[dict]        # uri, status, error
-    traced_peak: int        # bytes (tracemalloc) above what was held before the case
-    rss_growth: int         # bytes the process's peak RSS grew by during the case
+    peak_bytes: int         # how far the process's resident size rose during the case
     seconds: float
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def job_config(tmp: str, fmt: str):
@@ -246,17 +240,13 @@ def run_case(kind: str, case: str, blob: bytes, tmp: str, cfgs: dict) -> Outcome
     path = os.path.join(tmp, case + suffix)
     with open(path, "wb") as fh:
         fh.write(blob)
-    rss = _peak_rss()
-    held = tracemalloc.get_traced_memory()[0]
-    tracemalloc.reset_peak()
     t = time.perf_counter()
-    if kind in IMAGE_KINDS:
-        rows = read_file_case(path, cfgs["files"])
-    else:
-        rows = read_shard_case(path, cfgs["webdataset" if kind == "tar" else "parquet"])
-    seconds = time.perf_counter() - t
-    peak = tracemalloc.get_traced_memory()[1] - held
-    return Outcome(case, rows, peak, _peak_rss() - rss, seconds)
+    with PeakRSS() as memory:
+        if kind in IMAGE_KINDS:
+            rows = read_file_case(path, cfgs["files"])
+        else:
+            rows = read_shard_case(path, cfgs["webdataset" if kind == "tar" else "parquet"])
+    return Outcome(case, rows, memory.bytes, time.perf_counter() - t)
 
 
 def check(outcome: Outcome, kind: str, path_prefix: str) -> None:
@@ -274,8 +264,7 @@ def check(outcome: Outcome, kind: str, path_prefix: str) -> None:
         assert r["status"] in ("ok", "no_face", "error"), (outcome.case, r)
         if r["status"] == "error":
             assert isinstance(r["error"], str) and r["error"].strip(), (outcome.case, r)
-    assert outcome.traced_peak < CASE_BYTES, f"{outcome.case}: {outcome.traced_peak} bytes traced"
-    assert outcome.rss_growth < CASE_BYTES, f"{outcome.case}: peak RSS grew {outcome.rss_growth} bytes"
+    assert outcome.peak_bytes < CASE_BYTES, f"{outcome.case}: the resident size rose {outcome.peak_bytes} bytes"
 
 
 def warm_up(tmp: str, cfgs: dict) -> None:

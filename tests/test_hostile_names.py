@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import os
-import tracemalloc
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +20,7 @@ from cafi.stages.read import read_objects
 from cafi.storage import filesystem
 
 from .faults import ServerIgnoringRange
+from .peak_rss import PeakRSS
 from .shardkit import parquet_bytes
 
 JPEG = encode(draw_face(64, seed=3), "JPEG")
@@ -79,14 +79,10 @@ def ignores_range(tmp_path):
 
 def test_max_bytes_holds_when_the_server_ignores_range(ignores_range):
     """Before, an http(s) read pulled the whole 24 MiB body for a 1 MiB limit."""
-    tracemalloc.start()
-    try:
+    with PeakRSS() as memory:
         got = read_bytes([f"{ignores_range}/big.bin", f"{ignores_range}/small.jpg"], None, max_bytes=1 << 20)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
     assert len(got[0]) == (1 << 20) + 1 and got[1] == JPEG
-    assert peak < 12 << 20, f"{peak / 2**20:.1f} MiB held for a 1 MiB limit"
+    assert memory.bytes < 12 << 20, f"{memory.bytes / 2**20:.1f} MiB held for a 1 MiB limit"
 
 
 # ---------------------------------------------------------------- kept columns of any Arrow type

@@ -6,6 +6,8 @@ import pytest
 from cafi import imaging, samples
 from cafi.config import ImageConfig
 
+from .peak_rss import PeakRSS
+
 CFG = ImageConfig(crop_size=128, min_side=32, max_pixels=40_000_000, max_bytes=1_000_000)
 
 
@@ -67,16 +69,10 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n0 0 moveto 64 64 line
 
 
 def _peak_bytes(fn, *args):
-    """The result of fn(*args) and the peak of the Python and NumPy allocations it made."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
+    """The result of fn(*args) and how far the process's resident size rose while it ran."""
+    with PeakRSS() as memory:
         out = fn(*args)
-        return out, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    return out, memory.bytes
 
 
 @pytest.mark.parametrize("width, height, crop", [(1_250_000, 32, 384), (32, 20_000, 128), (20_000, 40, 128)])
