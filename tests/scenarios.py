@@ -80,7 +80,8 @@ def wait_for_port(port: int, timeout: float) -> None:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Stop a process we started, then anything left in its process group (ours)."""
+    """Stop a process we started (SIGTERM: `ray start --block` stops what it started), then anything
+    left in its process group (ours), waiting only as long as the group is still there."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -92,4 +93,16 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, sig)  # the fake provider's worker raylets outlive the head
         except ProcessLookupError:
             return
-        time.sleep(3)
+        if _group_ends(proc.pid, within_s=3):
+            return
+
+
+def _group_ends(pgid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False

@@ -12,8 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,16 +21,15 @@ import urllib.request
 
 import pytest
 
+try:  # tests/ is a package here; still importable if it is not
+    from .scenarios import free_port, stop
+except ImportError:  # pragma: no cover
+    from scenarios import free_port, stop  # type: ignore[no-redef]
+
 pytestmark = pytest.mark.slow  # a Ray head and `ray job submit`
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, token: str | None = None) -> int:
@@ -58,22 +55,6 @@ def _wait_for_dashboard(url: str, token: str, head: subprocess.Popen, timeout: f
     raise TimeoutError(f"the dashboard at {url} did not come up in {timeout}s")
 
 
-def _stop(head: subprocess.Popen) -> None:
-    """SIGTERM to our `ray start --block` (it stops what it started), then its process group."""
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(head.pid, sig)
-        except ProcessLookupError:
-            return
-        time.sleep(3)
-
-
 def test_ray_job_submit_scores_a_small_input_end_to_end(fast_config, tmp_path):
     from cafi import manifest
     from cafi.samples import write_samples
@@ -89,14 +70,14 @@ def test_ray_job_submit_scores_a_small_input_end_to_end(fast_config, tmp_path):
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
                PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))  # the entrypoint's `python`
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash = free_port(), free_port()
     url = f"http://127.0.0.1:{dash}"
     start_log_file = open(os.path.join(tmp, "ray-start.log"), "w")
     head = subprocess.Popen(
         [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", f"--port={gcs}",
          "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={tmp}/ray", "--disable-usage-stats"],
+         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={tmp}/ray", "--disable-usage-stats"],
         env=env, stdout=start_log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_dashboard(url, token, head, timeout=180)
@@ -131,7 +112,7 @@ def test_ray_job_submit_scores_a_small_input_end_to_end(fast_config, tmp_path):
             info = json.loads(resp.read())
         assert info["status"] == "SUCCEEDED" and "jobs/score.py" in info["entrypoint"]
     finally:
-        _stop(head)
+        stop(head)
         start_log_file.close()
         with open(os.path.join(tmp, "ray-start.log")) as fh:
             start_log = fh.read()[-3000:]
