@@ -70,6 +70,7 @@ class ParserConfig(StageConfig):
 class SerfiqConfig(StageConfig):
     family: ClassVar[str] = "fiqa"  # a scorer section: its name is a models.fiqa kind
 
+    arch: str = "arcface_ir_se50"  # arcface_ir_se50 (facexlib's weights) | arcface_ir_se50_tiny (tests)
     samples: int = 100
     dropout: float = 0.5
     alpha: float = 130.0
@@ -127,6 +128,7 @@ class TopiqFaceConfig(StageConfig):
 class DbcnnConfig(StageConfig):
     family: ClassVar[str] = "iqa"
 
+    arch: str = "dbcnn"  # dbcnn (pyiqa's KonIQ-10k weights) | dbcnn_tiny (tests)
     # Score the masked face (background replaced by models.parser.fill): the CAFI method.
     masked: bool = True
     weights: WeightsConfig | None = None

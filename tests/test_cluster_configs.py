@@ -186,8 +186,7 @@ def test_rayjob_weights_block_is_what_cafi_weights_fetch_prints(tmp_path):
 
     cfg = _job_config(tmp_path)
     m = cfg.models
-    archs = {"detector": m.detector.arch, "parser": m.parser.arch, "serfiq": "arcface_ir_se50",
-             "dbcnn": "dbcnn"}
+    archs = {"detector": m.detector.arch, "parser": m.parser.arch, "serfiq": m.serfiq.arch, "dbcnn": m.dbcnn.arch}
     for key, arch in archs.items():
         rec = published(arch)
         weights = getattr(m, key).weights

@@ -8,7 +8,7 @@ import pytest
 
 from cafi import manifest, pipeline
 from cafi.config import load_config
-from cafi.models.registry import PUBLISHED
+from cafi.models.registry import published
 from cafi.samples import write_samples
 from cafi.synth import write_checkpoint
 from cafi.version import model_version, stage_fingerprints
@@ -110,8 +110,9 @@ def test_sddfiqa_trained_weights_are_a_new_version_that_runs_only_sddfiqa(first,
 
 def test_new_dbcnn_weights_rerun_only_parsing_and_dbcnn(first, fast_config, tmp_path):
     tmp, base, summary = first
-    path = write_checkpoint("dbcnn", str(tmp_path), seed=7)
-    assert os.path.basename(path) == PUBLISHED["dbcnn"].file_name
+    arch = load_config(fast_config, base).models.dbcnn.arch  # the run's (toy widths: tests/conftest.py)
+    path = write_checkpoint(arch, str(tmp_path), seed=7)
+    assert os.path.basename(path) == published(arch).file_name
     cfg = load_config(fast_config, base + [f"models.dbcnn.weights.uri={path}",
                                            f"models.dbcnn.weights.sha256={sha256_of(path)}",
                                            "models.dbcnn.weights.synthetic=true"])

@@ -355,7 +355,9 @@ def _fake_cfg(fiqa, iqa, **weights):
     """Just what preflight reads of a config, with any scorer kinds (the schema's own checks aside)."""
     from types import SimpleNamespace as NS
 
-    stage = {k: NS(weights=weights.get(k)) for k in ("serfiq", "magface", "dbcnn", "topiq_face")}
+    archs = {"serfiq": "arcface_ir_se50", "dbcnn": "dbcnn"}
+    stage = {k: NS(weights=weights.get(k), **({"arch": archs[k]} if k in archs else {}))
+             for k in ("serfiq", "magface", "dbcnn", "topiq_face")}
     models = NS(detector=NS(align="retinaface", arch="retinaface_resnet50", weights=None),
                 parser=NS(arch="bisenet", weights=None), fiqa=NS(kind=fiqa[0], also=fiqa[1:]),
                 iqa=NS(kind=iqa[0], also=iqa[1:]), **stage)

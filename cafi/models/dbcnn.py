@@ -25,20 +25,34 @@ _SCNN_LAYERS = (
 )
 
 
-def _scnn_features() -> nn.Sequential:
+ARCHS = ("dbcnn", "dbcnn_tiny")
+# dbcnn_tiny (tests): both branches at an eighth of their widths, the same layers and key names.
+_DIVISOR = {"dbcnn": 1, "dbcnn_tiny": 8}
+
+
+def _scnn_features(divisor: int = 1) -> nn.Sequential:
     layers: list[nn.Module] = []
     for cin, cout, stride in _SCNN_LAYERS:
+        cin = cin if cin == 3 else cin // divisor
+        cout //= divisor
         layers += [nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
+def _vgg16_features(divisor: int = 1) -> nn.Sequential:
+    """torchvision's VGG16 conv stack (its `features`, architecture only) without the last max-pool."""
+    widths = [w if w == "M" else w // divisor for w in torchvision.models.vgg.cfgs["D"]]
+    return nn.Sequential(*list(torchvision.models.vgg.make_layers(widths).children())[:-1])
+
+
 class DBCNN(nn.Module):
-    def __init__(self):
+    def __init__(self, arch: str = "dbcnn"):
         super().__init__()
-        vgg = torchvision.models.vgg16(weights=None).features  # architecture only; nothing downloaded
-        self.features1 = nn.Sequential(*list(vgg.children())[:-1])  # drop the last max-pool
-        self.features2 = _scnn_features()
-        self.fc = nn.Linear(512 * 128, 1)
+        if arch not in ARCHS:
+            raise ValueError(f"unknown DBCNN arch {arch!r}; known: {', '.join(ARCHS)}")
+        self.features1 = _vgg16_features(_DIVISOR[arch])
+        self.features2 = _scnn_features(_DIVISOR[arch])
+        self.fc = nn.Linear(self.features1[-2].out_channels * _SCNN_LAYERS[-1][1] // _DIVISOR[arch], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: normalised (N,3,H,W) -> quality (N,)."""
@@ -57,14 +71,15 @@ class DBCNN(nn.Module):
         return self.fc(pooled).squeeze(1)
 
 
-def build() -> DBCNN:
-    return DBCNN().eval()
+def build(arch: str = "dbcnn") -> DBCNN:
+    return DBCNN(arch).eval()
 
 
 class DbcnnScorer(LoadedNet):
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, precision: str = "fp32",
-                 storage=None, compile: bool = False):
-        super().__init__("dbcnn", build, ckpt, cache_dir, device, precision, storage)  # compiled: the features
+                 storage=None, compile: bool = False, arch: str = "dbcnn"):
+        # compiled: the features
+        super().__init__(arch, lambda: build(arch), ckpt, cache_dir, device, precision, storage)
         self.features = maybe_compile(lambda x: (self.net.features1(x), self.net.features2(x)), compile)
 
     @torch.inference_mode()

@@ -276,6 +276,10 @@ UNPUBLISHED: dict[str, Pretrained] = {
     for p in (
         dataclasses.replace(PUBLISHED["maniqa_koniq"], arch="maniqa_tiny", uri="", file_name="maniqa_tiny.pth",
                             input_size=64, licence="n/a", source=TESTS, training_data="none"),
+        dataclasses.replace(PUBLISHED["arcface_ir_se50"], arch="arcface_ir_se50_tiny", uri="", sha256="",
+                            file_name="arcface_ir_se50_tiny.pth", licence="n/a", source=TESTS, training_data="none"),
+        dataclasses.replace(PUBLISHED["dbcnn"], arch="dbcnn_tiny", uri="", sha256="", file_name="dbcnn_tiny.pth",
+                            licence="n/a", source=TESTS, training_data="none"),
         dataclasses.replace(PUBLISHED["musiq_koniq"], arch="musiq_tiny", uri="", sha256_prefix="",
                             file_name="musiq_tiny.pth", licence="n/a", source=TESTS, training_data="none"),
         dataclasses.replace(PUBLISHED["maniqa_koniq"], arch="sddfiqa_maniqa", uri="", file_name="sddfiqa.pth",

@@ -45,9 +45,10 @@ def rescale(q: torch.Tensor | np.ndarray, alpha: float, r: float):
 class SerFiq(LoadedNet):
     def __init__(self, ckpt: Checkpoint, cache_dir: str, device: torch.device, samples: int = 100,
                  dropout: float = 0.5, alpha: float = 130.0, r: float = 0.88, seed: int = 0,
-                 precision: str = "fp32", storage=None, chunk: int = 8, compile: bool = False):
+                 precision: str = "fp32", storage=None, chunk: int = 8, compile: bool = False,
+                 arch: str = "arcface_ir_se50"):
         # compiled: the trunk (the head runs T times on its output)
-        super().__init__("arcface_ir_se50", lambda: arcface.build(dropout), ckpt, cache_dir, device, precision, storage)
+        super().__init__(arch, lambda: arcface.build(dropout, arch), ckpt, cache_dir, device, precision, storage)
         self.dropout, self.alpha, self.r = dropout, alpha, r
         self.trunk = maybe_compile(lambda x: arcface.trunk(self.net, x), compile)
         self.masks = dropout_masks(samples, dropout, seed, device)

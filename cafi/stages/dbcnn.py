@@ -14,7 +14,7 @@ class DbcnnStage(ModelStage):
     def load(self) -> None:
         from cafi.models.dbcnn import DbcnnScorer
 
-        self.model = DbcnnScorer(self._checkpoint(), **self._common())
+        self.model = DbcnnScorer(self._checkpoint(), **self._common(), arch=self.section.arch)
 
     def process(self, batch: dict, rows: np.ndarray) -> None:
         pixels = scored_pixels(batch, rows, self.section.masked, self.cfg.models.parser.fill, self.device)
@@ -25,7 +25,7 @@ def _synth(arch: str):
     from cafi.models import dbcnn
     from cafi.synth import as_published
 
-    return as_published(arch, dbcnn.build().state_dict())
+    return as_published(arch, dbcnn.build(arch).state_dict())
 
 
 def masked_settings(cfg, spec: StageSpec) -> dict:
@@ -40,6 +40,6 @@ SPEC = StageSpec(
     outputs=("dbcnn",), score="dbcnn", threshold="min_dbcnn",
     reads=lambda cfg: ("crop", "mask") if cfg.models.dbcnn.masked else ("crop",),
     settings=lambda cfg, columns: masked_settings(cfg, SPEC),
-    arch=lambda cfg: "dbcnn", archs=("dbcnn",), synth=_synth,
+    arch=lambda cfg: cfg.models.dbcnn.arch, archs=("dbcnn", "dbcnn_tiny"), synth=_synth,
     title="DBCNN (masked-face quality)",
 )

@@ -21,7 +21,7 @@ class SerFiqStage(ModelStage):
 
         s = self.section
         self.model = SerFiq(self._checkpoint(), samples=s.samples, dropout=s.dropout, alpha=s.alpha, r=s.r,
-                            seed=s.seed, **self._common())
+                            seed=s.seed, arch=s.arch, **self._common())
 
     def process(self, batch: dict, rows: np.ndarray) -> None:
         faces = aligned_faces(batch, rows, self.cfg.models.detector.align)
@@ -47,7 +47,7 @@ def _synth(arch: str):
     from cafi.models import arcface
     from cafi.synth import as_published
 
-    return as_published(arch, arcface.build().state_dict())
+    return as_published(arch, arcface.build(arch=arch).state_dict())
 
 
 SPEC = StageSpec(
@@ -57,6 +57,6 @@ SPEC = StageSpec(
     settings=_settings,
     derive=_derive,
     decide_settings=lambda cfg: {"serfiq_alpha": cfg.models.serfiq.alpha, "serfiq_r": cfg.models.serfiq.r},
-    arch=lambda cfg: "arcface_ir_se50", archs=("arcface_ir_se50",), synth=_synth,
+    arch=lambda cfg: cfg.models.serfiq.arch, archs=("arcface_ir_se50", "arcface_ir_se50_tiny"), synth=_synth,
     title="SER-FIQ (face recognisability)", value_range=(0.0, 1.0),
 )
