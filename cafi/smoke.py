@@ -23,8 +23,11 @@ def prepare(files: list[str], overrides: list[str]) -> tuple[list[str], list[str
         print(f"smoke: wrote sample crops to {cfg.input.uri}")
     weights_cfg = os.path.join(cfg.smoke.weights_dir, "synthetic.yaml")
     if not os.path.isfile(weights_cfg):
+        from cafi.stages.specs import all_specs
+
         m = cfg.models  # only the scorers the run computes: MagFace's random iResNet100 alone is 260 MB
+        archs = {s.section: s.arch(cfg) for s in all_specs() if s.synth and s.arch}  # the configured ones
         synth(cfg.smoke.weights_dir, detector=m.detector.arch, parser=m.parser.arch,
-              scorers=(m.fiqa.kind, *m.fiqa.also, m.iqa.kind, *m.iqa.also))
+              scorers=(m.fiqa.kind, *m.fiqa.also, m.iqa.kind, *m.iqa.also), archs=archs)
         print(f"smoke: wrote synthetic weights to {cfg.smoke.weights_dir}")
     return [*files, weights_cfg], overrides

@@ -18,7 +18,8 @@ def test_readme_smoke_command_scores_generated_crops(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "jobs", "score.py"), "--config", os.path.join(ROOT, "configs/smoke.yaml"),
          # the README command; smaller (documented keys) so that the suite stays within its time
-         "ray.progress_bars=false", "smoke.samples=8", "image.crop_size=160", "models.serfiq.samples=8"],
+         "ray.progress_bars=false", "smoke.samples=8", "image.crop_size=160", "models.serfiq.samples=8",
+         "models.serfiq.arch=arcface_ir_se50_tiny", "models.dbcnn.arch=dbcnn_tiny"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
