@@ -23,7 +23,7 @@ NOT_IN_SYNTH_DIR = ("maniqa_koniq", "sddfiqa_maniqa")
 TINY = {"maniqa": "maniqa_tiny", "musiq": "musiq_tiny"}
 # fast_config's end-to-end runs also take SER-FIQ's and DBCNN's toy widths (46 and 6 ms a face on one
 # thread, against 188 and 137): the published sizes are what synth_dir and the model tests load.
-FAST_ARCHS = {**TINY, "serfiq": "arcface_ir_se50_tiny", "dbcnn": "dbcnn_tiny"}
+FAST_ARCHS = {**TINY, "serfiq": "arcface_ir_se50_tiny", "dbcnn": "dbcnn_tiny", "crfiqa": "crfiqa_iresnet50"}
 
 
 def _made_once(tmp_path_factory, name: str, make) -> str:
