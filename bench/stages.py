@@ -477,17 +477,10 @@ def main() -> None:
         print(f"{args.n} crops; detector {cfg.models.detector.arch}, parser {cfg.models.parser.arch} "
               f"@{cfg.models.parser.input_size}, crop {cfg.image.crop_size}, SER-FIQ T={cfg.models.serfiq.samples}",
               flush=True)
-        if args.batch_sizes:
-            sweep(cfg_path, paths, d, args, threads)
-            return
-        if args.fiqa:
-            fiqa_costs(cfg_path, paths, d, args, threads)
-            return
-        if args.iqa:
-            iqa_costs(cfg_path, paths, d, args, threads)
-            return
-        if args.classic:
-            classic_cost(cfg_path, paths, d, args, threads)
+        modes = {"batch_sizes": sweep, "fiqa": fiqa_costs, "iqa": iqa_costs, "classic": classic_cost}
+        chosen = next((fn for flag, fn in modes.items() if getattr(args, flag)), None)
+        if chosen is not None:
+            chosen(cfg_path, paths, d, args, threads)
             return
         results = {}
         for t in threads:

@@ -25,9 +25,10 @@ _SCNN_LAYERS = (
 )
 
 
-ARCHS = ("dbcnn", "dbcnn_tiny")
-# dbcnn_tiny (tests): both branches at an eighth of their widths, the same layers and key names.
+# arch -> width divisor; dbcnn_tiny (tests): both branches at an eighth of their widths, the same layers
+# and key names.
 _DIVISOR = {"dbcnn": 1, "dbcnn_tiny": 8}
+ARCHS = tuple(_DIVISOR)
 
 
 def _scnn_features(divisor: int = 1) -> nn.Sequential:
@@ -50,9 +51,10 @@ class DBCNN(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown DBCNN arch {arch!r}; known: {', '.join(ARCHS)}")
-        self.features1 = _vgg16_features(_DIVISOR[arch])
-        self.features2 = _scnn_features(_DIVISOR[arch])
-        self.fc = nn.Linear(self.features1[-2].out_channels * _SCNN_LAYERS[-1][1] // _DIVISOR[arch], 1)
+        divisor = _DIVISOR[arch]
+        self.features1 = _vgg16_features(divisor)
+        self.features2 = _scnn_features(divisor)
+        self.fc = nn.Linear((512 // divisor) * (_SCNN_LAYERS[-1][1] // divisor), 1)  # the two branches' widths
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: normalised (N,3,H,W) -> quality (N,)."""
