@@ -101,8 +101,16 @@ class Telemetry:
         return self.handle
 
     def add(self, counts: dict) -> None:
+        """Waits until the collector has the counts: sent and not awaited, a task's last counts could
+        reach it after the driver's snapshot (a CI run summed 0 write retries for a storm it retried).
+        Only a block or write with something to count (retries) pays the round trip."""
         if any(counts.values()) and self._actor() is not None:
-            self.handle.add.remote(counts)
+            import ray
+
+            try:
+                ray.get(self.handle.add.remote(counts), timeout=LEDGER_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - telemetry never fails a run
+                pass
 
     # The ledger of batches in progress (cafi/stages/deaths.py). Begin and mark wait for the collector:
     # a worker that dies right after must have told it. Best effort like the rest: without a collector
