@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,8 @@ def main() -> None:
           f"the embeddings alone in float32: {args.rows * columns.EMBEDDING_DIM * 4 / 2**20:.0f} MiB")
     best = [r for r in e["pauc"] if r["order"] == "score"][:3]
     print("best pAUC: " + ", ".join(f"{r['score']} {r['pauc']:.4f} (relative {r['relative']:.2f})" for r in best))
+    if not args.dir:  # our own temporary run (gigabytes at a million rows); a --dir is the caller's to keep
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

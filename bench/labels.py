@@ -129,7 +129,8 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     per = args.rows // args.identities
-    out = os.path.join(tempfile.mkdtemp(prefix="cafi-labels-"), "labels.parquet")
+    tmp = tempfile.TemporaryDirectory(prefix="cafi-labels-")  # 1M rows of labels: removed at the end
+    out = os.path.join(tmp.name, "labels.parquet")
     t0 = time.time()
     ds = ray.data.range(args.rows, override_num_blocks=max(1, args.rows // 20_000)).map_batches(
         make_rows, fn_kwargs={"per": per, "seed": args.seed}, batch_size=20_000, batch_format="numpy")
@@ -146,6 +147,7 @@ def main() -> None:
     print(f"labelled {int(ok.sum())}, identities {stats['identities']}, SRCC(label, hidden quality) = "
           f"{spearmanr(got['label'][ok], truth.loc[got.index[ok]]).statistic:.3f}")
     ray.shutdown()
+    tmp.cleanup()
 
 
 if __name__ == "__main__":
