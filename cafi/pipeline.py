@@ -20,7 +20,7 @@ from cafi.errors import CafiError
 from cafi.inputs.source import InputSource
 from cafi.inputs.sources import open_source
 from cafi.operator_stats import stage_stats
-from cafi.ray_setup import ACTOR_RETRIES, TASK_RETRIES, in_task, start_ray
+from cafi.ray_setup import in_task, start_ray
 from cafi.redact import redact_text
 from cafi.stages import specs
 from cafi.stages.actor import FusedModels, take_over_only
@@ -53,7 +53,7 @@ def build(ds, cfg: JobConfig, version: str, run_id: str, plan: reuse.ReusePlan |
     running = [s.name for g in groups for s in g if s.name not in omit]
     # Without a model to feed, the CPU steps take whole blocks: a threshold-only re-score of a
     # million rows is then a few thousand cheap calls, not a hundred thousand.
-    small = {"batch_size": cfg.read.batch_size if running else None, "num_cpus": cfg.read.num_cpus, **TASK_RETRIES}
+    small = {"batch_size": cfg.read.batch_size if running else None, "num_cpus": cfg.read.num_cpus}
     if plan is not None:
         ds = ds.map_batches(reuse.attach, fn_kwargs={"table_ref": [plan.table_ref], "stages": plan.stages},
                             **small)
@@ -70,11 +70,11 @@ def build(ds, cfg: JobConfig, version: str, run_id: str, plan: reuse.ReusePlan |
                   "take_over": [n for n in names if n in omit], "decode": group is live[0],
                   "last": group is live[-1], "run_id": run_id}
         cls = FusedModels if cfg.ray.fuse_models else _pool_class(names[0])
-        ds = ds.map_batches(cls, fn_constructor_kwargs=kwargs, **FusedModels.resources(cfg, group), **ACTOR_RETRIES)
+        ds = ds.map_batches(cls, fn_constructor_kwargs=kwargs, **FusedModels.resources(cfg, group))
     # One block at a time (batch_size=None): rows reach storage as their block finishes, so a
     # crash loses only what was in flight.
     return ds.map_batches(decide, fn_kwargs={"cfg": cfg, "model_version": version, "run_id": run_id, "kept": kept},
-                          batch_size=None, num_cpus=cfg.read.num_cpus, **TASK_RETRIES)
+                          batch_size=None, num_cpus=cfg.read.num_cpus)
 
 
 def _covers(table: dict, todo: np.ndarray) -> bool:

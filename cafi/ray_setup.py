@@ -8,12 +8,15 @@ import os
 
 from cafi.config import JobConfig
 
-# Fault tolerance, set here rather than left to defaults that happen to work (README, "Reliability"):
-# a task or actor lost with its node is run again, and a block lost with a node's object store is
-# rebuilt from its lineage (both need unlimited retries); a failing UDF is a bug, never retried and
-# never skipped (no errored block may be dropped: every input leaves a row or the run fails).
+# Fault tolerance (README, "Reliability"): a task or actor lost with its node is run again, and a
+# block lost with a node's object store is rebuilt from its lineage (both need unlimited retries); a
+# failing UDF is a bug, never retried and never skipped (no errored block may be dropped: every input
+# leaves a row or the run fails). Ray Data gives its map tasks and actors exactly these retries
+# (RAY_DATA_RETRIES), and passing them to `map_batches` is deprecated since Ray 2.60 (removed in
+# 2.64): they are not passed there. tests/test_config.py checks Ray Data's defaults against them.
+# Plain Ray tasks of the job take TASK_RETRIES.
 TASK_RETRIES = {"max_retries": -1, "retry_exceptions": False}
-ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": -1}
+RAY_DATA_RETRIES = {"task": {"max_retries": -1}, "actor": {"max_restarts": -1, "max_task_retries": -1}}
 ACTOR_INIT_DEATHS = 3  # an actor killed with its node while loading its models is replaced
 
 BIG_BLOCK_ROWS = 50_000

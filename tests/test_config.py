@@ -128,6 +128,30 @@ def test_parser_labels_are_checked_against_the_chosen_architecture():
         assert cfg.models.parser.face_labels == ["skin", "hair"]
 
 
+def test_ray_data_gives_its_tasks_and_actors_the_retries_the_job_relies_on():
+    """Read and decide tasks retried without limit (lineage reconstruction after a lost node), model
+    actors restarted and their calls re-run without limit: the job no longer passes these to
+    map_batches (deprecated since Ray 2.60), so a Ray release that changes Ray Data's defaults must
+    fail here, not first in a node-loss run."""
+    import ray
+    from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
+    from ray.data._internal.remote_fn import cached_remote_fn
+
+    from cafi.ray_setup import RAY_DATA_RETRIES, configure_data_context
+
+    ctx = configure_data_context(load_config([], ["input.uri=/in", "output.uri=/out"]))
+
+    def map_task():  # a function Ray Data has not wrapped before
+        return None
+
+    task_options = cached_remote_fn(map_task)._default_options
+    assert {k: task_options[k] for k in RAY_DATA_RETRIES["task"]} == RAY_DATA_RETRIES["task"]
+    assert task_options["retry_exceptions"] == [ray.exceptions.RaySystemError]  # never our own exceptions
+    actor_options = ActorPoolMapOperator._apply_default_remote_args({}, ctx)
+    assert {k: actor_options[k] for k in RAY_DATA_RETRIES["actor"]} == RAY_DATA_RETRIES["actor"]
+    assert ctx.actor_task_retry_on_errors is False and ctx.max_errored_blocks == 0
+
+
 def test_object_store_cap_reaches_ray_data():
     """ray.object_store_mb bounds the job's blocks in the object store (pixels in flight)."""
     import math

@@ -12,7 +12,7 @@ from cafi import keys as K
 from cafi.config import JobConfig
 from cafi.inputs import keep, listing
 from cafi.inputs.source import describe
-from cafi.ray_setup import TASK_RETRIES, rows_per_block
+from cafi.ray_setup import rows_per_block
 from cafi.stages.read import read_objects
 from cafi.storage import list_files
 
@@ -100,7 +100,7 @@ class FileSource:
 
         rows = rows_per_block(len(self.todo), self.cfg.read.batch_size, models_run)
         ds = self._ds.map_batches(_keep_todo, fn_kwargs={"todo": [todo_ref], "drop": [ray.put(self.duplicated)]},
-                                  batch_size=None, num_cpus=self.cfg.read.num_cpus, **TASK_RETRIES)
+                                  batch_size=None, num_cpus=self.cfg.read.num_cpus)
         if len(self.duplicated):
             once = duplicate_rows(self._ds, self.duplicated).map_batches(_keep_todo, fn_kwargs={
                 "todo": [todo_ref], "drop": [ray.put(K.EMPTY)]}, batch_size=None)

@@ -33,7 +33,6 @@ from cafi.inputs.rows import Rows, Sample
 from cafi.inputs.source import describe
 from cafi.inputs.stream import BlockStream
 from cafi.inputs.uris import SHARD_SUFFIXES
-from cafi.ray_setup import TASK_RETRIES
 from cafi.redact import redact_uri
 from cafi.stages.read import settle
 from cafi.storage import allowed_schemes, filesystem, refused_scheme, unstrip
@@ -177,7 +176,7 @@ class ShardSource:
         memory = (self.cfg.input.shard_buffer_mb + WORKER_MB) * 2**20
         return ds.map_batches(read_shards, batch_size=1, num_cpus=self.cfg.read.num_cpus, memory=memory,
                               fn_kwargs={"cfg": self.cfg, "run_id": self.run_id, "done": [ray.put(done)],
-                                         "kept": self.kept}, **TASK_RETRIES)
+                                         "kept": self.kept})
 
     def commit_keys(self) -> np.ndarray:
         """Every input key of the run: of the shards skipped (earlier indexes) and of those read (this run's
