@@ -105,12 +105,17 @@ class Telemetry:
         reach it after the driver's snapshot (a CI run summed 0 write retries for a storm it retried).
         Only a block or write with something to count (retries) pays the round trip."""
         if any(counts.values()) and self._actor() is not None:
-            import ray
+            self._wait_for("add", counts)
 
-            try:
-                ray.get(self.handle.add.remote(counts), timeout=LEDGER_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - telemetry never fails a run
-                pass
+    def _wait_for(self, method: str, *args):
+        """Call the collector and wait for its answer (at most LEDGER_TIMEOUT_S). Telemetry never fails a
+        run: what kept the answer from arriving is returned, not raised."""
+        import ray
+
+        try:
+            return ray.get(getattr(self.handle, method).remote(*args), timeout=LEDGER_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a lost or slow collector, whatever Ray raises for it
+            return exc
 
     # The ledger of batches in progress (cafi/stages/deaths.py). Begin and mark wait for the collector:
     # a worker that dies right after must have told it. Best effort like the rest: without a collector
@@ -119,22 +124,15 @@ class Telemetry:
         first = {"earlier": 0, "blamed": {}}
         if self._actor() is None:
             return first
-        import ray
-
-        try:
-            return ray.get(self.handle.batch_begin.remote(key), timeout=LEDGER_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - telemetry never fails a run
-            log.warning("the run's ledger of batches cannot be reached (%s): attempts are not counted", exc)
+        state = self._wait_for("batch_begin", key)
+        if isinstance(state, Exception):
+            log.warning("the run's ledger of batches cannot be reached (%s): attempts are not counted", state)
             return first
+        return state
 
     def batch_mark(self, key: str, step: str) -> None:
         if self._actor() is not None:
-            import ray
-
-            try:
-                ray.get(self.handle.batch_mark.remote(key, step), timeout=LEDGER_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - as batch_begin
-                pass
+            self._wait_for("batch_mark", key, step)
 
     def batch_done(self, key: str) -> None:
         if self._actor() is not None:
